@@ -1,0 +1,132 @@
+"""One helper to check any backend's conv2d / max_pool2d, forward and backward, against an
+independent reference.
+
+The reference is PyTorch (float64 autograd, cast back) when it is installed, else fastconv's
+NumPy reference, else (when the NumPy backend is itself under test) the naive loops. It is never
+the backend under test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import fastconv as fc
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # pragma: no cover - the test extra may lack torch
+    torch = None
+
+# Per-dtype tolerance: |actual - expected| <= atol * max(1, max|expected|) + rtol * |expected|
+TOLERANCE = {
+    np.dtype(np.float32): dict(rtol=2e-4, atol=2e-5),
+    np.dtype(np.float64): dict(rtol=1e-10, atol=1e-12),
+}
+
+
+def assert_close(actual, expected, what: str):
+    """Compare two host arrays with the tolerance of ``expected``'s dtype."""
+    actual = to_host(actual)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    tol = TOLERANCE[np.dtype(expected.dtype)]
+    scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
+    np.testing.assert_allclose(
+        actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale, err_msg=what
+    )
+
+
+def to_host(a):
+    """A numpy array from a host or CUDA device array."""
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "copy_to_host"):
+        return a.copy_to_host()
+    return np.asarray(a)
+
+
+def _reference_backend(backend: str) -> str:
+    return "naive" if backend == "numpy" else "numpy"
+
+
+# ------------------------------------------------------------------------------ conv
+
+
+def reference_conv(x, w, b, dy, stride, padding, dilation, groups, backend_under_test):
+    """(y, dx, dw, db) from the independent reference, in x's dtype."""
+    if torch is not None:
+        xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        wt = torch.tensor(w, dtype=torch.float64, requires_grad=True)
+        bt = None if b is None else torch.tensor(b, dtype=torch.float64, requires_grad=True)
+        yt = F.conv2d(xt, wt, bt, stride=stride, padding=padding, dilation=dilation, groups=groups)
+        yt.backward(torch.tensor(dy, dtype=torch.float64))
+        cast = lambda t: None if t is None else t.detach().numpy().astype(x.dtype)  # noqa: E731
+        return cast(yt), cast(xt.grad), cast(wt.grad), (None if b is None else cast(bt.grad))
+    ref = _reference_backend(backend_under_test)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, backend=ref)
+    y = fc.conv2d(x, w, b, **kw)
+    dx, dw, db = fc.conv2d_backward(dy, x, w, **kw)
+    return y, dx, dw, (None if b is None else db)
+
+
+def check_conv(backend, rng, x_shape, w_shape, *, bias=True, stride=1, padding=0, dilation=1,
+               groups=1, dtype=np.float32):
+    """Assert ``backend``'s conv2d and all three gradients match the reference."""
+    dtype = np.dtype(dtype)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype) if bias else None
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    y = fc.conv2d(x, w, b, backend=backend, **kw)
+    dy = rng.standard_normal(to_host(y).shape).astype(dtype)
+    ry, rdx, rdw, rdb = reference_conv(x, w, b, dy, backend_under_test=backend, **kw)
+    case = f"[{backend} {dtype} x{x_shape} w{w_shape} {kw} bias={bias}]"
+    assert_close(y, ry, f"conv2d forward {case}")
+    dx, dw, db = fc.conv2d_backward(dy, x, w, backend=backend, **kw)
+    assert_close(dx, rdx, f"conv2d grad input {case}")
+    assert_close(dw, rdw, f"conv2d grad weight {case}")
+    if bias:
+        assert_close(db, rdb, f"conv2d grad bias {case}")
+    else:  # db is still defined: the sum of dy over (N, H, W)
+        assert_close(db, dy.astype(np.float64).sum(axis=(0, 2, 3)).astype(dtype),
+                     f"conv2d grad bias {case}")
+
+
+# ------------------------------------------------------------------------------ pool
+
+
+def reference_pool(x, dy, kernel_size, stride, padding, dilation, ceil_mode, backend_under_test):
+    """(y, idx, dx) from the independent reference."""
+    if torch is not None:
+        xt = torch.tensor(x, requires_grad=True)
+        yt, it = F.max_pool2d(xt, kernel_size, stride, padding, dilation, ceil_mode,
+                              return_indices=True)
+        yt.backward(torch.tensor(dy))
+        return yt.detach().numpy(), it.numpy(), xt.grad.numpy()
+    ref = _reference_backend(backend_under_test)
+    y, idx = fc.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, backend=ref)
+    return y, idx, fc.max_pool2d_backward(dy, idx, x.shape, backend=ref)
+
+
+def check_pool(backend, rng, x_shape, kernel_size, *, stride=None, padding=0, dilation=1,
+               ceil_mode=False, dtype=np.float32, x=None):
+    """Assert ``backend``'s max_pool2d (values and indices) and its backward match the reference.
+
+    Random inputs have no ties, so indices must match exactly.
+    """
+    dtype = np.dtype(dtype)
+    if x is None:
+        x = rng.standard_normal(x_shape).astype(dtype)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode)
+    y, idx = fc.max_pool2d(x, kernel_size, backend=backend, **kw)
+    y, idx = to_host(y), to_host(idx)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    ry, ridx, rdx = reference_pool(x, dy, kernel_size, stride, padding, dilation, ceil_mode,
+                                   backend_under_test=backend)
+    case = f"[{backend} {dtype} x{x.shape} k={kernel_size} {kw}]"
+    assert idx.dtype == np.int64, f"max_pool2d indices dtype {idx.dtype} {case}"
+    np.testing.assert_array_equal(idx, ridx, err_msg=f"max_pool2d indices {case}")
+    assert_close(y, ry, f"max_pool2d forward {case}")
+    dx = fc.max_pool2d_backward(dy, idx, x.shape, backend=backend)
+    assert_close(dx, rdx, f"max_pool2d backward {case}")
