@@ -1,0 +1,357 @@
+# Compiled kernels of the ``cython`` backend (wrapped by ``fastconv.backends.cython_cpu``).
+#
+# These kernels TRUST their inputs: every public entry point runs ``fastconv._validate`` first
+# (4-D C-contiguous arrays of one float dtype, consistent sizes, pool indices in range), and
+# ``cython_cpu`` allocates every output with the shape the kernels expect. The build turns
+# bounds checks off (``setup.py``, set once there); ``FASTCONV_CYTHON_DEBUG=1`` turns them back
+# on, so that any out-of-bounds access raises ``IndexError``: that is why the inner loops index
+# memoryviews instead of raw pointers.
+#
+# Parallelism: every ``prange`` task owns a disjoint part of the output (an output row, a
+# weight block, an (n, c) plane), so results are race-free and do not depend on the thread
+# count or schedule. Each task calls a ``nogil`` helper whose local accumulator arrays live on
+# that thread's stack.
+
+cimport cython
+from cython.parallel cimport prange
+from libc.math cimport isnan, INFINITY
+from libc.stdint cimport int64_t
+from libc.string cimport memset
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #define FASTCONV_HAVE_OPENMP 1
+    #else
+    #define FASTCONV_HAVE_OPENMP 0
+    #endif
+    #ifndef FASTCONV_CYTHON_DEBUG
+    #define FASTCONV_CYTHON_DEBUG 0
+    #endif
+    """
+    int FASTCONV_HAVE_OPENMP
+    int FASTCONV_CYTHON_DEBUG
+
+#: True when this extension was compiled with OpenMP (``prange`` runs in parallel).
+OPENMP = bool(FASTCONV_HAVE_OPENMP)
+#: True when this extension was compiled with bounds checks (``FASTCONV_CYTHON_DEBUG=1``).
+BOUNDSCHECK = bool(FASTCONV_CYTHON_DEBUG)
+
+ctypedef fused real:
+    float
+    double
+
+cdef enum:
+    OWB = 4     # output columns per accumulator block (forward)
+    COB = 64    # output channels per accumulator block (forward, grad-weight)
+    CIB = 4     # input channels per accumulator block (grad-weight)
+    CIS = 32    # input channels per grad-weight task
+    ROWB = 256  # output columns per row chunk (NCHW forward)
+
+
+cdef inline Py_ssize_t _min(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return a if a < b else b
+
+
+cdef inline Py_ssize_t _ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+# ------------------------------------------------------------------------------ layout
+
+
+cdef void _pad_nhwc_row(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t n,
+                        Py_ssize_t r, Py_ssize_t top, Py_ssize_t left, Py_ssize_t uph,
+                        Py_ssize_t upw) noexcept nogil:
+    cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3], Wp = out.shape[2]
+    cdef Py_ssize_t i, j, j0, j1, c
+    memset(&out[n, r, 0, 0], 0, Wp * C * sizeof(real))
+    if r < top or (r - top) % uph != 0 or (r - top) // uph >= H:
+        return
+    i = (r - top) // uph
+    j0 = 0 if left >= 0 else _ceil_div(-left, upw)
+    j1 = 0 if Wp - 1 - left < 0 else _min(W, (Wp - 1 - left) // upw + 1)
+    # Reads run along contiguous rows of x; the written row (Wp*C) stays in L1.
+    for c in range(C):
+        for j in range(j0, j1):
+            out[n, r, left + j * upw, c] = x[n, c, i, j]
+
+
+def pad_nhwc(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t top,
+             Py_ssize_t left, Py_ssize_t uph, Py_ssize_t upw):
+    """NCHW ``x`` -> zero-padded NHWC ``out``:
+    ``out[n, top + i*uph, left + j*upw, c] = x[n, c, i, j]``.
+
+    Every other element of ``out`` is zero; ``up > 1`` inserts zeros between elements (the
+    transposed convolution of a strided one); negative ``top``/``left`` crop.
+    """
+    cdef Py_ssize_t N = out.shape[0], Hp = out.shape[1], t
+    with nogil:
+        for t in prange(N * Hp, schedule="static"):
+            _pad_nhwc_row(x, out, t // Hp, t % Hp, top, left, uph, upw)
+
+
+cdef void _pad_nchw_plane(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t n,
+                          Py_ssize_t c, Py_ssize_t top, Py_ssize_t left, Py_ssize_t uph,
+                          Py_ssize_t upw) noexcept nogil:
+    cdef Py_ssize_t H = x.shape[2], W = x.shape[3], Hp = out.shape[2], Wp = out.shape[3]
+    cdef Py_ssize_t r, i, j, j0, j1
+    j0 = 0 if left >= 0 else _ceil_div(-left, upw)
+    j1 = 0 if Wp - 1 - left < 0 else _min(W, (Wp - 1 - left) // upw + 1)
+    for r in range(Hp):
+        memset(&out[n, c, r, 0], 0, Wp * sizeof(real))
+        if r < top or (r - top) % uph != 0 or (r - top) // uph >= H:
+            continue
+        i = (r - top) // uph
+        for j in range(j0, j1):
+            out[n, c, r, left + j * upw] = x[n, c, i, j]
+
+
+def pad_nchw(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t top,
+             Py_ssize_t left, Py_ssize_t uph, Py_ssize_t upw):
+    """NCHW ``x`` -> zero-padded NCHW ``out`` (same placement rule as :func:`pad_nhwc`)."""
+    cdef Py_ssize_t N = out.shape[0], C = out.shape[1], t
+    with nogil:
+        for t in prange(N * C, schedule="static"):
+            _pad_nchw_plane(x, out, t // C, t % C, top, left, uph, upw)
+
+
+# ------------------------------------------------------------------------------ forward
+
+
+cdef void _fwd_nhwc_row(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] wt,
+                        const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                        Py_ssize_t oh, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh,
+                        Py_ssize_t dw) noexcept nogil:
+    cdef Py_ssize_t G = wt.shape[0], KH = wt.shape[1], KW = wt.shape[2]
+    cdef Py_ssize_t CIG = wt.shape[3], COG = wt.shape[4], Wo = y.shape[3]
+    cdef real acc[OWB * COB]
+    cdef real xv
+    cdef Py_ssize_t g, cb, c0, nc, wb, w0, nw, kh, kw, ci, j, co, ih, cx
+    for g in range(G):
+        for cb in range(_ceil_div(COG, COB)):
+            c0 = cb * COB
+            nc = _min(COB, COG - c0)
+            for wb in range(_ceil_div(Wo, OWB)):
+                w0 = wb * OWB
+                nw = _min(OWB, Wo - w0)
+                for j in range(nw):
+                    for co in range(nc):
+                        acc[j * COB + co] = bias[g * COG + c0 + co]
+                for kh in range(KH):
+                    ih = oh * sh + kh * dh
+                    for kw in range(KW):
+                        for ci in range(CIG):
+                            cx = g * CIG + ci
+                            for j in range(nw):
+                                xv = xp[n, ih, (w0 + j) * sw + kw * dw, cx]
+                                for co in range(nc):
+                                    acc[j * COB + co] += xv * wt[g, kh, kw, ci, c0 + co]
+                for co in range(nc):
+                    for j in range(nw):
+                        y[n, g * COG + c0 + co, oh, w0 + j] = acc[j * COB + co]
+
+
+def conv_fwd_nhwc(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] wt,
+                  const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t sh, Py_ssize_t sw,
+                  Py_ssize_t dh, Py_ssize_t dw):
+    """Direct convolution of padded NHWC ``xp`` (N, Hp, Wp, C_in) with ``wt``
+    (G, kH, kW, C_in/G, C_out/G) into NCHW ``y`` (N, C_out, H_out, W_out), plus ``bias``.
+
+    Loop order: one task per (image, output row); inside, blocks of OWB output columns x COB
+    output channels accumulate over (kh, kw, c_in) with the innermost loop running over
+    contiguous output channels of ``wt`` (a broadcast input value times a weight vector).
+    """
+    cdef Py_ssize_t N = y.shape[0], Ho = y.shape[2], t
+    with nogil:
+        for t in prange(N * Ho, schedule="static"):
+            _fwd_nhwc_row(xp, wt, bias, y, t // Ho, t % Ho, sh, sw, dh, dw)
+
+
+cdef void _fwd_nchw_plane(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] w,
+                          const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                          Py_ssize_t co, Py_ssize_t G, Py_ssize_t sh, Py_ssize_t sw,
+                          Py_ssize_t dh, Py_ssize_t dw) noexcept nogil:
+    cdef Py_ssize_t CIG = w.shape[1], KH = w.shape[2], KW = w.shape[3]
+    cdef Py_ssize_t Ho = y.shape[2], Wo = y.shape[3], COG = y.shape[1] // G
+    cdef Py_ssize_t g = co // COG
+    cdef real acc[ROWB]
+    cdef real wv
+    cdef Py_ssize_t oh, wb, w0, nw, ci, kh, kw, j, ih, base
+    for oh in range(Ho):
+        for wb in range(_ceil_div(Wo, ROWB)):
+            w0 = wb * ROWB
+            nw = _min(ROWB, Wo - w0)
+            for j in range(nw):
+                acc[j] = bias[co]
+            for ci in range(CIG):
+                for kh in range(KH):
+                    ih = oh * sh + kh * dh
+                    for kw in range(KW):
+                        wv = w[co, ci, kh, kw]
+                        base = w0 * sw + kw * dw
+                        for j in range(nw):
+                            acc[j] += wv * xp[n, g * CIG + ci, ih, base + j * sw]
+            for j in range(nw):
+                y[n, co, oh, w0 + j] = acc[j]
+
+
+def conv_fwd_nchw(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] w,
+                  const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t groups,
+                  Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw):
+    """Direct convolution of padded NCHW ``xp`` with OIHW ``w`` into NCHW ``y``, plus ``bias``.
+
+    For few output channels per group (where vectorizing over channels does not pay). Loop
+    order: one task per (image, output channel); the innermost loop runs over output columns
+    (contiguous input for stride 1), accumulating a row chunk in a local array.
+    """
+    cdef Py_ssize_t N = y.shape[0], C = y.shape[1], t
+    with nogil:
+        for t in prange(N * C, schedule="static"):
+            _fwd_nchw_plane(xp, w, bias, y, t // C, t % C, groups, sh, sw, dh, dw)
+
+
+# ------------------------------------------------------------------------------ backward
+
+
+cdef void _dw_task(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] dyn,
+                   real[:, :, :, :, ::1] dwt, Py_ssize_t t, Py_ssize_t sh, Py_ssize_t sw,
+                   Py_ssize_t dh, Py_ssize_t dw) noexcept nogil:
+    cdef Py_ssize_t G = dwt.shape[0], KH = dwt.shape[1], KW = dwt.shape[2]
+    cdef Py_ssize_t CIG = dwt.shape[3], COG = dwt.shape[4]
+    cdef Py_ssize_t N = dyn.shape[0], Ho = dyn.shape[1], Wo = dyn.shape[2]
+    cdef Py_ssize_t n_cs = _ceil_div(CIG, CIS), n_cb = _ceil_div(COG, COB)
+    cdef Py_ssize_t cb = t % n_cb, cs = (t // n_cb) % n_cs, kw = (t // (n_cb * n_cs)) % KW
+    cdef Py_ssize_t kh = (t // (n_cb * n_cs * KW)) % KH, g = t // (n_cb * n_cs * KW * KH)
+    cdef Py_ssize_t c0 = cb * COB, nc = _min(COB, COG - c0)
+    cdef Py_ssize_t s0 = cs * CIS, s1 = _min(CIG, s0 + CIS)
+    cdef real acc[CIB * COB]
+    cdef real xv
+    cdef Py_ssize_t n, oh, ow, ih, iw, ib, ci0, nci, i, co
+    for ci0 in range(s0, s1):
+        for co in range(nc):
+            dwt[g, kh, kw, ci0, c0 + co] = 0
+    for n in range(N):
+        for oh in range(Ho):
+            ih = oh * sh + kh * dh
+            for ib in range(_ceil_div(s1 - s0, CIB)):
+                ci0 = s0 + ib * CIB
+                nci = _min(CIB, s1 - ci0)
+                for i in range(nci):
+                    for co in range(nc):
+                        acc[i * COB + co] = dwt[g, kh, kw, ci0 + i, c0 + co]
+                for ow in range(Wo):
+                    iw = ow * sw + kw * dw
+                    for i in range(nci):
+                        xv = xp[n, ih, iw, g * CIG + ci0 + i]
+                        for co in range(nc):
+                            acc[i * COB + co] += xv * dyn[n, oh, ow, g * COG + c0 + co]
+                for i in range(nci):
+                    for co in range(nc):
+                        dwt[g, kh, kw, ci0 + i, c0 + co] = acc[i * COB + co]
+
+
+def conv_grad_weight(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] dyn,
+                     real[:, :, :, :, ::1] dwt, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh,
+                     Py_ssize_t dw):
+    """Weight gradient ``dwt`` (G, kH, kW, C_in/G, C_out/G) from padded NHWC ``xp`` and NHWC
+    ``dyn`` (N, H_out, W_out, C_out): a GEMM reducing over every output pixel.
+
+    Loop order: one task per (group, kh, kw, block of CIS input channels, block of COB output
+    channels), which owns its block of ``dwt``; it walks the output rows in order and, per row,
+    accumulates CIB x COB blocks over the row's pixels with the innermost loop over contiguous
+    output channels of ``dyn`` (the dy row stays in L1 across the input-channel blocks).
+    """
+    cdef Py_ssize_t G = dwt.shape[0], KH = dwt.shape[1], KW = dwt.shape[2]
+    cdef Py_ssize_t tasks = (G * KH * KW * _ceil_div(dwt.shape[3], CIS)
+                             * _ceil_div(dwt.shape[4], COB))
+    cdef Py_ssize_t t
+    with nogil:
+        for t in prange(tasks, schedule="dynamic"):
+            _dw_task(xp, dyn, dwt, t, sh, sw, dh, dw)
+
+
+cdef void _db_channel(const real[:, :, :, ::1] dy, real[::1] db, Py_ssize_t c) noexcept nogil:
+    cdef Py_ssize_t N = dy.shape[0], H = dy.shape[2], W = dy.shape[3], n, i, j
+    cdef real s = 0
+    for n in range(N):
+        for i in range(H):
+            for j in range(W):
+                s += dy[n, c, i, j]
+    db[c] = s
+
+
+def conv_grad_bias(const real[:, :, :, ::1] dy, real[::1] db):
+    """``db[c] = sum(dy[:, c])``; one task per channel."""
+    cdef Py_ssize_t c
+    with nogil:
+        for c in prange(dy.shape[1], schedule="static"):
+            _db_channel(dy, db, c)
+
+
+# ------------------------------------------------------------------------------ max-pool
+
+
+cdef void _pool_plane(const real[:, :, :, ::1] x, real[:, :, :, ::1] y, int64_t[:, :, :, ::1] idx,
+                      Py_ssize_t n, Py_ssize_t c, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
+                      Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
+                      Py_ssize_t dw) noexcept nogil:
+    cdef Py_ssize_t H = x.shape[2], W = x.shape[3], Ho = y.shape[2], Wo = y.shape[3]
+    cdef Py_ssize_t oh, ow, h0, h1, w0, w1, ih, iw, best
+    cdef real v, m
+    for oh in range(Ho):
+        # Window rows clipped to the input once (the -inf padding never wins), as PyTorch does.
+        h0 = oh * sh - ph
+        h1 = _min(h0 + (kh - 1) * dh + 1, H)
+        while h0 < 0:
+            h0 += dh
+        for ow in range(Wo):
+            w0 = ow * sw - pw
+            w1 = _min(w0 + (kw - 1) * dw + 1, W)
+            while w0 < 0:
+                w0 += dw
+            m = -INFINITY
+            best = h0 * W + w0
+            ih = h0
+            while ih < h1:
+                iw = w0
+                while iw < w1:
+                    v = x[n, c, ih, iw]
+                    # Strictly greater: the first maximum wins; a NaN always takes over, so
+                    # the output is NaN and the index points at the last NaN (PyTorch's rule).
+                    if v > m or isnan(v):
+                        m = v
+                        best = ih * W + iw
+                    iw += dw
+                ih += dh
+            y[n, c, oh, ow] = m
+            idx[n, c, oh, ow] = best
+
+
+def max_pool_fwd(const real[:, :, :, ::1] x, real[:, :, :, ::1] y, int64_t[:, :, :, ::1] idx,
+                 Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
+                 Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw):
+    """Max-pool NCHW ``x`` into ``y`` with int64 flat indices ``idx``; one task per plane."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], t
+    with nogil:
+        for t in prange(N * C, schedule="static"):
+            _pool_plane(x, y, idx, t // C, t % C, kh, kw, sh, sw, ph, pw, dh, dw)
+
+
+cdef void _unpool_plane(const real[:, :, :, ::1] dy, const int64_t[:, :, :, ::1] idx,
+                        real[:, ::1] dx, Py_ssize_t n, Py_ssize_t c) noexcept nogil:
+    cdef Py_ssize_t Ho = dy.shape[2], Wo = dy.shape[3], P = dx.shape[1], t = n * dy.shape[1] + c
+    cdef Py_ssize_t oh, ow
+    memset(&dx[t, 0], 0, P * sizeof(real))
+    for oh in range(Ho):
+        for ow in range(Wo):
+            dx[t, idx[n, c, oh, ow]] += dy[n, c, oh, ow]
+
+
+def max_pool_bwd(const real[:, :, :, ::1] dy, const int64_t[:, :, :, ::1] idx,
+                 real[:, ::1] dx):
+    """Scatter-add ``dy`` into ``dx`` (N*C, H*W) at ``idx``; one task per plane."""
+    cdef Py_ssize_t N = dy.shape[0], C = dy.shape[1], t
+    with nogil:
+        for t in prange(N * C, schedule="static"):
+            _unpool_plane(dy, idx, dx, t // C, t % C)
