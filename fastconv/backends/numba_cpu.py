@@ -26,9 +26,19 @@ def unavailable_reason():
 
 
 def _kernels():
-    from . import _numba_conv, _numba_pool, _numba_threading
+    from . import _numba_conv, _numba_direct, _numba_pool, _numba_threading
 
-    return _numba_conv, _numba_pool, _numba_threading
+    return _numba_conv, _numba_direct, _numba_pool, _numba_threading
+
+
+def _padded_channels(c: int) -> int:
+    return -(-c // 64) * 64
+
+
+def _direct_ok(p, c_out: int) -> bool:
+    """The register-blocked kernels need groups=1, unit column dilation, and enough channels
+    that zero-padding them to a multiple of 64 wastes at most half the work."""
+    return p.groups == 1 and p.dilation[1] == 1 and c_out >= 32
 
 
 # ------------------------------------------------------------------------------------ conv
@@ -52,12 +62,25 @@ def _weight_gkkio(w, groups):
 
 def conv2d(x, w, b, p):
     """y (N, C_out, H_out, W_out) = conv2d(x, w) + b; see ``fastconv.conv2d``."""
-    conv, _, thr = _kernels()
+    conv, direct, _, thr = _kernels()
     run = thr.run
+    c_out, c_in, kh, kw = w.shape
     xp = _padded_input(conv, run, x, p)
+    y = np.empty((x.shape[0], c_out, *p.out_hw), x.dtype)
+    if _direct_ok(p, c_out):
+        cp = _padded_channels(c_out)
+        wk = np.zeros((kh, kw * c_in, cp), x.dtype)
+        wk[:, :, :c_out] = w.transpose(2, 3, 1, 0).reshape(kh, kw * c_in, c_out)
+        bias = np.zeros(cp, x.dtype)
+        if b is not None:
+            bias[:c_out] = b
+        xp2 = xp.reshape(xp.shape[0], xp.shape[1], -1)
+        run(direct.conv_forward_direct, xp2, wk, bias, y, c_in, p.stride[0], p.stride[1],
+            p.dilation[0])
+        record_algorithm("conv2d", f"numba:direct-nhwc-c{direct.CB}")
+        return y
     wr = _weight_gkkio(w, p.groups)
-    bias = np.zeros(w.shape[0], x.dtype) if b is None else b
-    y = np.empty((x.shape[0], w.shape[0], *p.out_hw), x.dtype)
+    bias = np.zeros(c_out, x.dtype) if b is None else b
     run(conv.conv_forward_generic, xp, wr, bias, y, *p.stride, *p.dilation)
     record_algorithm("conv2d", "numba:generic")
     return y
@@ -65,8 +88,11 @@ def conv2d(x, w, b, p):
 
 def conv2d_backward(dy, x, w, p, needs):
     """(dx, dw, db) of conv2d, ``None`` for the gradients not in ``needs``."""
-    conv, _, thr = _kernels()
+    conv, direct, _, thr = _kernels()
     run = thr.run
+    c_out, c_in, kh, kw = w.shape
+    if _direct_ok(p, c_out):
+        return _conv2d_backward_direct(conv, direct, run, dy, x, w, p, needs)
     dyt = run(conv.nchw_to_nhwc, dy, np.empty((dy.shape[0], *dy.shape[2:], dy.shape[1]), dy.dtype))
     wr = _weight_gkkio(w, p.groups)
     dx = dw = db = None
@@ -95,6 +121,72 @@ def conv2d_backward(dy, x, w, p, needs):
     return dx, dw, db
 
 
+def _conv2d_backward_direct(conv, direct, run, dy, x, w, p, needs):
+    """conv2d_backward through the register-blocked kernels (see ``_direct_ok``)."""
+    n, c_in, h, w_ = x.shape
+    c_out, _, kh, kw = w.shape
+    ho, wo = p.out_hw
+    algos = []
+    dx = dw = db = None
+    if "input" in needs:
+        dx = _grad_input_as_forward(conv, direct, run, dy, w, x.shape, p)
+        algos.append("input:direct" if dx is not None else "input:generic")
+        if dx is None:
+            dyt = run(conv.nchw_to_nhwc, dy, np.empty((n, ho, wo, c_out), dy.dtype))
+            hp = (ho - 1) * p.stride[0] + p.dilation[0] * (kh - 1) + 1
+            wp = (wo - 1) * p.stride[1] + p.dilation[1] * (kw - 1) + 1
+            dxp = np.zeros((n, hp, wp, c_in), x.dtype)
+            run(conv.conv_grad_input_generic, dyt, _weight_gkkio(w, 1), dxp, *p.stride,
+                *p.dilation)
+            dx = run(conv.crop_nhwc_to_nchw, dxp, np.empty_like(x), *p.padding)
+    if "weight" in needs or "bias" in needs:
+        cp = _padded_channels(c_out)
+        dyt = run(direct.nchw_to_nhwc_padded, dy, np.empty((n, ho, wo, cp), dy.dtype))
+        dyt = dyt.reshape(n * ho * wo, cp)
+        if "weight" in needs:
+            xp = _padded_input(conv, run, x, p)
+            hp, wp = xp.shape[1], xp.shape[2]
+            xbase = ((np.arange(n)[:, None, None] * hp
+                      + np.arange(ho)[None, :, None] * p.stride[0]) * (wp * c_in)
+                     + np.arange(wo)[None, None, :] * (p.stride[1] * c_in)).ravel()
+            dwk = np.empty((kh, kw * c_in, cp), x.dtype)
+            nrb = -(-kw * c_in // direct.RB)
+            groups_r = max(1, min(nrb, -(-8 // (kh * (cp // direct.CB)))))
+            run(direct.conv_grad_weight_direct, xp.reshape(n, hp, -1), dyt, xbase, dwk, c_in,
+                p.dilation[0], groups_r)
+            dw = np.ascontiguousarray(
+                dwk.reshape(kh, kw, c_in, cp)[..., :c_out].transpose(3, 2, 0, 1))
+            algos.append("weight:direct")
+        if "bias" in needs:
+            part = np.empty((min(dyt.shape[0], WEIGHT_CHUNKS), cp), dy.dtype)
+            db = _sum_chunks(run(direct.column_sums, dyt, part))[:c_out].copy()
+    record_algorithm("conv2d_backward", "numba:direct-nhwc(" + ",".join(algos) + ")")
+    return dx, dw, db
+
+
+def _grad_input_as_forward(conv, direct, run, dy, w, x_shape, p):
+    """dx as a stride-1 forward convolution of padded dy with the flipped, transposed weight.
+
+    Returns None where that does not apply (stride > 1, C_in < 32, or padding larger than the
+    dilated kernel).
+    """
+    n, c_in, h, w_ = x_shape
+    c_out, _, kh, kw = w.shape
+    pt = (kh - 1) * p.dilation[0] - p.padding[0]
+    pl = (kw - 1) - p.padding[1]
+    if p.stride != (1, 1) or c_in < 32 or pt < 0 or pl < 0:
+        return None
+    hp, wp = h + (kh - 1) * p.dilation[0], w_ + kw - 1
+    dyp = run(conv.pad_nhwc, dy, np.empty((n, hp, wp, c_out), dy.dtype), pt, pl)
+    cp = _padded_channels(c_in)
+    wk = np.zeros((kh, kw * c_out, cp), dy.dtype)
+    wk[:, :, :c_in] = w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(kh, kw * c_out, c_in)
+    dx = np.empty(x_shape, dy.dtype)
+    run(direct.conv_forward_direct, dyp.reshape(n, hp, -1), wk, np.zeros(cp, dy.dtype), dx,
+        c_out, 1, 1, p.dilation[0])
+    return dx
+
+
 def _sum_chunks(part):
     """Sum partial results over axis 0 in a fixed serial order."""
     total = part[0].copy()
@@ -108,7 +200,7 @@ def _sum_chunks(part):
 
 def max_pool2d(x, p):
     """(y, idx) of max_pool2d with PyTorch's indices; see ``fastconv.max_pool2d``."""
-    _, pool, thr = _kernels()
+    _, _, pool, thr = _kernels()
     n, c, h, w = x.shape
     ho, wo = p.out_hw
     y = np.empty((n, c, ho, wo), x.dtype)
@@ -126,7 +218,7 @@ def max_pool2d(x, p):
 
 def max_pool2d_backward(dy, idx, input_shape):
     """dx of max_pool2d: each dy element added at its index in its input plane."""
-    _, pool, thr = _kernels()
+    _, _, pool, thr = _kernels()
     dx = np.zeros(input_shape, dy.dtype)
     thr.run(pool.max_pool_backward, dy, idx, dx)
     record_algorithm("max_pool2d_backward", "numba:scatter")

@@ -1,0 +1,185 @@
+"""Register-blocked direct conv2d kernels for groups=1 and unit column dilation (the fast path).
+
+Layouts (see ``_numba_conv`` for ``xp``): the input as ``xp2`` (N, Hp, Wp*C_in), so the window of
+output column ``ow`` in padded row ``ih`` is the contiguous run ``xp2[n, ih, ow*sw*C_in :][:R]``
+with ``R = kW*C_in`` (taps kw, then channels). Weights ``wk`` (kH, R, Cp): output channels
+innermost, zero-padded to ``Cp``, a multiple of the channel block ``CB``.
+
+The register block is ``OB`` output columns x ``CB`` output channels (4 x 64: sixteen 512-bit
+float32 accumulators, see ``_numba_stack``), accumulated over the run ``R`` for every kernel row.
+Block sizes are module constants, so they are compile-time constants: one compiled variant per
+dtype, whatever the shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._numba_options import PARALLEL, U
+from ._numba_stack import stack_array
+
+CB = 64  # output channels per register block (the padding unit of Cp)
+OB = 4  # output columns per register block
+ACC = OB * CB
+RB = 4  # rows of the (kW*C_in) run per grad-weight register block
+GACC = RB * CB
+MCHUNK = 256  # output pixels per grad-weight pass (keeps that dy slab, 64 KiB, in L2)
+
+
+@njit(**PARALLEL)
+def conv_forward_direct(xp2, wk, bias, y, c_in, sh, sw, dh):
+    """y (N, C_out, H_out, W_out) = conv(xp2, wk) + bias[:C_out]; C_out <= Cp."""
+    # Loop order: one task per output row (n, oh), owning y[n, :, oh, :]. Inside: channel block
+    # (its weight slab stays in cache), column block of OB, kernel row, the run r, then the OB x CB
+    # block: broadcast one input value per column, FMA with CB contiguous weights. The finished
+    # row (W_out x Cp, NHWC) is transposed into the NCHW output once.
+    n_, hp_, xw = xp2.shape
+    kh_, r_, cp = wk.shape
+    co_, ho, wo = y.shape[1], y.shape[2], y.shape[3]
+    x1 = xp2.ravel()
+    w1 = wk.ravel()
+    y1 = y.ravel()
+    nfull = wo // OB
+    for t in prange(n_ * ho):
+        n = t // ho
+        oh = t % ho
+        row = np.empty(wo * cp, dtype=y.dtype)
+        acc = stack_array(ACC, y.dtype)
+        for cb in range(0, cp, CB):
+            for ob in range(nfull + wo - nfull * OB):
+                if ob < nfull:
+                    ow0 = ob * OB
+                    for i in range(ACC):
+                        acc[i] = 0
+                    for kh in range(kh_):
+                        xb = (n * hp_ + oh * sh + kh * dh) * xw + ow0 * sw * c_in
+                        wb = kh * r_ * cp + cb
+                        for r in range(r_):
+                            for c in range(OB):
+                                xv = x1[U(xb + c * sw * c_in + r)]
+                                for o in range(CB):
+                                    acc[U(c * CB + o)] += xv * w1[U(wb + r * cp + o)]
+                    for c in range(OB):
+                        for o in range(CB):
+                            row[U((ow0 + c) * cp + cb + o)] = acc[U(c * CB + o)] + bias[U(cb + o)]
+                else:  # a single trailing column
+                    ow0 = nfull * OB + ob - nfull
+                    for i in range(CB):
+                        acc[i] = 0
+                    for kh in range(kh_):
+                        xb = (n * hp_ + oh * sh + kh * dh) * xw + ow0 * sw * c_in
+                        wb = kh * r_ * cp + cb
+                        for r in range(r_):
+                            xv = x1[U(xb + r)]
+                            for o in range(CB):
+                                acc[U(o)] += xv * w1[U(wb + r * cp + o)]
+                    for o in range(CB):
+                        row[U(ow0 * cp + cb + o)] = acc[U(o)] + bias[U(cb + o)]
+        for co in range(co_):
+            dst = ((n * co_ + co) * ho + oh) * wo
+            for ow in range(wo):
+                y1[U(dst + ow)] = row[U(ow * cp + co)]
+    return y
+
+
+@njit(**PARALLEL)
+def conv_grad_weight_direct(xp2, dyt, xbase, dwk, c_in, dh, groups_r):
+    """dwk (kH, R, Cp) = sum over output pixels m of x-run(m, kh)[r] * dyt[m, :].
+
+    ``dyt`` (M, Cp) is dy in NHWC with channels zero-padded to Cp, M = N*H_out*W_out; ``xbase[m]``
+    is the offset in ``xp2`` of pixel m's run in kernel row 0. Every task owns a disjoint block of
+    dwk and reduces over all M in a fixed order: the result does not depend on the thread count.
+    """
+    # Loop order: one task per (kernel row, channel block, group of run rows), owning
+    # dwk[kh, rows, cb:cb+CB]. Inside: chunks of MCHUNK pixels (the dy slab stays in L2), the
+    # group's RB-row blocks, then the pixels: RB broadcasts x CB contiguous dy values, FMAs into
+    # RB x CB register accumulators, added to dwk once per chunk.
+    n_, hp_, xw = xp2.shape
+    kh_, r_, cp = dwk.shape
+    m_ = dyt.shape[0]
+    x1 = xp2.ravel()
+    d1 = dyt.ravel()
+    w1 = dwk.ravel()
+    ncb = cp // CB
+    nrb = (r_ + RB - 1) // RB
+    for t in prange(kh_ * ncb * groups_r):
+        kh = t // (ncb * groups_r)
+        cb = (t // groups_r) % ncb * CB
+        g = t % groups_r
+        rb0 = g * nrb // groups_r
+        rb1 = (g + 1) * nrb // groups_r
+        acc = stack_array(GACC, dwk.dtype)
+        for r in range(rb0 * RB, min(rb1 * RB, r_)):
+            for o in range(CB):
+                w1[U((kh * r_ + r) * cp + cb + o)] = 0
+        koff = kh * dh * xw
+        for m0 in range(0, m_, MCHUNK):
+            m1 = min(m0 + MCHUNK, m_)
+            for rb in range(rb0, rb1):
+                r0 = rb * RB
+                if r0 + RB <= r_:
+                    for i in range(GACC):
+                        acc[i] = 0
+                    for m in range(m0, m1):
+                        xb = xbase[U(m)] + koff + r0
+                        db = m * cp + cb
+                        for c in range(RB):
+                            xv = x1[U(xb + c)]
+                            for o in range(CB):
+                                acc[U(c * CB + o)] += xv * d1[U(db + o)]
+                    for c in range(RB):
+                        wb = (kh * r_ + r0 + c) * cp + cb
+                        for o in range(CB):
+                            w1[U(wb + o)] += acc[U(c * CB + o)]
+                else:  # the last, partial block of run rows: one row at a time
+                    for r in range(r0, r_):
+                        for i in range(CB):
+                            acc[i] = 0
+                        for m in range(m0, m1):
+                            xv = x1[U(xbase[U(m)] + koff + r)]
+                            db = m * cp + cb
+                            for o in range(CB):
+                                acc[U(o)] += xv * d1[U(db + o)]
+                        wb = (kh * r_ + r) * cp + cb
+                        for o in range(CB):
+                            w1[U(wb + o)] += acc[U(o)]
+    return dwk
+
+
+@njit(**PARALLEL)
+def column_sums(a, part):
+    """part[t] = sum of rows [t*M//T, (t+1)*M//T) of a (M, C); the caller sums part serially."""
+    # Loop order: one task per row chunk, owning part[t]; rows, then contiguous columns.
+    m_, c_ = a.shape
+    t_ = part.shape[0]
+    a1 = a.ravel()
+    for t in prange(t_):
+        p = part[t]
+        for i in range(c_):
+            p[i] = 0
+        for m in range(t * m_ // t_, (t + 1) * m_ // t_):
+            for i in range(c_):
+                p[U(i)] += a1[U(m * c_ + i)]
+    return part
+
+
+@njit(**PARALLEL)
+def nchw_to_nhwc_padded(a, out):
+    """out[n, h, w, c] = a[n, c, h, w] for c < C, 0 for C <= c < out.shape[3]."""
+    # Loop order: one task per (n, h) row; w outer, c inner (contiguous writes).
+    n_, c_, h_, w_ = a.shape
+    cp = out.shape[3]
+    a1 = a.ravel()
+    o1 = out.ravel()
+    for t in prange(n_ * h_):
+        n = t // h_
+        h = t % h_
+        for w in range(w_):
+            dst = (t * w_ + w) * cp
+            src = n * c_ * h_ * w_ + h * w_ + w
+            for c in range(c_):
+                o1[U(dst + c)] = a1[U(src + c * h_ * w_)]
+            for c in range(c_, cp):
+                o1[U(dst + c)] = 0
+    return out
