@@ -13,12 +13,13 @@ from .checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint, 
 from .init import glorot_uniform, he_normal
 from .layers import Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, ReLU
 from .losses import SoftmaxCrossEntropy
-from .model import Sequential
+from .model import ARCHITECTURES, Sequential, lenet5, mnist_cnn
 from .optim import SGD, Adam, Optimizer
 
 __all__ = [
     "Layer", "Conv2D", "MaxPool2D", "ReLU", "Flatten", "Dense", "Dropout",
-    "SoftmaxCrossEntropy", "Optimizer", "SGD", "Adam", "Sequential", "init", "he_normal",
+    "SoftmaxCrossEntropy", "Optimizer", "SGD", "Adam", "Sequential", "mnist_cnn", "lenet5",
+    "ARCHITECTURES", "init", "he_normal",
     "glorot_uniform", "save_checkpoint", "load_checkpoint", "CheckpointError",
     "CheckpointWriteError",
 ]

@@ -88,7 +88,9 @@ class Conv2D(Layer):
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = (kh, kw)
         self.stride = _validate.pair("stride", stride, 1)
-        self.padding = padding if isinstance(padding, str) else _validate.pair("padding", padding, 0)
+        if not isinstance(padding, str):
+            padding = _validate.pair("padding", padding, 0)
+        self.padding = padding
         self.dilation = _validate.pair("dilation", dilation, 1)
         self.groups = int(groups)
         if self.in_channels % self.groups or self.out_channels % self.groups:

@@ -281,3 +281,40 @@ class Sequential:
             target = target.from_config(state["config"], backend=backend)
         target.load_state_dict(state["params"])
         return target
+
+
+# ---------------------------------------------------------------------- reference architectures
+
+
+def mnist_cnn(rng=None, dtype=np.float32, backend=None) -> Sequential:
+    """PyTorch's examples/mnist net: conv 1->32 3x3, ReLU, conv 32->64 3x3, ReLU, max-pool 2,
+    dropout 0.25, flatten, dense 9216->128, ReLU, dropout 0.5, dense 128->10 (1,199,882
+    parameters). Input ``(N, 1, 28, 28)``."""
+    from .layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
+
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    kw = dict(rng=rng, dtype=dtype)
+    return Sequential(
+        Conv2D(1, 32, 3, **kw), ReLU(), Conv2D(32, 64, 3, **kw), ReLU(), MaxPool2D(2),
+        Dropout(0.25, rng=rng), Flatten(), Dense(9216, 128, **kw), ReLU(),
+        Dropout(0.5, rng=rng), Dense(128, 10, **kw),
+        input_shape=(1, 28, 28), backend=backend,
+    )
+
+
+def lenet5(rng=None, dtype=np.float32, backend=None) -> Sequential:
+    """LeNet-5 with ReLU and max-pool: conv 1->6 5x5 pad 2, pool 2, conv 6->16 5x5, pool 2,
+    dense 400->120->84->10 (61,706 parameters). Input ``(N, 1, 28, 28)``."""
+    from .layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
+
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    kw = dict(rng=rng, dtype=dtype)
+    return Sequential(
+        Conv2D(1, 6, 5, padding=2, **kw), ReLU(), MaxPool2D(2), Conv2D(6, 16, 5, **kw), ReLU(),
+        MaxPool2D(2), Flatten(), Dense(400, 120, **kw), ReLU(), Dense(120, 84, **kw), ReLU(),
+        Dense(84, 10, **kw),
+        input_shape=(1, 28, 28), backend=backend,
+    )
+
+
+ARCHITECTURES = {"mnist": mnist_cnn, "lenet5": lenet5}
