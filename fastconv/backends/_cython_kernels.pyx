@@ -119,15 +119,79 @@ def pad_nchw(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t top,
 # ------------------------------------------------------------------------------ forward
 
 
+cdef inline void _fwd_block(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] wt,
+                            const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                            Py_ssize_t oh, Py_ssize_t g, Py_ssize_t c0, Py_ssize_t w0,
+                            Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw,
+                            Py_ssize_t nc) noexcept nogil:
+    # A full block: OWB (= 4, unrolled by hand) output columns x nc output channels. Every call
+    # site passes nc as a literal (64, 32 or 16): after inlining, the accumulator block has a
+    # compile-time shape, the co loop is fully vectorized and the block stays in registers.
+    cdef Py_ssize_t KH = wt.shape[1], KW = wt.shape[2], CIG = wt.shape[3], COG = wt.shape[4]
+    cdef real acc[OWB * COB]
+    cdef real x0, x1, x2, x3, wv
+    cdef Py_ssize_t kh, kw, ci, co, ih, iw, cx
+    for co in range(nc):
+        acc[co] = bias[g * COG + c0 + co]
+        acc[COB + co] = acc[co]
+        acc[2 * COB + co] = acc[co]
+        acc[3 * COB + co] = acc[co]
+    for kh in range(KH):
+        ih = oh * sh + kh * dh
+        for kw in range(KW):
+            iw = w0 * sw + kw * dw
+            for ci in range(CIG):
+                cx = g * CIG + ci
+                x0 = xp[n, ih, iw, cx]
+                x1 = xp[n, ih, iw + sw, cx]
+                x2 = xp[n, ih, iw + 2 * sw, cx]
+                x3 = xp[n, ih, iw + 3 * sw, cx]
+                for co in range(nc):
+                    wv = wt[g, kh, kw, ci, c0 + co]
+                    acc[co] += x0 * wv
+                    acc[COB + co] += x1 * wv
+                    acc[2 * COB + co] += x2 * wv
+                    acc[3 * COB + co] += x3 * wv
+    for co in range(nc):
+        y[n, g * COG + c0 + co, oh, w0] = acc[co]
+        y[n, g * COG + c0 + co, oh, w0 + 1] = acc[COB + co]
+        y[n, g * COG + c0 + co, oh, w0 + 2] = acc[2 * COB + co]
+        y[n, g * COG + c0 + co, oh, w0 + 3] = acc[3 * COB + co]
+
+
+cdef void _fwd_block_tail(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] wt,
+                          const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                          Py_ssize_t oh, Py_ssize_t g, Py_ssize_t c0, Py_ssize_t w0,
+                          Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw,
+                          Py_ssize_t nc, Py_ssize_t nw) noexcept nogil:
+    # Any block of nw <= OWB columns x nc <= COB channels (tails, odd channel counts).
+    cdef Py_ssize_t KH = wt.shape[1], KW = wt.shape[2], CIG = wt.shape[3], COG = wt.shape[4]
+    cdef real acc[OWB * COB]
+    cdef real xv
+    cdef Py_ssize_t kh, kw, ci, j, co, ih, cx
+    for j in range(nw):
+        for co in range(nc):
+            acc[j * COB + co] = bias[g * COG + c0 + co]
+    for kh in range(KH):
+        ih = oh * sh + kh * dh
+        for kw in range(KW):
+            for ci in range(CIG):
+                cx = g * CIG + ci
+                for j in range(nw):
+                    xv = xp[n, ih, (w0 + j) * sw + kw * dw, cx]
+                    for co in range(nc):
+                        acc[j * COB + co] += xv * wt[g, kh, kw, ci, c0 + co]
+    for co in range(nc):
+        for j in range(nw):
+            y[n, g * COG + c0 + co, oh, w0 + j] = acc[j * COB + co]
+
+
 cdef void _fwd_nhwc_row(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] wt,
                         const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
                         Py_ssize_t oh, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh,
                         Py_ssize_t dw) noexcept nogil:
-    cdef Py_ssize_t G = wt.shape[0], KH = wt.shape[1], KW = wt.shape[2]
-    cdef Py_ssize_t CIG = wt.shape[3], COG = wt.shape[4], Wo = y.shape[3]
-    cdef real acc[OWB * COB]
-    cdef real xv
-    cdef Py_ssize_t g, cb, c0, nc, wb, w0, nw, kh, kw, ci, j, co, ih, cx
+    cdef Py_ssize_t G = wt.shape[0], COG = wt.shape[4], Wo = y.shape[3]
+    cdef Py_ssize_t g, cb, c0, nc, wb, w0, nw
     for g in range(G):
         for cb in range(_ceil_div(COG, COB)):
             c0 = cb * COB
@@ -135,21 +199,14 @@ cdef void _fwd_nhwc_row(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1]
             for wb in range(_ceil_div(Wo, OWB)):
                 w0 = wb * OWB
                 nw = _min(OWB, Wo - w0)
-                for j in range(nw):
-                    for co in range(nc):
-                        acc[j * COB + co] = bias[g * COG + c0 + co]
-                for kh in range(KH):
-                    ih = oh * sh + kh * dh
-                    for kw in range(KW):
-                        for ci in range(CIG):
-                            cx = g * CIG + ci
-                            for j in range(nw):
-                                xv = xp[n, ih, (w0 + j) * sw + kw * dw, cx]
-                                for co in range(nc):
-                                    acc[j * COB + co] += xv * wt[g, kh, kw, ci, c0 + co]
-                for co in range(nc):
-                    for j in range(nw):
-                        y[n, g * COG + c0 + co, oh, w0 + j] = acc[j * COB + co]
+                if nw == OWB and nc == 64:
+                    _fwd_block(xp, wt, bias, y, n, oh, g, c0, w0, sh, sw, dh, dw, 64)
+                elif nw == OWB and nc == 32:
+                    _fwd_block(xp, wt, bias, y, n, oh, g, c0, w0, sh, sw, dh, dw, 32)
+                elif nw == OWB and nc == 16:
+                    _fwd_block(xp, wt, bias, y, n, oh, g, c0, w0, sh, sw, dh, dw, 16)
+                else:
+                    _fwd_block_tail(xp, wt, bias, y, n, oh, g, c0, w0, sh, sw, dh, dw, nc, nw)
 
 
 def conv_fwd_nhwc(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] wt,
@@ -214,41 +271,93 @@ def conv_fwd_nchw(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] w,
 # ------------------------------------------------------------------------------ backward
 
 
+cdef inline void _dw_block(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] dyn,
+                           real[:, :, :, :, ::1] dwt, Py_ssize_t n, Py_ssize_t oh,
+                           Py_ssize_t g, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t ci0,
+                           Py_ssize_t c0, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh,
+                           Py_ssize_t dw, Py_ssize_t nc) noexcept nogil:
+    # CIB (= 4, unrolled by hand) input channels x nc output channels of dwt, accumulated over
+    # one output row. nc is a literal at every call site (64, 32, 16): see _fwd_block.
+    cdef Py_ssize_t CIG = dwt.shape[3], COG = dwt.shape[4], Wo = dyn.shape[2]
+    cdef Py_ssize_t ih = oh * sh + kh * dh, cx = g * CIG + ci0, ow, iw, co
+    cdef real acc[CIB * COB]
+    cdef real x0, x1, x2, x3, dv
+    for co in range(nc):
+        acc[co] = dwt[g, kh, kw, ci0, c0 + co]
+        acc[COB + co] = dwt[g, kh, kw, ci0 + 1, c0 + co]
+        acc[2 * COB + co] = dwt[g, kh, kw, ci0 + 2, c0 + co]
+        acc[3 * COB + co] = dwt[g, kh, kw, ci0 + 3, c0 + co]
+    for ow in range(Wo):
+        iw = ow * sw + kw * dw
+        x0 = xp[n, ih, iw, cx]
+        x1 = xp[n, ih, iw, cx + 1]
+        x2 = xp[n, ih, iw, cx + 2]
+        x3 = xp[n, ih, iw, cx + 3]
+        for co in range(nc):
+            dv = dyn[n, oh, ow, g * COG + c0 + co]
+            acc[co] += x0 * dv
+            acc[COB + co] += x1 * dv
+            acc[2 * COB + co] += x2 * dv
+            acc[3 * COB + co] += x3 * dv
+    for co in range(nc):
+        dwt[g, kh, kw, ci0, c0 + co] = acc[co]
+        dwt[g, kh, kw, ci0 + 1, c0 + co] = acc[COB + co]
+        dwt[g, kh, kw, ci0 + 2, c0 + co] = acc[2 * COB + co]
+        dwt[g, kh, kw, ci0 + 3, c0 + co] = acc[3 * COB + co]
+
+
+cdef void _dw_block_tail(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] dyn,
+                         real[:, :, :, :, ::1] dwt, Py_ssize_t n, Py_ssize_t oh,
+                         Py_ssize_t g, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t ci0,
+                         Py_ssize_t c0, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh,
+                         Py_ssize_t dw, Py_ssize_t nc, Py_ssize_t nci) noexcept nogil:
+    # Any block of nci <= CIB input channels x nc <= COB output channels.
+    cdef Py_ssize_t CIG = dwt.shape[3], COG = dwt.shape[4], Wo = dyn.shape[2]
+    cdef Py_ssize_t ih = oh * sh + kh * dh, cx = g * CIG + ci0, ow, iw, co, i
+    cdef real acc[CIB * COB]
+    cdef real xv
+    for i in range(nci):
+        for co in range(nc):
+            acc[i * COB + co] = dwt[g, kh, kw, ci0 + i, c0 + co]
+    for ow in range(Wo):
+        iw = ow * sw + kw * dw
+        for i in range(nci):
+            xv = xp[n, ih, iw, cx + i]
+            for co in range(nc):
+                acc[i * COB + co] += xv * dyn[n, oh, ow, g * COG + c0 + co]
+    for i in range(nci):
+        for co in range(nc):
+            dwt[g, kh, kw, ci0 + i, c0 + co] = acc[i * COB + co]
+
+
 cdef void _dw_task(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] dyn,
                    real[:, :, :, :, ::1] dwt, Py_ssize_t t, Py_ssize_t sh, Py_ssize_t sw,
                    Py_ssize_t dh, Py_ssize_t dw) noexcept nogil:
-    cdef Py_ssize_t G = dwt.shape[0], KH = dwt.shape[1], KW = dwt.shape[2]
-    cdef Py_ssize_t CIG = dwt.shape[3], COG = dwt.shape[4]
-    cdef Py_ssize_t N = dyn.shape[0], Ho = dyn.shape[1], Wo = dyn.shape[2]
+    cdef Py_ssize_t KH = dwt.shape[1], KW = dwt.shape[2], CIG = dwt.shape[3], COG = dwt.shape[4]
+    cdef Py_ssize_t N = dyn.shape[0], Ho = dyn.shape[1]
     cdef Py_ssize_t n_cs = _ceil_div(CIG, CIS), n_cb = _ceil_div(COG, COB)
     cdef Py_ssize_t cb = t % n_cb, cs = (t // n_cb) % n_cs, kw = (t // (n_cb * n_cs)) % KW
     cdef Py_ssize_t kh = (t // (n_cb * n_cs * KW)) % KH, g = t // (n_cb * n_cs * KW * KH)
     cdef Py_ssize_t c0 = cb * COB, nc = _min(COB, COG - c0)
     cdef Py_ssize_t s0 = cs * CIS, s1 = _min(CIG, s0 + CIS)
-    cdef real acc[CIB * COB]
-    cdef real xv
-    cdef Py_ssize_t n, oh, ow, ih, iw, ib, ci0, nci, i, co
-    for ci0 in range(s0, s1):
+    cdef Py_ssize_t n, oh, ib, ci0, nci, ci, co
+    for ci in range(s0, s1):
         for co in range(nc):
-            dwt[g, kh, kw, ci0, c0 + co] = 0
+            dwt[g, kh, kw, ci, c0 + co] = 0
     for n in range(N):
         for oh in range(Ho):
-            ih = oh * sh + kh * dh
             for ib in range(_ceil_div(s1 - s0, CIB)):
                 ci0 = s0 + ib * CIB
                 nci = _min(CIB, s1 - ci0)
-                for i in range(nci):
-                    for co in range(nc):
-                        acc[i * COB + co] = dwt[g, kh, kw, ci0 + i, c0 + co]
-                for ow in range(Wo):
-                    iw = ow * sw + kw * dw
-                    for i in range(nci):
-                        xv = xp[n, ih, iw, g * CIG + ci0 + i]
-                        for co in range(nc):
-                            acc[i * COB + co] += xv * dyn[n, oh, ow, g * COG + c0 + co]
-                for i in range(nci):
-                    for co in range(nc):
-                        dwt[g, kh, kw, ci0 + i, c0 + co] = acc[i * COB + co]
+                if nci == CIB and nc == 64:
+                    _dw_block(xp, dyn, dwt, n, oh, g, kh, kw, ci0, c0, sh, sw, dh, dw, 64)
+                elif nci == CIB and nc == 32:
+                    _dw_block(xp, dyn, dwt, n, oh, g, kh, kw, ci0, c0, sh, sw, dh, dw, 32)
+                elif nci == CIB and nc == 16:
+                    _dw_block(xp, dyn, dwt, n, oh, g, kh, kw, ci0, c0, sh, sw, dh, dw, 16)
+                else:
+                    _dw_block_tail(xp, dyn, dwt, n, oh, g, kh, kw, ci0, c0, sh, sw, dh, dw,
+                                   nc, nci)
 
 
 def conv_grad_weight(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] dyn,
