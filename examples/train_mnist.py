@@ -1,0 +1,15 @@
+"""Train PyTorch's examples/mnist CNN with fastconv's kernels.
+
+    FASTCONV_DATA_DIR=../shared/data/mnist python examples/train_mnist.py --epochs 5
+
+Same options as ``fastconv train`` (``--help``): --backend, --epochs, --batch-size, --lr,
+--optimizer, --seed, --data-dir, --limit, --checkpoint, --resume, --plots DIR, --threads.
+Ctrl-C writes a checkpoint and exits with status 130; --resume continues exactly.
+"""
+
+import sys
+
+from fastconv._train_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
