@@ -10,7 +10,9 @@
 # Parallelism: every ``prange`` task owns a disjoint part of the output (an output row, a
 # weight block, an (n, c) plane), so results are race-free and do not depend on the thread
 # count or schedule. Each task calls a ``nogil`` helper whose local accumulator arrays live on
-# that thread's stack.
+# that thread's stack. Helpers are ``except -1`` (not ``noexcept``) so that in the debug build an
+# IndexError propagates out of the ``prange`` instead of being printed and ignored; in the
+# release build nothing can raise and the check is one compare per call.
 
 cimport cython
 from cython.parallel cimport prange
@@ -60,14 +62,14 @@ cdef inline Py_ssize_t _ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
 # ------------------------------------------------------------------------------ layout
 
 
-cdef void _pad_nhwc_row(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t n,
+cdef int _pad_nhwc_row(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t n,
                         Py_ssize_t r, Py_ssize_t top, Py_ssize_t left, Py_ssize_t uph,
-                        Py_ssize_t upw) noexcept nogil:
+                        Py_ssize_t upw) except -1 nogil:
     cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3], Wp = out.shape[2]
     cdef Py_ssize_t i, j, j0, j1, c
     memset(&out[n, r, 0, 0], 0, Wp * C * sizeof(real))
     if r < top or (r - top) % uph != 0 or (r - top) // uph >= H:
-        return
+        return 0
     i = (r - top) // uph
     j0 = 0 if left >= 0 else _ceil_div(-left, upw)
     j1 = 0 if Wp - 1 - left < 0 else _min(W, (Wp - 1 - left) // upw + 1)
@@ -91,9 +93,9 @@ def pad_nhwc(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t top,
             _pad_nhwc_row(x, out, t // Hp, t % Hp, top, left, uph, upw)
 
 
-cdef void _pad_nchw_plane(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t n,
+cdef int _pad_nchw_plane(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t n,
                           Py_ssize_t c, Py_ssize_t top, Py_ssize_t left, Py_ssize_t uph,
-                          Py_ssize_t upw) noexcept nogil:
+                          Py_ssize_t upw) except -1 nogil:
     cdef Py_ssize_t H = x.shape[2], W = x.shape[3], Hp = out.shape[2], Wp = out.shape[3]
     cdef Py_ssize_t r, i, j, j0, j1
     j0 = 0 if left >= 0 else _ceil_div(-left, upw)
@@ -119,11 +121,11 @@ def pad_nchw(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t top,
 # ------------------------------------------------------------------------------ forward
 
 
-cdef inline void _fwd_block(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] wt,
+cdef inline int _fwd_block(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] wt,
                             const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
                             Py_ssize_t oh, Py_ssize_t g, Py_ssize_t c0, Py_ssize_t w0,
                             Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw,
-                            Py_ssize_t nc) noexcept nogil:
+                            Py_ssize_t nc) except -1 nogil:
     # A full block: OWB (= 4, unrolled by hand) output columns x nc output channels. Every call
     # site passes nc as a literal (64, 32 or 16): after inlining, the accumulator block has a
     # compile-time shape, the co loop is fully vectorized and the block stays in registers.
@@ -159,11 +161,11 @@ cdef inline void _fwd_block(const real[:, :, :, ::1] xp, const real[:, :, :, :, 
         y[n, g * COG + c0 + co, oh, w0 + 3] = acc[3 * COB + co]
 
 
-cdef void _fwd_block_tail(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] wt,
+cdef int _fwd_block_tail(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] wt,
                           const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
                           Py_ssize_t oh, Py_ssize_t g, Py_ssize_t c0, Py_ssize_t w0,
                           Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw,
-                          Py_ssize_t nc, Py_ssize_t nw) noexcept nogil:
+                          Py_ssize_t nc, Py_ssize_t nw) except -1 nogil:
     # Any block of nw <= OWB columns x nc <= COB channels (tails, odd channel counts).
     cdef Py_ssize_t KH = wt.shape[1], KW = wt.shape[2], CIG = wt.shape[3], COG = wt.shape[4]
     cdef real acc[OWB * COB]
@@ -186,10 +188,10 @@ cdef void _fwd_block_tail(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::
             y[n, g * COG + c0 + co, oh, w0 + j] = acc[j * COB + co]
 
 
-cdef void _fwd_nhwc_row(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] wt,
+cdef int _fwd_nhwc_row(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] wt,
                         const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
                         Py_ssize_t oh, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh,
-                        Py_ssize_t dw) noexcept nogil:
+                        Py_ssize_t dw) except -1 nogil:
     cdef Py_ssize_t G = wt.shape[0], COG = wt.shape[4], Wo = y.shape[3]
     cdef Py_ssize_t g, cb, c0, nc, wb, w0, nw
     for g in range(G):
@@ -225,10 +227,10 @@ def conv_fwd_nhwc(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] wt,
             _fwd_nhwc_row(xp, wt, bias, y, t // Ho, t % Ho, sh, sw, dh, dw)
 
 
-cdef void _fwd_nchw_plane(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] w,
+cdef int _fwd_nchw_plane(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] w,
                           const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
                           Py_ssize_t co, Py_ssize_t G, Py_ssize_t sh, Py_ssize_t sw,
-                          Py_ssize_t dh, Py_ssize_t dw) noexcept nogil:
+                          Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
     cdef Py_ssize_t CIG = w.shape[1], KH = w.shape[2], KW = w.shape[3]
     cdef Py_ssize_t Ho = y.shape[2], Wo = y.shape[3], COG = y.shape[1] // G
     cdef Py_ssize_t g = co // COG
@@ -271,11 +273,11 @@ def conv_fwd_nchw(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] w,
 # ------------------------------------------------------------------------------ backward
 
 
-cdef inline void _dw_block(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] dyn,
+cdef inline int _dw_block(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] dyn,
                            real[:, :, :, :, ::1] dwt, Py_ssize_t n, Py_ssize_t oh,
                            Py_ssize_t g, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t ci0,
                            Py_ssize_t c0, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh,
-                           Py_ssize_t dw, Py_ssize_t nc) noexcept nogil:
+                           Py_ssize_t dw, Py_ssize_t nc) except -1 nogil:
     # CIB (= 4, unrolled by hand) input channels x nc output channels of dwt, accumulated over
     # one output row. nc is a literal at every call site (64, 32, 16): see _fwd_block.
     cdef Py_ssize_t CIG = dwt.shape[3], COG = dwt.shape[4], Wo = dyn.shape[2]
@@ -306,11 +308,11 @@ cdef inline void _dw_block(const real[:, :, :, ::1] xp, const real[:, :, :, ::1]
         dwt[g, kh, kw, ci0 + 3, c0 + co] = acc[3 * COB + co]
 
 
-cdef void _dw_block_tail(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] dyn,
+cdef int _dw_block_tail(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] dyn,
                          real[:, :, :, :, ::1] dwt, Py_ssize_t n, Py_ssize_t oh,
                          Py_ssize_t g, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t ci0,
                          Py_ssize_t c0, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh,
-                         Py_ssize_t dw, Py_ssize_t nc, Py_ssize_t nci) noexcept nogil:
+                         Py_ssize_t dw, Py_ssize_t nc, Py_ssize_t nci) except -1 nogil:
     # Any block of nci <= CIB input channels x nc <= COB output channels.
     cdef Py_ssize_t CIG = dwt.shape[3], COG = dwt.shape[4], Wo = dyn.shape[2]
     cdef Py_ssize_t ih = oh * sh + kh * dh, cx = g * CIG + ci0, ow, iw, co, i
@@ -330,9 +332,9 @@ cdef void _dw_block_tail(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] d
             dwt[g, kh, kw, ci0 + i, c0 + co] = acc[i * COB + co]
 
 
-cdef void _dw_task(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] dyn,
+cdef int _dw_task(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] dyn,
                    real[:, :, :, :, ::1] dwt, Py_ssize_t t, Py_ssize_t sh, Py_ssize_t sw,
-                   Py_ssize_t dh, Py_ssize_t dw) noexcept nogil:
+                   Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
     cdef Py_ssize_t KH = dwt.shape[1], KW = dwt.shape[2], CIG = dwt.shape[3], COG = dwt.shape[4]
     cdef Py_ssize_t N = dyn.shape[0], Ho = dyn.shape[1]
     cdef Py_ssize_t n_cs = _ceil_div(CIG, CIS), n_cb = _ceil_div(COG, COB)
@@ -380,7 +382,7 @@ def conv_grad_weight(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] dyn,
             _dw_task(xp, dyn, dwt, t, sh, sw, dh, dw)
 
 
-cdef void _db_channel(const real[:, :, :, ::1] dy, real[::1] db, Py_ssize_t c) noexcept nogil:
+cdef int _db_channel(const real[:, :, :, ::1] dy, real[::1] db, Py_ssize_t c) except -1 nogil:
     cdef Py_ssize_t N = dy.shape[0], H = dy.shape[2], W = dy.shape[3], n, i, j
     cdef real s = 0
     for n in range(N):
@@ -401,10 +403,10 @@ def conv_grad_bias(const real[:, :, :, ::1] dy, real[::1] db):
 # ------------------------------------------------------------------------------ max-pool
 
 
-cdef void _pool_plane(const real[:, :, :, ::1] x, real[:, :, :, ::1] y, int64_t[:, :, :, ::1] idx,
+cdef int _pool_plane(const real[:, :, :, ::1] x, real[:, :, :, ::1] y, int64_t[:, :, :, ::1] idx,
                       Py_ssize_t n, Py_ssize_t c, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
                       Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
-                      Py_ssize_t dw) noexcept nogil:
+                      Py_ssize_t dw) except -1 nogil:
     cdef Py_ssize_t H = x.shape[2], W = x.shape[3], Ho = y.shape[2], Wo = y.shape[3]
     cdef Py_ssize_t oh, ow, h0, h1, w0, w1, ih, iw, best
     cdef real v, m
@@ -447,8 +449,8 @@ def max_pool_fwd(const real[:, :, :, ::1] x, real[:, :, :, ::1] y, int64_t[:, :,
             _pool_plane(x, y, idx, t // C, t % C, kh, kw, sh, sw, ph, pw, dh, dw)
 
 
-cdef void _unpool_plane(const real[:, :, :, ::1] dy, const int64_t[:, :, :, ::1] idx,
-                        real[:, ::1] dx, Py_ssize_t n, Py_ssize_t c) noexcept nogil:
+cdef int _unpool_plane(const real[:, :, :, ::1] dy, const int64_t[:, :, :, ::1] idx,
+                        real[:, ::1] dx, Py_ssize_t n, Py_ssize_t c) except -1 nogil:
     cdef Py_ssize_t Ho = dy.shape[2], Wo = dy.shape[3], P = dx.shape[1], t = n * dy.shape[1] + c
     cdef Py_ssize_t oh, ow
     memset(&dx[t, 0], 0, P * sizeof(real))
