@@ -107,6 +107,8 @@ class OptionalBuildExt(build_ext):
     def _flags(self):
         if self.compiler.compiler_type == "msvc":
             return (["/Od"] if DEBUG else ["/O2"]) + ["/openmp"] * WANT_OPENMP, []
+        if not self._compiles([]):
+            raise RuntimeError(f"no working C compiler (tried {self.compiler.compiler[0]!r})")
         compile_args = ["-O0", "-g"] if DEBUG else ["-O3", "-fno-math-errno", "-ffp-contract=fast"]
         if ARCH and not DEBUG:
             march = [f"-march={ARCH}", "-mprefer-vector-width=512"]
