@@ -24,8 +24,8 @@ from ._numba_options import PARALLEL, U
 @njit(**PARALLEL)
 def pad_nhwc(x, xp, pt, pl):
     """xp[n, pt + h, pl + w, c] = x[n, c, h, w]; the rest of xp (the padding) = 0."""
-    # Loop order: one task per padded row (n, hp); inside, w outer and c inner so the writes to
-    # the NHWC row are contiguous.
+    # Loop order: one task per padded row (n, hp); inside, c outer and w inner: contiguous reads
+    # of x, and the strided writes stay in one NHWC row (a few KiB, in L1).
     n_, c_, h_, w_ = x.shape
     hp_, wp_ = xp.shape[1], xp.shape[2]
     wmax = min(w_, wp_ - pl)
@@ -44,28 +44,28 @@ def pad_nhwc(x, xp, pt, pl):
         for i in range((pl + wmax) * c_, wp_ * c_):
             xp1[U(row + i)] = 0
         src = (n * c_ * h_ + h) * w_
-        for w in range(wmax):
-            dst = row + (pl + w) * c_
-            for c in range(c_):
-                xp1[U(dst + c)] = x1[U(src + c * h_ * w_ + w)]
+        dst = row + pl * c_
+        for c in range(c_):
+            for w in range(wmax):
+                xp1[U(dst + w * c_ + c)] = x1[U(src + c * h_ * w_ + w)]
     return xp
 
 
 @njit(**PARALLEL)
 def nchw_to_nhwc(a, out):
     """out[n, h, w, c] = a[n, c, h, w]."""
-    # Loop order: one task per (n, h) row; w outer, c inner (contiguous writes).
+    # Loop order: one task per (n, h) row; c outer, w inner: contiguous reads, strided writes
+    # within one output row (in L1).
     n_, c_, h_, w_ = a.shape
     a1 = a.ravel()
     o1 = out.ravel()
     for t in prange(n_ * h_):
         n = t // h_
         h = t % h_
-        for w in range(w_):
-            dst = (t * w_ + w) * c_
-            src = n * c_ * h_ * w_ + h * w_ + w
-            for c in range(c_):
-                o1[U(dst + c)] = a1[U(src + c * h_ * w_)]
+        for c in range(c_):
+            src = (n * c_ + c) * h_ * w_ + h * w_
+            for w in range(w_):
+                o1[U(t * w_ * c_ + w * c_ + c)] = a1[U(src + w)]
     return out
 
 

@@ -167,7 +167,8 @@ def column_sums(a, part):
 @njit(**PARALLEL)
 def nchw_to_nhwc_padded(a, out):
     """out[n, h, w, c] = a[n, c, h, w] for c < C, 0 for C <= c < out.shape[3]."""
-    # Loop order: one task per (n, h) row; w outer, c inner (contiguous writes).
+    # Loop order: one task per (n, h) row; c outer, w inner: contiguous reads, strided writes
+    # within one output row (in L1).
     n_, c_, h_, w_ = a.shape
     cp = out.shape[3]
     a1 = a.ravel()
@@ -175,11 +176,11 @@ def nchw_to_nhwc_padded(a, out):
     for t in prange(n_ * h_):
         n = t // h_
         h = t % h_
+        for c in range(c_):
+            src = (n * c_ + c) * h_ * w_ + h * w_
+            for w in range(w_):
+                o1[U((t * w_ + w) * cp + c)] = a1[U(src + w)]
         for w in range(w_):
-            dst = (t * w_ + w) * cp
-            src = n * c_ * h_ * w_ + h * w_ + w
-            for c in range(c_):
-                o1[U(dst + c)] = a1[U(src + c * h_ * w_)]
             for c in range(c_, cp):
-                o1[U(dst + c)] = 0
+                o1[U((t * w_ + w) * cp + c)] = 0
     return out

@@ -85,3 +85,11 @@ def run(kernel, *args):
                 _started_in_parent = True
         return result
     return kernel(*args)
+
+
+@njit(**dict(SERIAL, parallel=True, cache=False))
+def thread_ids(out):
+    """out[i] = the Numba thread id that ran iteration i (a probe for tests and diagnostics)."""
+    for i in numba.prange(out.shape[0]):
+        out[i] = numba.get_thread_id()
+    return out

@@ -1,0 +1,206 @@
+"""The numba backend's own paths: each kernel variant against PyTorch (``tests/helpers.py``),
+PyTorch's exact max-pool index rules, and the threading policy (several threads at once, thread
+counts, fork)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import fastconv as fc
+from helpers import check_conv, check_pool
+
+pytestmark = pytest.mark.skipif(
+    fc.backend_status()["numba"] is not None, reason="numba is not installed here"
+)
+numba = pytest.importorskip("numba")
+
+DTYPES = [np.float32, np.float64]
+
+# (x_shape, w_shape, kwargs, forward algorithm expected)
+CONV_CASES = [
+    # register-blocked direct path: tail columns, C_out padded to 64, strides, row dilation
+    ((2, 3, 7, 9), (64, 3, 3, 3), dict(), "numba:direct-nhwc-c64"),
+    ((2, 33, 7, 7), (70, 33, 3, 3), dict(padding=1), "numba:direct-nhwc-c64"),
+    ((2, 40, 6, 9), (40, 40, 3, 2), dict(stride=(2, 1), padding=(1, 0), dilation=(2, 1)),
+     "numba:direct-nhwc-c64"),
+    ((2, 35, 8, 7), (40, 35, 4, 2), dict(padding="same", dilation=(2, 1)), "numba:direct-nhwc-c64"),
+    ((1, 64, 5, 5), (64, 64, 1, 1), dict(), "numba:direct-nhwc-c64"),
+    ((2, 32, 9, 9), (64, 32, 3, 3), dict(stride=2, padding=1), "numba:direct-nhwc-c64"),
+    ((1, 32, 4, 4), (32, 32, 3, 3), dict(padding=3), "numba:direct-nhwc-c64"),  # pad > kernel
+    # generic path: groups, depthwise, column dilation, few channels
+    ((2, 4, 9, 8), (6, 2, 3, 2), dict(stride=(2, 1), padding=(1, 2), dilation=(2, 1), groups=2),
+     "numba:generic"),
+    ((1, 4, 8, 8), (4, 1, 3, 3), dict(padding="same", groups=4), "numba:generic"),
+    ((2, 3, 8, 7), (5, 3, 4, 2), dict(padding="same"), "numba:generic"),
+    ((3, 3, 10, 9), (5, 3, 2, 2), dict(stride=2, padding=1), "numba:generic"),
+    ((2, 6, 9, 9), (40, 6, 3, 3), dict(dilation=(1, 2)), "numba:generic"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape, w_shape, kw, algo", CONV_CASES)
+def test_conv_paths_match_torch(rng, x_shape, w_shape, kw, algo, dtype):
+    check_conv("numba", rng, x_shape, w_shape, dtype=dtype, **kw)
+    fc.conv2d(np.zeros(x_shape, dtype), np.zeros(w_shape, dtype), backend="numba", **kw)
+    assert fc.last_algorithm("conv2d") == algo
+    assert fc.last_algorithm("conv2d_backward").startswith(algo.split("-c")[0])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_without_bias_and_partial_needs(rng, bias):
+    check_conv("numba", rng, (2, 8, 6, 6), (64, 8, 3, 3), bias=bias, padding=1)
+    x = rng.standard_normal((2, 8, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((64, 8, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((2, 64, 4, 4)).astype(np.float32)
+    full = fc.conv2d_backward(dy, x, w, backend="numba")
+    for need, i in (("input", 0), ("weight", 1), ("bias", 2)):
+        part = fc.conv2d_backward(dy, x, w, needs=(need,), backend="numba")
+        assert [g is None for g in part] == [j != i for j in range(3)]
+        np.testing.assert_array_equal(part[i], full[i])
+
+
+def test_nan_propagates_to_exactly_the_outputs_it_touches(rng):
+    x = rng.standard_normal((1, 40, 8, 8)).astype(np.float32)
+    x[0, 5, 3, 4] = np.nan
+    w = rng.standard_normal((64, 40, 3, 3)).astype(np.float32)
+    y = fc.conv2d(x, w, backend="numba")
+    touched = np.zeros((6, 6), bool)
+    touched[1:4, 2:5] = True
+    assert np.isnan(y[0][:, touched]).all()
+    assert not np.isnan(y[0][:, ~touched]).any()
+
+
+# --------------------------------------------------------------------------------- pool
+
+POOL_CASES = [
+    ((2, 3, 8, 8), 2, dict(), "numba:k2s2"),
+    ((2, 3, 9, 7), 2, dict(), "numba:k2s2"),
+    ((2, 3, 9, 7), 2, dict(ceil_mode=True), "numba:generic"),
+    ((2, 3, 9, 7), 3, dict(stride=2, padding=1, ceil_mode=True), "numba:generic"),
+    ((2, 3, 9, 7), (3, 2), dict(stride=(2, 1), padding=(1, 1), dilation=(2, 1)), "numba:generic"),
+    ((1, 2, 11, 10), 3, dict(stride=1, padding=1), "numba:generic"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape, k, kw, algo", POOL_CASES)
+def test_pool_paths_match_torch(rng, x_shape, k, kw, algo, dtype):
+    check_pool("numba", rng, x_shape, k, dtype=dtype, **kw)
+    assert fc.last_algorithm("max_pool2d") == algo
+
+
+@pytest.mark.parametrize("k, kw", [(2, {}), (3, dict(stride=2, padding=1, ceil_mode=True))])
+def test_pool_ties_nan_and_inf_follow_torch(rng, k, kw):
+    """Ties keep the first maximum; NaN wins (torch points at the window's last NaN); -inf
+    inputs and -inf padding give torch's indices."""
+    x = rng.integers(-2, 2, size=(2, 3, 9, 9)).astype(np.float32)  # many ties
+    x[0, 0, 1, 1] = x[0, 1, 4, 4] = x[0, 1, 4, 5] = np.nan
+    x[1, 2] = -np.inf
+    check_pool("numba", rng, x.shape, k, x=x, **kw)
+
+
+# ---------------------------------------------------------------------------- threading
+
+
+def _conv_case(rng):
+    x = rng.standard_normal((4, 32, 10, 10)).astype(np.float32)
+    w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((4, 64, 8, 8)).astype(np.float32)
+    return x, w, dy
+
+
+def test_parallel_kernels_use_more_than_one_thread():
+    from fastconv.backends import _numba_threading
+
+    ids = _numba_threading.run(_numba_threading.thread_ids, np.empty(64, np.int64))
+    if numba.config.NUMBA_NUM_THREADS >= 2 and numba.get_num_threads() >= 2:
+        assert len(set(ids.tolist())) >= 2, ids
+    assert _numba_threading.threading_layer() in {"tbb", "omp", "workqueue"}
+
+
+def test_results_identical_for_one_and_two_threads(rng):
+    x, w, dy = _conv_case(rng)
+    before = numba.get_num_threads()
+    out = []
+    try:
+        for n in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(n)
+            out.append((fc.conv2d(x, w, backend="numba"),
+                        *fc.conv2d_backward(dy, x, w, backend="numba"),
+                        *fc.max_pool2d(x, 2, backend="numba")))
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(out[0], out[-1]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_eight_python_threads_match_serial_calls(rng):
+    x, w, dy = _conv_case(rng)
+    expected = [fc.conv2d(x * (i + 1), w, backend="numba") for i in range(8)]
+    grads = fc.conv2d_backward(dy, x, w, backend="numba")
+    results, errors = [None] * 8, []
+    barrier = threading.Barrier(8)
+
+    def work(i):
+        try:
+            barrier.wait()
+            for _ in range(3):
+                y = fc.conv2d(x * (i + 1), w, backend="numba")
+                g = fc.conv2d_backward(dy, x, w, backend="numba")
+            results[i] = (y, g)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, (y, g) in enumerate(results):
+        np.testing.assert_array_equal(y, expected[i])
+        for a, b in zip(g, grads):
+            np.testing.assert_array_equal(a, b)
+
+
+_FORK_SCRIPT = r"""
+import json, os, warnings, numpy as np, fastconv as fc
+x = np.random.default_rng(0).standard_normal((2, 4, 6, 6))
+w = np.random.default_rng(1).standard_normal((6, 2, 3, 3))
+y = fc.conv2d(x, w, groups=2, backend="numba")  # starts the threading layer in the parent
+r, wfd = os.pipe()
+pid = os.fork()
+if pid == 0:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yc = fc.conv2d(x, w, groups=2, backend="numba")
+        yc = fc.conv2d(x, w, groups=2, backend="numba")
+    os.write(wfd, json.dumps([bool(np.allclose(y, yc, rtol=1e-12, atol=1e-12)),
+                              [str(c.message) for c in caught]]).encode())
+    os._exit(0)
+os.close(wfd)
+data = os.read(r, 100000)
+_, status = os.waitpid(pid, 0)
+from fastconv.backends import _numba_threading
+print(json.dumps([status, _numba_threading.threading_layer(), json.loads(data)]))
+"""
+
+
+def test_fork_after_parallel_use_works():
+    env = dict(os.environ, FASTCONV_BACKEND="numba")
+    proc = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    status, layer, (same, messages) = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert status == 0 and same
+    if layer == "omp":  # GNU OpenMP is not fork-safe: serial kernels, one warning
+        assert len(messages) == 1 and "fork" in messages[0], messages
+    else:
+        assert messages == []
