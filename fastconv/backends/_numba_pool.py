@@ -13,16 +13,19 @@ from ._numba_options import PARALLEL, U
 
 
 @njit(**PARALLEL)
-def max_pool_forward(x, y, idx, kh_, kw_, sh, sw, ph, pw, dh, dw):
+def max_pool_forward(x, y, idx, h0, hn, w0, wn, dh, dw):
     """y, idx (N, C, H_out, W_out) = max and flat argmax (h*W + w) of each window.
 
-    PyTorch's CPU rule, exactly: windows are clipped to the input (padding is -inf), the
-    argmax starts at the first in-bounds element, and an element replaces the running maximum
-    when it is greater or NaN. So ties keep the first maximum, and a NaN in a window makes the
-    output NaN with idx at the window's last NaN, as ``torch.nn.functional.max_pool2d`` does.
+    Window ``(oh, ow)`` covers rows ``h0[oh] + i*dh`` for ``i < hn[oh]`` and columns
+    ``w0[ow] + j*dw`` for ``j < wn[ow]``: the taps inside the input, as PyTorch clips them
+    (padding is -inf, so padded taps never win). PyTorch's CPU rule, exactly: the argmax starts
+    at the first in-bounds tap, and a tap replaces the running maximum when it is greater or NaN.
+    So ties keep the first maximum, and a NaN in a window makes the output NaN with idx at the
+    window's last NaN, as ``torch.nn.functional.max_pool2d`` does.
     """
     # Loop order: one task per (n, c) plane, owning its output plane; rows, columns, then the
-    # window in row-major order (the order that decides ties).
+    # window in row-major order (the order that decides ties). The tap tables hold the clipping,
+    # so no division or branch on the border is left in the window loops.
     n_, c_, h_, w_ = x.shape
     ho, wo = y.shape[2], y.shape[3]
     x1 = x.ravel()
@@ -32,23 +35,20 @@ def max_pool_forward(x, y, idx, kh_, kw_, sh, sw, ph, pw, dh, dw):
         src = t * h_ * w_
         dst = t * ho * wo
         for oh in range(ho):
-            hs = oh * sh - ph
-            he = min(hs + (kh_ - 1) * dh + 1, h_)
-            while hs < 0:
-                hs += dh
+            hs = h0[oh]
+            nh = hn[oh]
             for ow in range(wo):
-                ws = ow * sw - pw
-                we = min(ws + (kw_ - 1) * dw + 1, w_)
-                while ws < 0:
-                    ws += dw
+                ws = w0[ow]
+                nw = wn[ow]
                 best = -np.inf
                 arg = hs * w_ + ws
-                for ih in range(hs, he, dh):
-                    for iw in range(ws, we, dw):
-                        v = x1[U(src + ih * w_ + iw)]
+                for i in range(nh):
+                    rowi = (hs + i * dh) * w_ + ws
+                    for j in range(nw):
+                        v = x1[U(src + rowi + j * dw)]
                         if v > best or np.isnan(v):
                             best = v
-                            arg = ih * w_ + iw
+                            arg = rowi + j * dw
                 y1[U(dst + oh * wo + ow)] = best
                 i1[U(dst + oh * wo + ow)] = arg
     return y, idx
@@ -92,9 +92,10 @@ def max_pool_forward_k2s2(x, y, idx):
 
 @njit(**PARALLEL)
 def max_pool_backward(dy, idx, dx):
-    """dx (N, C, H, W), zeroed by the caller: dx.plane[idx] += dy for every output element."""
+    """dx (N, C, H, W) = 0, then dx.plane[idx] += dy for every output element."""
     # Loop order: one task per (n, c) plane, owning its dx plane (windows overlap, so the
-    # scatter-add stays inside one task); output elements in order.
+    # scatter-add stays inside one task): zero the plane (cache-hot for the scatter, and no
+    # separate single-threaded memset), then the output elements in order.
     n_, c_, h_, w_ = dx.shape
     ho, wo = dy.shape[2], dy.shape[3]
     d1 = dy.ravel()
@@ -103,6 +104,8 @@ def max_pool_backward(dy, idx, dx):
     for t in prange(n_ * c_):
         src = t * ho * wo
         dst = t * h_ * w_
+        for j in range(h_ * w_):
+            x1[U(dst + j)] = 0
         for j in range(ho * wo):
             x1[U(dst + i1[U(src + j)])] += d1[U(src + j)]
     return dx

@@ -210,16 +210,28 @@ def max_pool2d(x, p):
         thr.run(pool.max_pool_forward_k2s2, x, y, idx)
         record_algorithm("max_pool2d", "numba:k2s2")
     else:
-        thr.run(pool.max_pool_forward, x, y, idx, *p.kernel_hw, *p.stride, *p.padding,
-                *p.dilation)
+        h0, hn = _pool_taps(h, ho, p.kernel_hw[0], p.stride[0], p.padding[0], p.dilation[0])
+        w0, wn = _pool_taps(w, wo, p.kernel_hw[1], p.stride[1], p.padding[1], p.dilation[1])
+        thr.run(pool.max_pool_forward, x, y, idx, h0, hn, w0, wn, *p.dilation)
         record_algorithm("max_pool2d", "numba:generic")
     return y, idx
+
+
+def _pool_taps(size, out, k, s, pad, d):
+    """First in-bounds tap and tap count of each window along one axis, as PyTorch clips them:
+    start = o*s - pad, end = min(start + d*(k-1) + 1, size), start raised by d while < 0."""
+    start = np.arange(out, dtype=np.int64) * s - pad
+    end = np.minimum(start + d * (k - 1) + 1, size)
+    neg = start < 0
+    start[neg] += -(start[neg] // d) * d  # the smallest start + m*d >= 0
+    count = np.maximum(0, -(-(end - start) // d))
+    return start, count
 
 
 def max_pool2d_backward(dy, idx, input_shape):
     """dx of max_pool2d: each dy element added at its index in its input plane."""
     _, _, pool, thr = _kernels()
-    dx = np.zeros(input_shape, dy.dtype)
+    dx = np.empty(input_shape, dy.dtype)
     thr.run(pool.max_pool_backward, dy, idx, dx)
     record_algorithm("max_pool2d_backward", "numba:scatter")
     return dx
