@@ -1,0 +1,239 @@
+"""``fastconv bench``: every backend against the naive loops and PyTorch, as markdown tables, JSON
+and a PNG chart.
+
+    fastconv bench                                   # DESIGN §6 shapes A-G, P1-P3, all ops
+    fastconv bench --shapes B,P1 --ops conv_fwd --threads 2 --repeat 7 --json b.json --plot b.png
+    fastconv bench --scaling                         # time per image vs batch and image size
+
+Timing environment. Large outputs page-fault afresh on every call unless glibc keeps freed
+memory (``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296``), and
+``OPENBLAS_CORETYPE`` / ``OPENBLAS_L2_SIZE`` change which GEMM kernels OpenBLAS uses. glibc and
+OpenBLAS read these when the process starts, so the command re-executes itself (``os.execve``)
+with them set and unset respectively, ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` /
+``MKL_NUM_THREADS`` / ``NUMBA_NUM_THREADS`` set to ``--threads``, and ``FASTCONV_BENCH_CHILD=1``
+marking the child. ``--no-reexec`` times in the current environment instead. The equivalent
+manual command is::
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE MALLOC_MMAP_THRESHOLD_=1073741824 \\
+        MALLOC_TRIM_THRESHOLD_=4294967296 OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 \\
+        FASTCONV_BENCH_CHILD=1 fastconv bench --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+REEXEC_MARKER = "FASTCONV_BENCH_CHILD"
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+UNSET_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+PLOT_HINT = "--plot needs matplotlib: pip install matplotlib (or fastconv[plot])"
+
+
+def _default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _int_list(text: str) -> list:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import _bench as b
+
+    p = argparse.ArgumentParser(
+        prog="fastconv bench",
+        description="Time conv2d / max_pool2d (forward, forward+backward) for every backend "
+                    "against the naive loops and PyTorch, in one process.",
+        epilog="The command re-executes itself with the timing environment set (see "
+               "docs/performance.md).",
+    )
+    p.add_argument("--ops", default=",".join(b.OPS),
+                   help=f"comma-separated ops (default: all of {','.join(b.OPS)})")
+    p.add_argument("--shapes", default="all",
+                   help="comma-separated DESIGN §6 shapes A..G,P1..P3, 'all' (default) or "
+                        "'small' (tiny shapes, seconds)")
+    p.add_argument("--backends", default="all",
+                   help="comma-separated contenders: fastconv backends, 'naive' (the baseline, "
+                        "on a slice scaled per MAC) and 'torch'; default all available")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="threads for numba, torch, OpenMP and BLAS (default: all usable CPUs)")
+    p.add_argument("--repeat", type=_positive, default=5,
+                   help="timed calls per contender, median reported (naive: at most 3)")
+    p.add_argument("--json", metavar="PATH", help="write results and machine metadata as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
+    p.add_argument("--scaling", action="store_true",
+                   help="run the scaling study (time per image vs batch and vs image size, "
+                        "numba/cython/torch) instead of the per-shape tables")
+    p.add_argument("--scaling-batches", type=_int_list, default=list(b.SCALING_BATCHES),
+                   help="batch sizes of the scaling study (default 1,8,64,256)")
+    p.add_argument("--scaling-images", type=_int_list, default=list(b.SCALING_IMAGES),
+                   help="image sizes of the scaling study (default 28,56,112)")
+    p.add_argument("--naive-work", type=_positive, default=b.NAIVE_WORK,
+                   help="multiply-adds (pool: window elements) of the slice the naive loops run "
+                        f"on (default {b.NAIVE_WORK})")
+    p.add_argument("--no-reexec", action="store_true",
+                   help="time in the current environment instead of re-executing with the "
+                        "malloc/OpenBLAS settings")
+    return p
+
+
+def _resolve_contenders(parser, spec: str, full: bool) -> list:
+    from . import _bench as b
+    from ._dispatch import BACKEND_MODULES
+
+    available = b.default_contenders(full=full)
+    if spec == "all":
+        return available
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    for n in names:
+        if n not in BACKEND_MODULES and n != "torch":
+            parser.error(f"unknown backend {n!r}; known: {', '.join([*BACKEND_MODULES, 'torch'])}")
+        if n not in available:
+            parser.error(f"backend {n!r} is not available here; available: "
+                         f"{', '.join(available)}")
+    return list(dict.fromkeys(names))
+
+
+def child_env(threads: int, base=None) -> dict:
+    """The environment the timing process runs in (see the module docstring)."""
+    env = dict(os.environ if base is None else base)
+    for k in UNSET_ENV:
+        env.pop(k, None)
+    env.update(MALLOC_ENV)
+    for k in THREAD_ENV:
+        env[k] = str(threads)
+    env[REEXEC_MARKER] = "1"
+    return env
+
+
+def _reexec(argv: list, threads: int) -> int:
+    cmd = [sys.executable, "-m", "fastconv.cli", "bench", *argv]
+    env = child_env(threads)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.name == "posix":
+        os.execve(sys.executable, cmd, env)  # does not return
+    return subprocess.call(cmd, env=env)
+
+
+def _log(msg: str):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: list) -> int:
+    """Run ``fastconv bench`` with ``argv`` (without the ``bench`` word); return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from . import _bench as b
+
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    bad = [o for o in ops if o not in b.OPS]
+    if bad or not ops:
+        parser.error(f"unknown op(s) {bad or args.ops!r}; expected some of {','.join(b.OPS)}")
+    try:
+        shapes = b.select_shapes(args.shapes)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print(f"fastconv bench: error: {PLOT_HINT}", file=sys.stderr)
+        return 2
+    full = any(s.name in b.SHAPES for s in shapes)
+    names = _resolve_contenders(parser, args.backends, full or args.scaling)
+    threads = args.threads or _default_threads()
+
+    if not args.no_reexec and os.environ.get(REEXEC_MARKER) != "1":
+        return _reexec(list(argv), threads)
+    return _run(args, ops, shapes, names, threads, argv)
+
+
+def _run(args, ops, shapes, names, threads, argv) -> int:
+    from . import _bench as b
+
+    b.set_threads(threads)
+    for path in (args.json, args.plot):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    command = "fastconv bench " + shlex.join(argv)
+    _log("measuring the SGEMM peak")
+    peak_start = b.sgemm_peak(repeat=args.repeat)
+    record = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "requested_threads": threads, "naive_work": args.naive_work}
+    print("# fastconv bench\n")
+    print(f"`{command}` · float32 · median of {args.repeat} interleaved calls (naive: of "
+          f"{min(args.repeat, 3)}, run on a slice and scaled per MAC) · "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n", flush=True)
+
+    results, scaling = [], []
+    if args.scaling:
+        saved = b.SCALING_BATCHES, b.SCALING_IMAGES
+        b.SCALING_BATCHES, b.SCALING_IMAGES = tuple(args.scaling_batches), tuple(args.scaling_images)
+        try:
+            contenders = [n for n in names if n in b.SCALING_BACKENDS] or names
+            scaling = b.run_scaling(ops, contenders, args.repeat, log=_log)
+        finally:
+            b.SCALING_BATCHES, b.SCALING_IMAGES = saved
+        print("## Scaling\n")
+        print(b.scaling_tables(scaling), flush=True)
+    else:
+        for op in ops:
+            op_shapes = [s for s in shapes if op in b.ops_for(s)]
+            if not op_shapes:
+                continue
+            print(f"## {b.OP_TITLES[op]}\n", flush=True)
+            for shape in op_shapes:
+                group = b.run_group(op, shape, names, args.repeat, args.naive_work, log=_log)
+                results.extend(group)
+                print(f"### {b.group_title(op, shape)}\n")
+                print(b.markdown_table(group, peak_start["gflops"]) + "\n", flush=True)
+
+    peak_end = b.sgemm_peak(repeat=args.repeat)
+    peak = max(peak_start, peak_end, key=lambda p: p["gflops"])
+    info = b.machine_info()
+    print("## Machine\n")
+    print(b.machine_line(info, peak))
+    print(f"- SGEMM peak at start {peak_start['gflops']:.0f}, at end {peak_end['gflops']:.0f} "
+          "GFLOP/s; '% SGEMM peak' uses the start value. The machine may be shared: compare "
+          "ratios within one run, not absolute times across runs.")
+    if args.json:
+        groups = {}
+        for r in results:
+            groups.setdefault((r.op, r.shape), []).append(r)
+        record.update(machine=info, peak={"start": peak_start, "end": peak_end},
+                      results=[r.as_dict(groups[(r.op, r.shape)], peak_start["gflops"])
+                               for r in results],
+                      scaling=scaling)
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+        _log(f"wrote {args.json}")
+    if args.plot:
+        title = f"{info['cpu']}, {threads} threads, float32 — {command}"
+        if args.scaling:
+            b.plot_scaling(scaling, args.plot, title)
+        else:
+            b.plot(results, peak_start["gflops"], args.plot, title)
+        _log(f"wrote {args.plot}")
+    return 0
