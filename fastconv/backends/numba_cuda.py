@@ -16,7 +16,8 @@ Tuning knobs, read at every call (so tests can shrink them):
 
 * ``BLOCK`` (env ``FASTCONV_CUDA_BLOCK``): the tile side; tiled kernels run ``BLOCK x BLOCK``
   threads per block, 1-D kernels ``BLOCK**2``. Tests use 2-4 so tiny inputs span many blocks.
-* ``MAX_BLOCKS``: the grid never exceeds it; grid-stride loops cover the rest.
+* ``MAX_BLOCKS`` (env ``FASTCONV_CUDA_MAX_BLOCKS``): the grid never exceeds it; grid-stride
+  loops cover the rest. Tests set it to 3 so that every kernel's loop wraps around.
 * ``SHARED_LIMIT``: bytes of shared memory a tiled kernel may ask for; above it the direct
   (no shared memory) kernel runs instead.
 """
@@ -74,18 +75,22 @@ def unavailable_reason() -> str | None:
     return "no CUDA GPU found and NUMBA_ENABLE_CUDASIM is not set"
 
 
-def block_size() -> int:
-    """The tile side: ``FASTCONV_CUDA_BLOCK`` if set, else :data:`BLOCK`."""
-    env = os.environ.get("FASTCONV_CUDA_BLOCK")
-    value = BLOCK
+def _env_int(name: str, default: int, low: int, high: int) -> int:
+    env = os.environ.get(name)
+    value = default
     if env:
         try:
             value = int(env)
         except ValueError:
-            raise ValueError(f"FASTCONV_CUDA_BLOCK must be an int, got {env!r}") from None
-    if not 1 <= value <= 32:
-        raise ValueError(f"the CUDA block size must be in [1, 32] (<= 1024 threads), got {value}")
+            raise ValueError(f"{name} must be an int, got {env!r}") from None
+    if not low <= value <= high:
+        raise ValueError(f"{name} (default {default}) must be in [{low}, {high}], got {value}")
     return value
+
+
+def block_size() -> int:
+    """The tile side (<= 32: at most 1024 threads): ``FASTCONV_CUDA_BLOCK``, else :data:`BLOCK`."""
+    return _env_int("FASTCONV_CUDA_BLOCK", BLOCK, 1, 32)
 
 
 def _kernels(dtype):
@@ -100,7 +105,8 @@ def _launch(name, kernel, grid, block, shared, *args):
 
 
 def _grid(blocks: int) -> int:
-    return max(1, min(int(blocks), MAX_BLOCKS))
+    cap = _env_int("FASTCONV_CUDA_MAX_BLOCKS", MAX_BLOCKS, 1, 2**31 - 1)
+    return max(1, min(int(blocks), cap))
 
 
 # ----------------------------------------------------------------------------- arrays
@@ -209,7 +215,8 @@ def conv2d(x, w, b, p):
         bd = _empty((1,), x.dtype)
     t = block_size()
     geo = _geometry(p)
-    shared = mod.tiled_conv_shared_elems(t, p.kernel_hw, p.stride, p.dilation) * x.dtype.itemsize
+    elems = mod.tiled_conv_shared_elems(t, p.kernel_hw, p.stride, p.dilation)
+    shared = elems * x.dtype.itemsize
     if shared <= SHARED_LIMIT:
         chunks = math.ceil(c_out // p.groups / mod.COB)
         tiles_h, tiles_w = math.ceil(ho / t), math.ceil(wo / t)
