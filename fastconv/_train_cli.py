@@ -25,8 +25,10 @@ import numpy as np
 
 EXIT_INTERRUPTED = 130
 EXIT_USAGE = 2
+AUGMENT = 0
 # Options that must match between a run and its --resume for the numbers to be reproducible.
-RECIPE_KEYS = ("model", "batch_size", "lr", "lr_decay", "optimizer", "momentum", "seed", "limit")
+RECIPE_KEYS = ("model", "batch_size", "lr", "lr_decay", "optimizer", "momentum", "seed", "limit",
+               "augment")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiply the learning rate by this after every epoch (default 0.7)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov)")
+    p.add_argument("--augment", type=int, default=AUGMENT, metavar="PIXELS",
+                   help="shift training images randomly by up to this many pixels "
+                        "(default %(default)s; 0 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None,
                    help="MNIST directory (default: $FASTCONV_DATA_DIR or ~/.cache/fastconv/mnist)")
@@ -168,7 +173,7 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     from . import _dispatch, nn
-    from .datasets import DatasetError, load_mnist, normalize
+    from .datasets import DatasetError, load_mnist, normalize, random_shift
 
     try:
         backend = _select_backend(args)
@@ -235,8 +240,8 @@ def _run(args) -> int:
             done = pos["batch"] * bs
             for b in range(pos["batch"], n_batches):
                 idx = perm[b * bs:(b + 1) * bs]
-                value = model.train_batch(normalize(x_train[idx]), y_train[idx], optimizer,
-                                          loss_fn)
+                images = random_shift(x_train[idx], rng, args.augment)
+                value = model.train_batch(normalize(images), y_train[idx], optimizer, loss_fn)
                 pos["loss_sum"] += value * len(idx)
                 hist["batch_loss"].append(value)
                 pos["batch"] = b + 1

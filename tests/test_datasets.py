@@ -136,6 +136,23 @@ def test_normalize_matches_the_formula(rng):
     np.testing.assert_allclose(y[:, 0], (x / 255.0 - 0.1307) / 0.3081, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("max_shift", [0, 1, 2])
+def test_random_shift_translates_each_image_with_zero_fill(max_shift, rng):
+    x = rng.integers(1, 256, (6, 5, 7)).astype(np.uint8)
+    out = datasets.random_shift(x, np.random.default_rng(4), max_shift)
+    draws = np.random.default_rng(4)
+    if max_shift:
+        dy, dx = (draws.integers(0, 2 * max_shift + 1, 6) - max_shift for _ in range(2))
+    else:
+        dy = dx = np.zeros(6, int)
+    for i in range(6):  # reference: shift by explicit slicing, one image at a time
+        ref = np.zeros_like(x[i])
+        sy, sx = -dy[i], -dx[i]  # content moves by -d when the crop window moves by +d
+        src = x[i][max(0, -sy):5 - max(0, sy), max(0, -sx):7 - max(0, sx)]
+        ref[max(0, sy):max(0, sy) + src.shape[0], max(0, sx):max(0, sx) + src.shape[1]] = src
+        np.testing.assert_array_equal(out[i], ref, err_msg=f"image {i}")
+
+
 def real_mnist_dir():
     """``$FASTCONV_DATA_DIR`` (set by CI), else ``../shared/data/mnist`` beside the repo."""
     import os

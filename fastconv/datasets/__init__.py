@@ -10,10 +10,11 @@ from .mnist import (
     load_idx_dataset,
     load_mnist,
     normalize,
+    random_shift,
 )
 
 __all__ = [
-    "load_mnist", "load_fashion_mnist", "load_idx_dataset", "normalize", "read_idx",
-    "parse_idx", "download", "default_root", "DatasetError", "DownloadError", "MNIST_FILES",
+    "load_mnist", "load_fashion_mnist", "load_idx_dataset", "normalize", "random_shift",
+    "read_idx", "parse_idx", "download", "default_root", "DatasetError", "DownloadError", "MNIST_FILES",
     "MNIST_MIRRORS",
 ]

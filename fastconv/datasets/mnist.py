@@ -132,3 +132,23 @@ def normalize(images, mean=MNIST_MEAN, std=MNIST_STD) -> np.ndarray:
     x *= np.float32(1.0 / (255.0 * std))
     x -= np.float32(mean / std)
     return x
+
+
+def random_shift(images, rng: np.random.Generator, max_shift=2) -> np.ndarray:
+    """Translate each image ``(N, H, W)`` by a random whole number of pixels in
+    ``[-max_shift, max_shift]`` along each axis, filling with zeros (data augmentation).
+
+    Draws ``2 * N`` integers from ``rng``; ``max_shift=0`` returns the images unchanged.
+    """
+    images = np.asarray(images)
+    if max_shift <= 0:
+        return images
+    n, h, w = images.shape
+    m = int(max_shift)
+    padded = np.zeros((n, h + 2 * m, w + 2 * m), images.dtype)
+    padded[:, m:m + h, m:m + w] = images
+    dy = rng.integers(0, 2 * m + 1, n)
+    dx = rng.integers(0, 2 * m + 1, n)
+    rows = (dy[:, None] + np.arange(h))[:, :, None]
+    cols = (dx[:, None] + np.arange(w))[:, None, :]
+    return padded[np.arange(n)[:, None, None], rows, cols]

@@ -206,8 +206,11 @@ class Sequential:
         """
         optimizer = optimizer or Adam()
         loss = loss or SoftmaxCrossEntropy()
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        self.set_rng(rng)
+        if rng is not None:  # one generator for shuffling and dropout
+            rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+            self.set_rng(rng)
+        else:  # keep the dropout layers' own generators
+            rng = np.random.default_rng()
         y = np.asarray(y)
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} samples but y has {len(y)}")

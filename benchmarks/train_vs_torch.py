@@ -1,0 +1,170 @@
+"""Training throughput: fastconv against PyTorch CPU on the same nets and recipe, in one run.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE MALLOC_MMAP_THRESHOLD_=1073741824 \\
+        MALLOC_TRIM_THRESHOLD_=4294967296 python benchmarks/train_vs_torch.py
+
+For each net (PyTorch's examples/mnist CNN and LeNet-5): the same initial weights, Adam
+(lr 1e-3), batch 64 of real MNIST images normalized per batch, softmax cross-entropy, dropout
+in training mode. Each framework trains ``--batches`` batches per round after a warm-up (JIT
+compiles, allocator); rounds alternate fastconv / PyTorch ``--rounds`` times and the median
+images/s of each is reported with their ratio. Both use ``--threads`` threads (2 by default:
+``numba.set_num_threads`` and ``torch.set_num_threads``). ``--profile`` adds a per-layer
+breakdown of one fastconv batch. Not a pytest file (pytest collects test_*.py / bench_*.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+import fastconv as fc
+from fastconv import nn
+from fastconv.datasets import normalize
+
+
+def torch_twin(model):
+    """The same layers in torch.nn with the fastconv weights copied in (PyTorch layouts)."""
+    import torch
+    from torch import nn as tnn
+
+    layers = []
+    for layer in model:
+        c = layer.get_config()
+        if isinstance(layer, nn.Conv2D):
+            layers.append(tnn.Conv2d(c["in_channels"], c["out_channels"], c["kernel_size"],
+                                     c["stride"], c.get("padding", 0)))
+        elif isinstance(layer, nn.Dense):
+            layers.append(tnn.Linear(c["in_features"], c["out_features"]))
+        elif isinstance(layer, nn.MaxPool2D):
+            layers.append(tnn.MaxPool2d(c["kernel_size"], c["stride"]))
+        elif isinstance(layer, nn.Dropout):
+            layers.append(tnn.Dropout(c["p"]))
+        elif isinstance(layer, nn.ReLU):
+            layers.append(tnn.ReLU())
+        else:
+            layers.append(tnn.Flatten())
+    twin = tnn.Sequential(*layers)
+    twin.load_state_dict({k: torch.from_numpy(v.copy())
+                          for k, v in model.named_parameters().items()})
+    return twin
+
+
+def load_images(n, rng):
+    try:
+        (x, y), _ = fc.datasets.load_mnist(download=False, progress=False)
+        return x[:n], y[:n]
+    except (FileNotFoundError, ValueError):
+        print("(real MNIST not found: random images)")
+        return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+def fastconv_runner(model, x, y, bs):
+    opt, loss = nn.Adam(1e-3), nn.SoftmaxCrossEntropy()
+
+    def run(batches, start):
+        for b in range(start, start + batches):
+            s = slice((b * bs) % len(x), (b * bs) % len(x) + bs)
+            model.train_batch(normalize(x[s]), y[s], opt, loss)
+    return run
+
+
+def torch_runner(twin, x, y, bs):
+    import torch
+
+    opt = torch.optim.Adam(twin.parameters(), 1e-3)
+    yt = torch.from_numpy(np.asarray(y, np.int64))
+    twin.train()
+
+    def run(batches, start):
+        for b in range(start, start + batches):
+            s = slice((b * bs) % len(x), (b * bs) % len(x) + bs)
+            opt.zero_grad(set_to_none=True)
+            out = twin(torch.from_numpy(normalize(x[s])))
+            torch.nn.functional.cross_entropy(out, yt[s]).backward()
+            opt.step()
+    return run
+
+
+def profile_layers(model, x, y, reps=5):
+    """Median ms of each layer's forward and backward on one batch."""
+    xb = normalize(x)
+    fwd = {i: [] for i in range(len(model))}
+    bwd = {i: [] for i in range(len(model))}
+    loss = nn.SoftmaxCrossEntropy()
+    for _ in range(reps):
+        a = xb
+        for i, layer in enumerate(model):
+            t = time.perf_counter()
+            a = layer.forward(a, training=True)
+            fwd[i].append(time.perf_counter() - t)
+        loss.forward(a, y)
+        g = loss.backward()
+        for i in range(len(model) - 1, -1, -1):
+            t = time.perf_counter()
+            g = model[i].backward(g, input_grad=i > 0)
+            bwd[i].append(time.perf_counter() - t)
+    print(f"  {'layer':58s} {'fwd ms':>8s} {'bwd ms':>8s}")
+    for i, layer in enumerate(model):
+        print(f"  {i:2d} {layer!r:55s} {1e3 * statistics.median(fwd[i]):8.2f} "
+              f"{1e3 * statistics.median(bwd[i]):8.2f}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="mnist,lenet5")
+    p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--backend", default=None)
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    backend = args.backend or fc._dispatch.current_backend_name()
+    if backend == "numba":
+        import numba
+
+        numba.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    bs = args.batch_size
+    x, y = load_images(bs * (args.batches + args.warmup), rng)
+    print(f"fastconv backend {backend}, torch {torch.__version__}, {args.threads} threads, "
+          f"batch {bs}, {args.batches} batches x {args.rounds} rounds after {args.warmup} "
+          "warm-up batches")
+    rows = []
+    for name in args.models.split(","):
+        model = nn.ARCHITECTURES[name](rng=np.random.default_rng(1), backend=backend)
+        runners = {"fastconv": fastconv_runner(model, x, y, bs),
+                   "torch": torch_runner(torch_twin(model), x, y, bs)}
+        for run in runners.values():
+            run(args.warmup, 0)
+        speed = {k: [] for k in runners}
+        for _ in range(args.rounds):
+            for key, run in runners.items():
+                t = time.perf_counter()
+                run(args.batches, args.warmup)
+                speed[key].append(args.batches * bs / (time.perf_counter() - t))
+        algos = ", ".join(f"{op}={fc.last_algorithm(op)}" for op in
+                          ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward"))
+        f, t = statistics.median(speed["fastconv"]), statistics.median(speed["torch"])
+        rows.append((name, f, t, f / t, speed))
+        print(f"\n{name}: fastconv {f:.0f} images/s, torch {t:.0f} images/s, ratio {f / t:.2f}"
+              f"\n  rounds fastconv {[round(v) for v in speed['fastconv']]}, "
+              f"torch {[round(v) for v in speed['torch']]}\n  algorithms: {algos}")
+        if args.profile:
+            profile_layers(model, x[:bs], y[:bs])
+    print("\n| net | fastconv images/s | PyTorch images/s | ratio |\n| --- | ---: | ---: | ---: |")
+    for name, f, t, r, _ in rows:
+        print(f"| {name} | {f:.0f} | {t:.0f} | {r:.2f} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
