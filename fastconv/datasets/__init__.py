@@ -15,6 +15,6 @@ from .mnist import (
 
 __all__ = [
     "load_mnist", "load_fashion_mnist", "load_idx_dataset", "normalize", "random_shift",
-    "read_idx", "parse_idx", "download", "default_root", "DatasetError", "DownloadError", "MNIST_FILES",
-    "MNIST_MIRRORS",
+    "read_idx", "parse_idx", "download", "default_root", "DatasetError", "DownloadError",
+    "MNIST_FILES", "MNIST_MIRRORS",
 ]
