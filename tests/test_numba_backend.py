@@ -26,7 +26,8 @@ DTYPES = [np.float32, np.float64]
 # (x_shape, w_shape, kwargs, forward algorithm expected)
 CONV_CASES = [
     # register-blocked direct path: tail columns, C_out padded to 64, strides, row dilation
-    ((2, 3, 7, 9), (64, 3, 3, 3), dict(), "numba:direct-nhwc-c64"),
+    ((2, 8, 7, 9), (64, 8, 3, 3), dict(), "numba:direct-nhwc-c64"),
+    ((2, 3, 7, 9), (64, 3, 3, 3), dict(stride=(1, 2)), "numba:direct-nhwc-c64"),
     ((2, 33, 7, 7), (70, 33, 3, 3), dict(padding=1), "numba:direct-nhwc-c64"),
     ((2, 40, 6, 9), (40, 40, 3, 2), dict(stride=(2, 1), padding=(1, 0), dilation=(2, 1)),
      "numba:direct-nhwc-c64"),
@@ -34,13 +35,21 @@ CONV_CASES = [
     ((1, 64, 5, 5), (64, 64, 1, 1), dict(), "numba:direct-nhwc-c64"),
     ((2, 32, 9, 9), (64, 32, 3, 3), dict(stride=2, padding=1), "numba:direct-nhwc-c64"),
     ((1, 32, 4, 4), (32, 32, 3, 3), dict(padding=3), "numba:direct-nhwc-c64"),  # pad > kernel
-    # generic path: groups, depthwise, column dilation, few channels
+    # padded-plane path (few channels, stride 1): first layers, dilation, even kernels, padding
+    # larger than the kernel (grad-input falls back to the generic scatter)
+    ((2, 1, 12, 11), (32, 1, 3, 3), dict(), "numba:plane"),
+    ((2, 1, 12, 12), (6, 1, 5, 5), dict(padding=2), "numba:plane"),
+    ((2, 6, 14, 14), (16, 6, 5, 5), dict(), "numba:plane"),
+    ((2, 3, 8, 7), (5, 3, 4, 2), dict(padding="same"), "numba:plane"),
+    ((2, 6, 9, 9), (40, 6, 3, 3), dict(dilation=(1, 2)), "numba:plane"),
+    ((1, 2, 5, 5), (3, 2, 2, 2), dict(padding=3), "numba:plane"),
+    ((1, 1, 70, 3), (2, 1, 3, 3), dict(), "numba:plane"),  # many lane blocks, narrow rows
+    ((2, 3, 7, 9), (64, 3, 3, 3), dict(), "numba:plane"),
+    # generic path: groups, depthwise, strided few-channel layers
     ((2, 4, 9, 8), (6, 2, 3, 2), dict(stride=(2, 1), padding=(1, 2), dilation=(2, 1), groups=2),
      "numba:generic"),
     ((1, 4, 8, 8), (4, 1, 3, 3), dict(padding="same", groups=4), "numba:generic"),
-    ((2, 3, 8, 7), (5, 3, 4, 2), dict(padding="same"), "numba:generic"),
     ((3, 3, 10, 9), (5, 3, 2, 2), dict(stride=2, padding=1), "numba:generic"),
-    ((2, 6, 9, 9), (40, 6, 3, 3), dict(dilation=(1, 2)), "numba:generic"),
 ]
 
 

@@ -51,3 +51,17 @@ def stack_array(typingctx, size, dtype):
         return ary._getvalue()
 
     return arrty(size, dtype), codegen
+
+
+@intrinsic
+def prefer_wide_vectors(typingctx):
+    """Mark the enclosing compiled function with ``"prefer-vector-width"="512"`` (see above)."""
+
+    def codegen(context, builder, sig, args):
+        try:
+            set.add(builder.function.attributes, _PREFER_512)
+        except Exception:  # pragma: no cover - an llvmlite without plain-set attributes
+            pass
+        return context.get_dummy_value()
+
+    return types.none(), codegen

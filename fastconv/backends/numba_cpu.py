@@ -31,6 +31,35 @@ def _kernels():
     return _numba_conv, _numba_direct, _numba_pool, _numba_threading
 
 
+def _plane_ok(p, c_in: int, c_out: int) -> bool:
+    """The padded-plane kernels (``_numba_plane``) serve the few-channel layers, stride 1."""
+    return p.groups == 1 and p.stride == (1, 1) and (c_in < 8 or c_out < 32)
+
+
+def _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dw):
+    """x zero-padded into (N, C, Hx, Wp), Wp = W_out + dw*(kW-1), with rows to spare below."""
+    n, c = x.shape[:2]
+    wp = wo + dw * (kw - 1)
+    lanes = -(-ho * wp // plane.LANES) * plane.LANES
+    hx = -(-(lanes + dh * (kh - 1) * wp + dw * (kw - 1)) // wp)
+    return run(plane.pad_plane, x, np.empty((n, c, hx, wp), x.dtype), pt, pl)
+
+
+def _plane_forward(plane, run, x, wt_oihw, bias, out, pt, pl, dh, dw):
+    """out = conv(x, wt_oihw) + bias with stride 1 and (top, left) padding (pt, pl) via the
+    plane kernel; the bottom/right padding follows from out's size."""
+    c_out, c_in, kh, kw = wt_oihw.shape
+    ho, wo = out.shape[2:]
+    xp = _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dw)
+    cp = -(-c_out // plane.PCB) * plane.PCB
+    wt = np.zeros((c_in, kh, kw, cp), x.dtype)
+    wt[..., :c_out] = wt_oihw.transpose(1, 2, 3, 0)
+    b = np.zeros(cp, x.dtype)
+    if bias is not None:
+        b[:c_out] = bias
+    return run(plane.conv_forward_plane, xp, wt, b, out, dh, dw)
+
+
 def _padded_channels(c: int) -> int:
     return -(-c // 64) * 64
 
@@ -65,8 +94,14 @@ def conv2d(x, w, b, p):
     conv, direct, _, thr = _kernels()
     run = thr.run
     c_out, c_in, kh, kw = w.shape
-    xp = _padded_input(conv, run, x, p)
     y = np.empty((x.shape[0], c_out, *p.out_hw), x.dtype)
+    if _plane_ok(p, c_in, c_out):
+        from . import _numba_plane as plane
+
+        _plane_forward(plane, run, x, w, b, y, *p.padding, *p.dilation)
+        record_algorithm("conv2d", "numba:plane")
+        return y
+    xp = _padded_input(conv, run, x, p)
     if _direct_ok(p, c_out):
         cp = _padded_channels(c_out)
         wk = np.zeros((kh, kw * c_in, cp), x.dtype)
@@ -91,6 +126,8 @@ def conv2d_backward(dy, x, w, p, needs):
     conv, direct, _, thr = _kernels()
     run = thr.run
     c_out, c_in, kh, kw = w.shape
+    if _plane_ok(p, c_in, c_out):
+        return _conv2d_backward_plane(run, dy, x, w, p, needs)
     if _direct_ok(p, c_out):
         return _conv2d_backward_direct(conv, direct, run, dy, x, w, p, needs)
     dyt = run(conv.nchw_to_nhwc, dy, np.empty((dy.shape[0], *dy.shape[2:], dy.shape[1]), dy.dtype))
@@ -119,6 +156,46 @@ def conv2d_backward(dy, x, w, p, needs):
             db = _sum_chunks(partb)
     record_algorithm("conv2d_backward", "numba:generic")
     return dx, dw, db
+
+
+def _conv2d_backward_plane(run, dy, x, w, p, needs):
+    """conv2d_backward through the padded-plane kernels (see ``_plane_ok``)."""
+    from . import _numba_plane as plane
+
+    n, c_in, h, w_ = x.shape
+    c_out, _, kh, kw = w.shape
+    ho, wo = p.out_hw
+    (dh, dw_), (pt, pl) = p.dilation, p.padding
+    dx = dwt = db = None
+    algos = []
+    if "input" in needs:
+        gt, gl = dh * (kh - 1) - pt, dw_ * (kw - 1) - pl
+        dx = np.empty_like(x)
+        if gt >= 0 and gl >= 0:  # dx = stride-1 conv of padded dy with the flipped weight
+            wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+            _plane_forward(plane, run, dy, wflip, None, dx, gt, gl, dh, dw_)
+            algos.append("input:plane")
+        else:
+            conv = _kernels()[0]
+            dyt = run(conv.nchw_to_nhwc, dy, np.empty((n, ho, wo, c_out), dy.dtype))
+            dxp = np.zeros((n, ho + dh * (kh - 1), wo + dw_ * (kw - 1), c_in), x.dtype)
+            run(conv.conv_grad_input_generic, dyt, _weight_gkkio(w, 1), dxp, 1, 1, dh, dw_)
+            run(conv.crop_nhwc_to_nchw, dxp, dx, pt, pl)
+            algos.append("input:generic")
+    if "weight" in needs:
+        xp = _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dw_)
+        wp = xp.shape[3]
+        dyq = run(plane.pad_plane, dy, np.empty((n, c_out, ho, wp), dy.dtype), 0, 0)
+        chunks = min(n, WEIGHT_CHUNKS)
+        part = np.empty((chunks, c_out, c_in, kh, kw), x.dtype)
+        run(plane.conv_grad_weight_plane, xp, dyq.reshape(n, c_out, ho * wp), part, dh, dw_)
+        dwt = _sum_chunks(part)
+        algos.append("weight:plane")
+    if "bias" in needs:
+        part = np.empty((min(n, WEIGHT_CHUNKS), c_out), dy.dtype)
+        db = _sum_chunks(run(plane.plane_sums, dy.reshape(n, c_out, ho * wo), part))
+    record_algorithm("conv2d_backward", "numba:plane(" + ",".join(algos) + ")")
+    return dx, dwt, db
 
 
 def _conv2d_backward_direct(conv, direct, run, dy, x, w, p, needs):

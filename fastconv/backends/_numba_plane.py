@@ -1,0 +1,153 @@
+"""conv2d kernels for few channels (the first layers: C_in = 1, or C_out < 32), stride 1, groups 1.
+
+With stride 1, output pixel (oh, ow) reads input (oh + kh*dh, ow + kw*dw). In a zero-padded input
+plane of width ``Wp = W_out + dw*(kW-1)``, the output position ``q = oh*Wp + ow`` reads
+``q + kh*dh*Wp + kw*dw``: every tap is a constant shift of one flat index. So the kernels
+vectorize over ``LANES`` consecutive q (a few columns per row, ``dw*(kW-1)`` of every ``Wp``, are
+computed and dropped), which needs neither many input nor many output channels.
+
+Layouts: ``xp`` (N, C_in, Hx, Wp), zero-padded, with enough rows below that the last block of
+lanes reads inside its plane; weights ``wt`` (C_in, kH, kW, Cp), output channels innermost,
+zero-padded to a multiple of ``PCB``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._numba_options import PARALLEL, U
+from ._numba_stack import prefer_wide_vectors, stack_array
+
+LANES = 64  # consecutive output positions per register block (four 512-bit float32 vectors)
+PCB = 4  # output channels per register block
+PACC = PCB * LANES
+
+
+@njit(**PARALLEL)
+def pad_plane(x, xp, pt, pl):
+    """xp[n, c, pt + h, pl + w] = x[n, c, h, w] where it fits; the rest of xp = 0."""
+    # Loop order: one task per (n, c) plane; rows, then contiguous columns.
+    n_, c_, h_, w_ = x.shape
+    hx, wp = xp.shape[2], xp.shape[3]
+    wmax = min(w_, wp - pl)
+    x1 = x.ravel()
+    o1 = xp.ravel()
+    for t in prange(n_ * c_):
+        for r in range(hx):
+            dst = (t * hx + r) * wp
+            h = r - pt
+            if h < 0 or h >= h_:
+                for j in range(wp):
+                    o1[U(dst + j)] = 0
+                continue
+            src = (t * h_ + h) * w_
+            for j in range(pl):
+                o1[U(dst + j)] = 0
+            for j in range(wmax):
+                o1[U(dst + pl + j)] = x1[U(src + j)]
+            for j in range(pl + wmax, wp):
+                o1[U(dst + j)] = 0
+    return xp
+
+
+@njit(**PARALLEL)
+def conv_forward_plane(xp, wt, bias, y, dh, dw):
+    """y (N, C_out, H_out, W_out) = conv(xp, wt) + bias[:C_out], stride 1; C_out <= Cp."""
+    # Loop order: one task per (image, block of LANES output positions), owning those pixels of
+    # every output channel. Inside: channel block, input channel, taps, then the PCB x LANES
+    # block: one broadcast weight per channel, FMA with LANES contiguous inputs. The block is
+    # written row segment by row segment into the NCHW output (no per-element division).
+    n_, c_, hx, wp = xp.shape
+    kh_, kw_, cp = wt.shape[1], wt.shape[2], wt.shape[3]
+    co_, ho, wo = y.shape[1], y.shape[2], y.shape[3]
+    plane = hx * wp
+    nq = (ho * wp + LANES - 1) // LANES
+    x1 = xp.ravel()
+    w1 = wt.ravel()
+    y1 = y.ravel()
+    for t in prange(n_ * nq):
+        n = t // nq
+        q0 = (t % nq) * LANES
+        acc = stack_array(PACC, y.dtype)
+        oh0 = q0 // wp
+        oh1 = min((q0 + LANES - 1) // wp, ho - 1)
+        for cb in range(0, cp, PCB):
+            for i in range(PACC):
+                acc[i] = 0
+            for ci in range(c_):
+                xb = (n * c_ + ci) * plane + q0
+                for kh in range(kh_):
+                    for kw in range(kw_):
+                        xo = xb + kh * dh * wp + kw * dw
+                        wb = ((ci * kh_ + kh) * kw_ + kw) * cp + cb
+                        for co in range(PCB):
+                            wv = w1[U(wb + co)]
+                            for j in range(LANES):
+                                acc[U(co * LANES + j)] += wv * x1[U(xo + j)]
+            for co in range(min(PCB, co_ - cb)):
+                bv = bias[U(cb + co)]
+                for oh in range(oh0, oh1 + 1):
+                    a = max(0, q0 - oh * wp)
+                    b = min(wo, q0 + LANES - oh * wp)
+                    dst = ((n * co_ + cb + co) * ho + oh) * wo
+                    src = co * LANES + oh * wp - q0
+                    for ow in range(a, b):
+                        y1[U(dst + ow)] = acc[U(src + ow)] + bv
+    return y
+
+
+@njit(**PARALLEL)
+def conv_grad_weight_plane(xp, dyq, part, dh, dw):
+    """Per-chunk partial sums part[t] (C_out, C_in, kH, kW) of dw.
+
+    ``dyq`` (N, C_out, H_out*Wp) is dy in the padded-width layout (zeros in the dropped
+    columns). Chunk t covers images [t*N//T, (t+1)*N//T); the caller sums over t serially.
+    """
+    # Loop order: one task per chunk of images, owning part[t]. Inside: image, output channel,
+    # input channel, taps, and innermost a dot product over the contiguous q of dy and of the
+    # shifted input plane (vectorized as a reduction).
+    n_, c_, hx, wp = xp.shape
+    t_, co_, _, kh_, kw_ = part.shape
+    q_ = dyq.shape[2]
+    plane = hx * wp
+    x1 = xp.ravel()
+    d1 = dyq.ravel()
+    for t in prange(t_):
+        prefer_wide_vectors()
+        p1 = part[t].ravel()
+        for i in range(p1.shape[0]):
+            p1[i] = 0
+        zero = p1[0]  # a 0 of the array's dtype (a float64 literal would widen the dot)
+        for n in range(t * n_ // t_, (t + 1) * n_ // t_):
+            for co in range(co_):
+                db = (n * co_ + co) * q_
+                for ci in range(c_):
+                    for kh in range(kh_):
+                        for kw in range(kw_):
+                            xo = (n * c_ + ci) * plane + kh * dh * wp + kw * dw
+                            s = zero
+                            for q in range(q_):
+                                s += d1[U(db + q)] * x1[U(xo + q)]
+                            p1[U(((co * c_ + ci) * kh_ + kh) * kw_ + kw)] += s
+    return part
+
+
+@njit(**PARALLEL)
+def plane_sums(a, part):
+    """part[t, c] = sum of a[n, c, :] over images n in chunk t; the caller sums part serially."""
+    # Loop order: one task per chunk of images, owning part[t]; image, channel, contiguous plane.
+    n_, c_, p_ = a.shape
+    t_ = part.shape[0]
+    a1 = a.ravel()
+    for t in prange(t_):
+        for c in range(c_):
+            part[t, c] = 0
+        zero = part[t, 0]
+        for n in range(t * n_ // t_, (t + 1) * n_ // t_):
+            for c in range(c_):
+                s = zero
+                for i in range(p_):
+                    s += a1[U((n * c_ + c) * p_ + i)]
+                part[t, c] += s
+    return part
