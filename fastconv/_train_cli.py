@@ -42,17 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="architecture: PyTorch's examples/mnist net (default) or LeNet-5")
     p.add_argument("--backend", default=None,
                    help="fastconv backend (naive, numpy, numba, cython; default: auto)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3, help="initial learning rate")
+    p.add_argument("--epochs", type=int, default=5, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="initial learning rate (default: %(default)s)")
     p.add_argument("--lr-decay", type=float, default=0.7,
                    help="multiply the learning rate by this after every epoch (default 0.7)")
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="(default: %(default)s)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov)")
     p.add_argument("--augment", type=int, default=AUGMENT, metavar="PIXELS",
                    help="shift training images randomly by up to this many pixels "
-                        "(default %(default)s; 0 = off)")
-    p.add_argument("--seed", type=int, default=0)
+                        "(default: %(default)s; 0 = off)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds initialisation, shuffling, augmentation and dropout "
+                        "(default: %(default)s)")
     p.add_argument("--data-dir", default=None,
                    help="MNIST directory (default: $FASTCONV_DATA_DIR or ~/.cache/fastconv/mnist)")
     p.add_argument("--no-download", action="store_true", help="never download MNIST")

@@ -196,8 +196,10 @@ def test_sgd_follows_torch(kw, rng):
     dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6),
     dict(lr=1e-2, weight_decay=0.05),
 ], ids=["default", "betas-eps", "wd"])
-def test_adam_follows_torch(kw, rng):
-    opt = _trajectories(lambda: nn.Adam(**kw), lambda ps: torch.optim.Adam(ps, **kw), rng)
+@pytest.mark.parametrize("fused", [False, None], ids=["numpy", "auto"])
+def test_adam_follows_torch(kw, fused, rng):
+    opt = _trajectories(lambda: nn.Adam(**kw, fused=fused),
+                        lambda ps: torch.optim.Adam(ps, **kw), rng)
     assert opt.t == 6
 
 
