@@ -3,7 +3,9 @@
 numba reads ``NUMBA_ENABLE_CUDASIM`` once, when it is imported, so the simulated run needs its own
 process: this test starts pytest in a subprocess with the simulator on, only the ``cuda`` backend
 under test, 2 x 2 thread blocks and at most 3 blocks per grid (so tiny inputs span many tiles and
-every grid-stride loop wraps around), and checks that it passed.
+every grid-stride loop wraps around), and checks that it passed. ``-k cuda`` keeps the tests that
+exercise the backend (parametrized with it, or in test_cuda_backend.py); the backend-independent
+ones already ran in the main process.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def test_cuda_suite_under_simulator():
     )
     env.pop("FASTCONV_BACKEND", None)
     proc = subprocess.run(
-        [sys.executable, "-c", _RUNNER, "-q", "-p", "no:cacheprovider", *files],
+        [sys.executable, "-c", _RUNNER, "-q", "-p", "no:cacheprovider", "-k", "cuda", *files],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     out = proc.stdout + proc.stderr
