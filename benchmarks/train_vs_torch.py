@@ -122,16 +122,24 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--backend", default=None)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--only", choices=["fastconv", "torch"], default=None,
+                   help="measure one framework (the torch-alone cross-check runs this way)")
+    p.add_argument("--no-torch-alone", action="store_true",
+                   help="skip the cross-check of PyTorch in a fresh process without fastconv")
     args = p.parse_args(argv)
 
+    backend = args.backend or fc._dispatch.current_backend_name()
+    if args.only != "torch":
+        # Load the backend (and its threading policy, e.g. OMP_WAIT_POLICY=PASSIVE for numba's
+        # OpenMP) before torch, so both frameworks run under the same OpenMP settings.
+        fc._dispatch.get_backend(backend)
+        if backend == "numba":
+            import numba
+
+            numba.set_num_threads(args.threads)
     import torch
 
     torch.set_num_threads(args.threads)
-    backend = args.backend or fc._dispatch.current_backend_name()
-    if backend == "numba":
-        import numba
-
-        numba.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     bs = args.batch_size
     x, y = load_images(bs * (args.batches + args.warmup), rng)
@@ -143,6 +151,8 @@ def main(argv=None):
         model = nn.ARCHITECTURES[name](rng=np.random.default_rng(1), backend=backend)
         runners = {"fastconv": fastconv_runner(model, x, y, bs),
                    "torch": torch_runner(torch_twin(model), x, y, bs)}
+        if args.only:
+            runners = {args.only: runners[args.only]}
         for run in runners.values():
             run(args.warmup, 0)
         speed = {k: [] for k in runners}
@@ -151,6 +161,10 @@ def main(argv=None):
                 t = time.perf_counter()
                 run(args.batches, args.warmup)
                 speed[key].append(args.batches * bs / (time.perf_counter() - t))
+        if args.only:
+            print(f"{name}: {args.only} {statistics.median(speed[args.only]):.0f} images/s")
+            rows.append((name, statistics.median(speed[args.only])))
+            continue
         algos = ", ".join(f"{op}={fc.last_algorithm(op)}" for op in
                           ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward"))
         f, t = statistics.median(speed["fastconv"]), statistics.median(speed["torch"])
@@ -160,10 +174,30 @@ def main(argv=None):
               f"torch {[round(v) for v in speed['torch']]}\n  algorithms: {algos}")
         if args.profile:
             profile_layers(model, x[:bs], y[:bs])
-    print("\n| net | fastconv images/s | PyTorch images/s | ratio |\n| --- | ---: | ---: | ---: |")
+    if args.only:
+        return rows
+    alone = {}
+    if not args.no_torch_alone:
+        alone = _torch_alone(args)
+    print("\n| net | fastconv images/s | PyTorch images/s | ratio | PyTorch alone, fresh process |"
+          "\n| --- | ---: | ---: | ---: | ---: |")
     for name, f, t, r, _ in rows:
-        print(f"| {name} | {f:.0f} | {t:.0f} | {r:.2f} |")
+        print(f"| {name} | {f:.0f} | {t:.0f} | {r:.2f} | {alone.get(name, float('nan')):.0f} |")
     return rows
+
+
+def _torch_alone(args) -> dict:
+    """PyTorch's images/s in a fresh process that never loads fastconv's backends."""
+    import re
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--only", "torch", "--models", args.models,
+           "--batches", str(args.batches), "--warmup", str(args.warmup),
+           "--rounds", str(args.rounds), "--batch-size", str(args.batch_size),
+           "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return {m: float(v) for m, v in re.findall(r"^(\w+): torch ([\d.]+) images/s", out, re.M)}
 
 
 if __name__ == "__main__":
