@@ -34,7 +34,7 @@ def _pyplot():
 
 
 def _grid(count):
-    cols = int(np.ceil(np.sqrt(count)))
+    cols = min(count, 8)
     return int(np.ceil(count / cols)), cols
 
 
