@@ -28,7 +28,9 @@ SUITE = (
 
 # The simulator runs each CUDA thread as a Python thread and polls them at every syncthreads;
 # a short GIL switch interval makes those barriers ~5x cheaper.
-_RUNNER = "import sys; sys.setswitchinterval(5e-5); import pytest; sys.exit(pytest.main(sys.argv[1:]))"
+_RUNNER = (
+    "import sys; sys.setswitchinterval(5e-5); import pytest; sys.exit(pytest.main(sys.argv[1:]))"
+)
 
 
 def test_cuda_suite_under_simulator():

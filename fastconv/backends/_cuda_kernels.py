@@ -127,11 +127,12 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
                                 acc[j] += v * smem[k + j * khw]
                 cuda.syncthreads()
             if oh < ho and ow < wo:
-                for j in range(nco):
-                    v = acc[j]
-                    if has_bias:
-                        v += b[co0 + j]
-                    y[n, co0 + j, oh, ow] = v
+                for j in range(COB):  # constant trip count: acc stays in registers
+                    if j < nco:
+                        v = acc[j]
+                        if has_bias:
+                            v += b[co0 + j]
+                        y[n, co0 + j, oh, ow] = v
             item += cuda.gridDim.x
 
     @cuda.jit
