@@ -6,8 +6,10 @@ Arrays:
   arrays.
 * Device arrays (numba device arrays, or anything with ``__cuda_array_interface__``: CuPy, torch
   CUDA tensors, ...) are used in place, and the results are numba device arrays: no round trip
-  through the host. Under the simulator (``NUMBA_ENABLE_CUDASIM=1``) device memory is host
-  memory; :func:`to_device` makes simulated device arrays that carry the interface.
+  through the host. Kernels are queued on the default stream and not waited for: synchronise
+  (``numba.cuda.synchronize()``) before timing. Under the simulator (``NUMBA_ENABLE_CUDASIM=1``)
+  device memory is host memory; :func:`to_device` makes simulated device arrays that carry the
+  interface (the simulator's own arrays lack it, so fastconv would not see them as device arrays).
 
 The kernels live in :mod:`fastconv.backends._cuda_kernels`; nothing is imported from numba,
 probed or compiled when this module is imported, and each kernel compiles at its first launch.
