@@ -28,24 +28,27 @@ MCHUNK = 256  # output pixels per grad-weight pass (keeps that dy slab, 64 KiB, 
 
 
 @njit(**PARALLEL)
-def conv_forward_direct(xp2, wk, bias, y, c_in, sh, sw, dh):
-    """y (N, C_out, H_out, W_out) = conv(xp2, wk) + bias[:C_out]; C_out <= Cp."""
+def conv_forward_direct(xp2, wk, bias, y1, ys, co_, ho, wo, c_in, sh, sw, dh):
+    """y = conv(xp2, wk) + bias[:C_out] for C_out <= Cp, written into the flat array ``y1``.
+
+    Output element (n, co, oh, ow) goes to ``y1[ys[0] + n*ys[1] + co*ys[2] + oh*ys[3] +
+    ow*ys[4]]``: a plain NCHW array, or one stride phase of a larger one (grad-input).
+    """
     # Loop order: one task per output row (n, oh), owning y[n, :, oh, :]. Inside: channel block
     # (its weight slab stays in cache), column block of OB, kernel row, the run r, then the OB x CB
     # block: broadcast one input value per column, FMA with CB contiguous weights. The finished
     # row (W_out x Cp, NHWC) is transposed into the NCHW output once.
     n_, hp_, xw = xp2.shape
     kh_, r_, cp = wk.shape
-    co_, ho, wo = y.shape[1], y.shape[2], y.shape[3]
+    y0, ysn, ysc, ysh, ysw = ys[0], ys[1], ys[2], ys[3], ys[4]
     x1 = xp2.ravel()
     w1 = wk.ravel()
-    y1 = y.ravel()
     nfull = wo // OB
     for t in prange(n_ * ho):
         n = t // ho
         oh = t % ho
-        row = np.empty(wo * cp, dtype=y.dtype)
-        acc = stack_array(ACC, y.dtype)
+        row = np.empty(wo * cp, dtype=y1.dtype)
+        acc = stack_array(ACC, y1.dtype)
         for cb in range(0, cp, CB):
             for ob in range(nfull + wo - nfull * OB):
                 if ob < nfull:
@@ -77,10 +80,10 @@ def conv_forward_direct(xp2, wk, bias, y, c_in, sh, sw, dh):
                     for o in range(CB):
                         row[U(ow0 * cp + cb + o)] = acc[U(o)] + bias[U(cb + o)]
         for co in range(co_):
-            dst = ((n * co_ + co) * ho + oh) * wo
+            dst = y0 + n * ysn + co * ysc + oh * ysh
             for ow in range(wo):
-                y1[U(dst + ow)] = row[U(ow * cp + co)]
-    return y
+                y1[U(dst + ow * ysw)] = row[U(ow * cp + co)]
+    return y1
 
 
 @njit(**PARALLEL)

@@ -8,6 +8,7 @@ when this module is first used, never by ``import fastconv``.
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import numpy as np
 
@@ -60,6 +61,12 @@ def _plane_forward(plane, run, x, wt_oihw, bias, out, pt, pl, dh, dw):
     return run(plane.conv_forward_plane, xp, wt, b, out, dh, dw)
 
 
+def _nchw_strides(y, base=0):
+    """(offset, N, C, H, W) element strides of a C-contiguous NCHW array, for the direct kernel."""
+    n, c, h, w = y.shape
+    return np.array([base, c * h * w, h * w, w, 1], np.int64)
+
+
 def _padded_channels(c: int) -> int:
     return -(-c // 64) * 64
 
@@ -110,8 +117,8 @@ def conv2d(x, w, b, p):
         if b is not None:
             bias[:c_out] = b
         xp2 = xp.reshape(xp.shape[0], xp.shape[1], -1)
-        run(direct.conv_forward_direct, xp2, wk, bias, y, c_in, p.stride[0], p.stride[1],
-            p.dilation[0])
+        run(direct.conv_forward_direct, xp2, wk, bias, y.reshape(-1), _nchw_strides(y), c_out,
+            *p.out_hw, c_in, p.stride[0], p.stride[1], p.dilation[0])
         record_algorithm("conv2d", f"numba:direct-nhwc-c{direct.CB}")
         return y
     wr = _weight_gkkio(w, p.groups)
@@ -242,25 +249,60 @@ def _conv2d_backward_direct(conv, direct, run, dy, x, w, p, needs):
 
 
 def _grad_input_as_forward(conv, direct, run, dy, w, x_shape, p):
-    """dx as a stride-1 forward convolution of padded dy with the flipped, transposed weight.
+    """dx through the direct forward kernel, one stride phase at a time.
 
-    Returns None where that does not apply (stride > 1, C_in < 32, or padding larger than the
-    dilated kernel).
+    Along one axis, dx[i] = sum over taps k and outputs o with o*s + k*d = i + pad of
+    dy[o] * w[k]. The rows i with (i + pad) % s == r receive only the taps with k*d % s == r:
+    a stride-1 correlation of dy with those taps reversed, whose dilation is d / gcd(d, s). So
+    each of the s_h*s_w phases is one forward call writing straight into its rows and columns
+    of dx (strided output). Returns None where that does not apply (C_in < 32, a column step
+    other than 1, or a phase that would need dy cropped at the top or left).
     """
     n, c_in, h, w_ = x_shape
     c_out, _, kh, kw = w.shape
-    pt = (kh - 1) * p.dilation[0] - p.padding[0]
-    pl = (kw - 1) - p.padding[1]
-    if p.stride != (1, 1) or c_in < 32 or pt < 0 or pl < 0:
+    if c_in < 32:
         return None
-    hp, wp = h + (kh - 1) * p.dilation[0], w_ + kw - 1
-    dyp = run(conv.pad_nhwc, dy, np.empty((n, hp, wp, c_out), dy.dtype), pt, pl)
+    axes = []
+    for size, k, s, d, pad in zip((h, w_), (kh, kw), p.stride, p.dilation, p.padding):
+        phases = []
+        for r in range(s):
+            taps = [t for t in range(k) if (t * d - r) % s == 0]
+            a0 = -(-(pad - r) // s)  # first a with s*a + r - pad >= 0
+            a1 = (size - 1 + pad - r) // s  # last a with s*a + r - pad < size
+            if a1 < a0:
+                continue
+            if not taps:
+                phases.append((r, a0, a1 - a0 + 1, [], 0, 1))
+                continue
+            step = d // math.gcd(d, s)
+            ms = [(t * d - r) // s for t in taps]
+            top = ms[-1] - a0
+            if top < 0:
+                return None
+            phases.append((r, a0, a1 - a0 + 1, taps, top, step))
+        axes.append(phases)
+    if any(ph[5] != 1 for ph in axes[1] if ph[3]):
+        return None
+    dx = np.zeros(x_shape, dy.dtype) if any(not ph[3] for ax in axes for ph in ax) else \
+        np.empty(x_shape, dy.dtype)
     cp = _padded_channels(c_in)
-    wk = np.zeros((kh, kw * c_out, cp), dy.dtype)
-    wk[:, :, :c_in] = w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(kh, kw * c_out, c_in)
-    dx = np.empty(x_shape, dy.dtype)
-    run(direct.conv_forward_direct, dyp.reshape(n, hp, -1), wk, np.zeros(cp, dy.dtype), dx,
-        c_out, 1, 1, p.dilation[0])
+    zeros = np.zeros(cp, dy.dtype)
+    (sh, sw), (ph_, pw_) = p.stride, p.padding
+    for rh, ah, nh, tap_h, top_h, step_h in axes[0]:
+        for rw, aw, nw, tap_w, top_w, _ in axes[1]:
+            if not tap_h or not tap_w:
+                continue  # no tap reaches these rows/columns: dx stays 0 there
+            hp = nh + step_h * (len(tap_h) - 1)
+            wp = nw + len(tap_w) - 1
+            dyp = run(conv.pad_nhwc, dy, np.empty((n, hp, wp, c_out), dy.dtype), top_h, top_w)
+            sub = w[:, :, tap_h[::-1]][:, :, :, tap_w[::-1]]  # (C_out, C_in, th, tw), reversed
+            th, tw = len(tap_h), len(tap_w)
+            wk = np.zeros((th, tw * c_out, cp), dy.dtype)
+            wk[:, :, :c_in] = sub.transpose(2, 3, 0, 1).reshape(th, tw * c_out, c_in)
+            base = (sh * ah + rh - ph_) * w_ + (sw * aw + rw - pw_)
+            ys = np.array([base, c_in * h * w_, h * w_, sh * w_, sw], np.int64)
+            run(direct.conv_forward_direct, dyp.reshape(n, hp, -1), wk, zeros, dx.reshape(-1),
+                ys, c_in, nh, nw, c_out, 1, 1, step_h)
     return dx
 
 
