@@ -626,7 +626,8 @@ def scaling_shape(kind: str, n: int, size: int):
     return PoolShape(f"pool n={n} {size}x{size}", n, 32, size, size, 2, 2)
 
 
-def run_scaling(ops: list, names: list, repeat: int, log=None) -> list:
+def run_scaling(ops: list, names: list, repeat: int, batches=SCALING_BATCHES,
+                images=SCALING_IMAGES, log=None) -> list:
     """Time per image as the batch grows (image 28) and as the image grows (batch 8).
 
     Returns rows ``{op, sweep, batch, image, contender, median_ms, us_per_image,
@@ -636,8 +637,8 @@ def run_scaling(ops: list, names: list, repeat: int, log=None) -> list:
     rows = []
     for op in ops:
         kind = "conv" if op in CONV_OPS else "pool"
-        sweeps = [("batch", n, SCALING_BATCH_IMAGE) for n in SCALING_BATCHES]
-        sweeps += [("image", SCALING_IMAGE_BATCH, s) for s in SCALING_IMAGES]
+        sweeps = [("batch", n, SCALING_BATCH_IMAGE) for n in batches]
+        sweeps += [("image", SCALING_IMAGE_BATCH, s) for s in images]
         first = {}
         for sweep, n, size in sweeps:
             shape = scaling_shape(kind, n, size)
@@ -712,10 +713,10 @@ def scaling_tables(rows: list) -> str:
                 continue
             names = list(dict.fromkeys(r["contender"] for r in sel))
             if sweep == "batch":
-                title = f"{OP_TITLES[op]}, image {SCALING_BATCH_IMAGE}×{SCALING_BATCH_IMAGE}"
+                title = f"{OP_TITLES[op]}, image {sel[0]['image']}×{sel[0]['image']}"
                 key, head = "batch", "batch"
             else:
-                title = f"{OP_TITLES[op]}, batch {SCALING_IMAGE_BATCH}"
+                title = f"{OP_TITLES[op]}, batch {sel[0]['batch']}"
                 key, head = "image", "image"
             out.append(f"**{title}** — µs per image (cost per "
                        f"{'MAC' if op in CONV_OPS else 'window element'} relative to the first "
@@ -730,6 +731,7 @@ def scaling_tables(rows: list) -> str:
                     if m and m[0]["rel"] > 1.15:
                         notes.append(f"{n} {op}: cost per unit of work rises to "
                                      f"{m[0]['rel']:.2f}× at {head} {v}")
+                out.append("| " + " | ".join(cells) + " |")
             out.append("")
     out.append("Where the cost per unit of work rises by more than 15 %: "
                + ("; ".join(notes) if notes else "nowhere") + ".")

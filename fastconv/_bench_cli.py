@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--naive-work", type=_positive, default=b.NAIVE_WORK,
                    help="multiply-adds (pool: window elements) of the slice the naive loops run "
                         f"on (default {b.NAIVE_WORK})")
+    p.add_argument("--sgemm-size", type=_positive, default=2048,
+                   help="matrix size of the SGEMM peak measurement (default 2048)")
     p.add_argument("--no-reexec", action="store_true",
                    help="time in the current environment instead of re-executing with the "
                         "malloc/OpenBLAS settings")
@@ -173,29 +175,27 @@ def main(argv: list) -> int:
 def _run(args, ops, shapes, names, threads, argv) -> int:
     from . import _bench as b
 
-    b.set_threads(threads)
+    if args.threads or os.environ.get(REEXEC_MARKER) == "1":
+        b.set_threads(threads)  # not in an in-process --no-reexec call without --threads
     for path in (args.json, args.plot):
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     command = "fastconv bench " + shlex.join(argv)
     _log("measuring the SGEMM peak")
-    peak_start = b.sgemm_peak(repeat=args.repeat)
+    peak_start = b.sgemm_peak(args.sgemm_size, repeat=args.repeat)
     record = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "requested_threads": threads, "naive_work": args.naive_work}
     print("# fastconv bench\n")
-    print(f"`{command}` · float32 · median of {args.repeat} interleaved calls (naive: of "
-          f"{min(args.repeat, 3)}, run on a slice and scaled per MAC) · "
+    naive = ("" if args.scaling else f" (naive: of {min(args.repeat, 3)}, run on a slice and "
+             "scaled per MAC)")
+    print(f"`{command}` · float32 · median of {args.repeat} interleaved calls{naive} · "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n", flush=True)
 
     results, scaling = [], []
     if args.scaling:
-        saved = b.SCALING_BATCHES, b.SCALING_IMAGES
-        b.SCALING_BATCHES, b.SCALING_IMAGES = tuple(args.scaling_batches), tuple(args.scaling_images)
-        try:
-            contenders = [n for n in names if n in b.SCALING_BACKENDS] or names
-            scaling = b.run_scaling(ops, contenders, args.repeat, log=_log)
-        finally:
-            b.SCALING_BATCHES, b.SCALING_IMAGES = saved
+        contenders = [n for n in names if n in b.SCALING_BACKENDS] or names
+        scaling = b.run_scaling(ops, contenders, args.repeat, args.scaling_batches,
+                                args.scaling_images, log=_log)
         print("## Scaling\n")
         print(b.scaling_tables(scaling), flush=True)
     else:
@@ -210,7 +210,7 @@ def _run(args, ops, shapes, names, threads, argv) -> int:
                 print(f"### {b.group_title(op, shape)}\n")
                 print(b.markdown_table(group, peak_start["gflops"]) + "\n", flush=True)
 
-    peak_end = b.sgemm_peak(repeat=args.repeat)
+    peak_end = b.sgemm_peak(args.sgemm_size, repeat=args.repeat)
     peak = max(peak_start, peak_end, key=lambda p: p["gflops"])
     info = b.machine_info()
     print("## Machine\n")
