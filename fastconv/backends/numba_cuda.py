@@ -271,7 +271,7 @@ def conv2d_backward(dy, x, w, p, needs):
         db = _empty((w.shape[0],), x.dtype)
         _launch("conv_grad_bias", k.conv_grad_bias, _grid(w.shape[0]), t * t, 0, dyd, db)
         algos.append("bias=block-reduce")
-    record_algorithm("conv2d_backward", "cuda:" + ",".join(algos))
+    record_algorithm("conv2d_backward", "cuda:" + (",".join(algos) or "nothing"))
     return arrays.out(dx), arrays.out(dw), arrays.out(db)
 
 
