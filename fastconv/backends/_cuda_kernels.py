@@ -288,11 +288,13 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
     def conv_grad_weight(dy, x, dw_, sh, sw, ph, pw, dh, dw):
         """dw (C_out, C_in/groups, kH, kW): one block owns each weight and reduces it.
 
-        Work item = one weight (co, ci_g, a, c); the block's threads stride over the
-        (n, oh, ow) positions (ow fastest: coalesced dy reads), then a shared-memory tree sums
-        the per-thread partials and thread 0 writes. One owner, no atomics: deterministic.
+        Work item = one weight (co, ci_g, a, c); the block's threads stride over the output
+        positions (oh, ow) (ow fastest: coalesced reads) and loop over the batch inside, then a
+        shared-memory tree sums the per-thread partials and thread 0 writes. One owner, no
+        atomics: deterministic.
         """
-        # Loop order: weights (grid-stride over blocks) > (n, oh, ow) strided over threads >
+        # Loop order: weights (grid-stride over blocks) > (oh, ow) strided over threads > n
+        # (the index arithmetic and bounds test are paid once per position, not per image) >
         # block tree reduction.
         red = cuda.shared.array(TT, nb_dtype)
         tid = cuda.threadIdx.x
@@ -300,7 +302,8 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
         c_out, ho, wo = dy.shape[1], dy.shape[2], dy.shape[3]
         cin_g, kh, kw = dw_.shape[1], dw_.shape[2], dw_.shape[3]
         cout_g = c_out // (c_in // cin_g)
-        positions = dy.shape[0] * ho * wo
+        n_ = dy.shape[0]
+        positions = ho * wo
         items = c_out * cin_g * kh * kw
         item = cuda.blockIdx.x
         while item < items:
@@ -315,14 +318,13 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
             acc = ZERO
             r = tid
             while r < positions:
-                ow = r % wo
-                q = r // wo
-                oh = q % ho
-                n = q // ho
+                oh = r // wo
+                ow = r - oh * wo
                 ih = oh * sh - ph + a * dh
                 iw = ow * sw - pw + c * dw
                 if ih >= 0 and ih < h_ and iw >= 0 and iw < w_:
-                    acc += dy[n, co, oh, ow] * x[n, ci, ih, iw]
+                    for n in range(n_):
+                        acc += dy[n, co, oh, ow] * x[n, ci, ih, iw]
                 r += TT
             total = block_sum(red, tid, acc)
             if tid == 0:
@@ -332,19 +334,20 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
     @cuda.jit
     def conv_grad_bias(dy, db):
         """db (C_out,) = dy summed over (N, H_out, W_out); one block owns each channel."""
-        # Loop order: channels (grid-stride over blocks) > (n, oh, ow) over threads > tree.
+        # Loop order: channels (grid-stride over blocks) > (oh, ow) over threads > n > tree.
         red = cuda.shared.array(TT, nb_dtype)
         tid = cuda.threadIdx.x
-        c_out, ho, wo = dy.shape[1], dy.shape[2], dy.shape[3]
-        positions = dy.shape[0] * ho * wo
+        n_, c_out, ho, wo = dy.shape[0], dy.shape[1], dy.shape[2], dy.shape[3]
+        positions = ho * wo
         co = cuda.blockIdx.x
         while co < c_out:
             acc = ZERO
             r = tid
             while r < positions:
-                ow = r % wo
-                q = r // wo
-                acc += dy[q // ho, co, q % ho, ow]
+                oh = r // wo
+                ow = r - oh * wo
+                for n in range(n_):
+                    acc += dy[n, co, oh, ow]
                 r += TT
             total = block_sum(red, tid, acc)
             if tid == 0:
