@@ -168,6 +168,15 @@ def test_direct_kernels_when_the_tile_does_not_fit(rng, monkeypatch):
     check_conv("cuda", rng, (1, 2, 5, 5), (3, 2, 2, 2), dtype=F64, padding="same", bias=False)
 
 
+def test_forward_stages_input_channels_in_chunks(rng, monkeypatch):
+    check_conv("cuda", rng, (1, 9, 5, 4), (3, 9, 3, 3), padding=1)  # chunks of 4, 4, 1
+    shared_four = numba_cuda.last_launch["conv_forward_tiled"][2]
+    monkeypatch.setattr(numba_cuda, "SHARED_LIMIT", shared_four // 4)  # room for one channel
+    check_conv("cuda", rng, (1, 9, 5, 4), (3, 9, 3, 3), padding=1)
+    assert numba_cuda.last_launch["conv_forward_tiled"][2] == shared_four // 4
+    assert fc.last_algorithm("conv2d") == "cuda:tiled-smem"
+
+
 def test_tiled_kernels_are_the_default(rng):
     check_conv("cuda", rng, (1, 2, 5, 5), (3, 2, 3, 3))
     assert fc.last_algorithm("conv2d") == "cuda:tiled-smem"

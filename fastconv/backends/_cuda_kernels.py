@@ -22,10 +22,16 @@ from numba import cuda
 # Output channels per thread in the tiled forward pass (register blocking: each staged input
 # value is used COB times) and per weight chunk staged in shared memory for grad-input.
 COB = 8
+# Input channels the tiled forward pass stages per barrier (fewer where shared memory is short).
+CIB = 4
 
 
 def tiled_conv_shared_elems(block: int, kernel_hw, stride, dilation) -> int:
-    """Elements of dynamic shared memory :func:`conv_forward_tiled` needs: input patch + weights."""
+    """Shared-memory elements :func:`conv_forward_tiled` needs per staged input channel.
+
+    One input patch (the ``block`` x ``block`` output tile's receptive field: tile + halo) and
+    the COB kernels that read it.
+    """
     ph = (block - 1) * stride[0] + (kernel_hw[0] - 1) * dilation[0] + 1
     pw = (block - 1) * stride[1] + (kernel_hw[1] - 1) * dilation[1] + 1
     return ph * pw + COB * kernel_hw[0] * kernel_hw[1]
@@ -52,15 +58,18 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
     # ------------------------------------------------------------------ forward
 
     @cuda.jit
-    def conv_forward_tiled(x, w, b, has_bias, y, sh, sw, ph, pw, dh, dw, chunks, tiles_h, tiles_w):
+    def conv_forward_tiled(x, w, b, has_bias, y, sh, sw, ph, pw, dh, dw, cib, chunks, tiles_h,
+                           tiles_w):
         """y (N, C_out, H_out, W_out) = x * w (+ b), one T x T output tile per work item.
 
-        Work item = (n, group, chunk of COB output channels, tile row, tile column). Per input
-        channel of the group the block stages the input patch under its tile (tile + halo,
-        zero outside the input) and the COB kernels in dynamic shared memory.
+        Work item = (n, group, chunk of COB output channels, tile row, tile column). Per chunk of
+        ``cib`` input channels of the group the block stages, in dynamic shared memory, their
+        input patches under its tile (tile + halo, zero outside the input) and the COB kernels
+        of each; shared memory holds ``cib * tiled_conv_shared_elems(...)`` elements.
         """
-        # Loop order: items (grid-stride) > input channels (staged, then barrier) > kernel rows >
-        # kernel columns > COB output channels in registers: one staged value feeds COB FMAs.
+        # Loop order: items (grid-stride) > chunks of cib input channels (staged, then barrier)
+        # > channel > kernel rows > kernel columns > COB output channels in registers: one
+        # staged input value feeds COB FMAs, one barrier pair serves cib channels.
         smem = cuda.shared.array(0, nb_dtype)
         acc = cuda.local.array(COB, nb_dtype)
         ty = cuda.threadIdx.y
@@ -75,6 +84,7 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
         patch_h = (T - 1) * sh + (kh - 1) * dh + 1
         patch_w = (T - 1) * sw + (kw - 1) * dw + 1
         npatch = patch_h * patch_w
+        wbase = cib * npatch  # the kernels follow the cib patches
         items = x.shape[0] * groups * chunks * tiles_h * tiles_w
         item = cuda.blockIdx.x
         while item < items:
@@ -95,36 +105,44 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
             iw0 = tile_x * T * sw - pw
             for j in range(COB):
                 acc[j] = ZERO
-            for cig in range(cin_g):
-                ci = g * cin_g + cig
+            for cig0 in range(0, cin_g, cib):
+                ncb = min(cib, cin_g - cig0)
+                ci0 = g * cin_g + cig0
                 i = tid
-                while i < npatch:
-                    r = i // patch_w
+                while i < ncb * npatch:
+                    q = i // npatch
+                    rem = i - q * npatch
+                    r = rem // patch_w
                     ih = ih0 + r
-                    iw = iw0 + i - r * patch_w
+                    iw = iw0 + rem - r * patch_w
                     v = ZERO
                     if ih >= 0 and ih < h_ and iw >= 0 and iw < w_:
-                        v = x[n, ci, ih, iw]
+                        v = x[n, ci0 + q, ih, iw]
                     smem[i] = v
                     i += TT
                 i = tid
-                while i < COB * khw:
-                    j = i // khw
-                    k = i - j * khw
+                while i < ncb * COB * khw:
+                    q = i // (COB * khw)
+                    rem = i - q * (COB * khw)
+                    j = rem // khw
+                    k = rem - j * khw
                     v = ZERO
                     if j < nco:
-                        v = w[co0 + j, cig, k // kw, k % kw]
-                    smem[npatch + i] = v
+                        v = w[co0 + j, cig0 + q, k // kw, k % kw]
+                    smem[wbase + i] = v
                     i += TT
                 cuda.syncthreads()
                 if oh < ho and ow < wo:
-                    for a in range(kh):
-                        row = (ty * sh + a * dh) * patch_w + tx * sw
-                        for c in range(kw):
-                            v = smem[row + c * dw]
-                            k = npatch + a * kw + c
-                            for j in range(COB):
-                                acc[j] += v * smem[k + j * khw]
+                    for q in range(ncb):
+                        pbase = q * npatch + ty * sh * patch_w + tx * sw
+                        kbase = wbase + q * COB * khw
+                        for a in range(kh):
+                            row = pbase + a * dh * patch_w
+                            for c in range(kw):
+                                v = smem[row + c * dw]
+                                k = kbase + a * kw + c
+                                for j in range(COB):
+                                    acc[j] += v * smem[k + j * khw]
                 cuda.syncthreads()
             if oh < ho and ow < wo:
                 for j in range(COB):  # constant trip count: acc stays in registers

@@ -20,8 +20,9 @@ Tuning knobs, read at every call (so tests can shrink them):
   threads per block, 1-D kernels ``BLOCK**2``. Tests use 2-4 so tiny inputs span many blocks.
 * ``MAX_BLOCKS`` (env ``FASTCONV_CUDA_MAX_BLOCKS``): the grid never exceeds it; grid-stride
   loops cover the rest. Tests set it to 3 so that every kernel's loop wraps around.
-* ``SHARED_LIMIT``: bytes of shared memory a tiled kernel may ask for; above it the direct
-  (no shared memory) kernel runs instead.
+* ``SHARED_LIMIT``: bytes of shared memory a tiled kernel may ask for (48 KiB, the most a block
+  gets without opting in). The forward pass stages fewer input channels per barrier to fit;
+  where even one does not fit, the direct (no shared memory) kernel runs instead.
 """
 
 from __future__ import annotations
@@ -217,14 +218,16 @@ def conv2d(x, w, b, p):
         bd = _empty((1,), x.dtype)
     t = block_size()
     geo = _geometry(p)
-    elems = mod.tiled_conv_shared_elems(t, p.kernel_hw, p.stride, p.dilation)
-    shared = elems * x.dtype.itemsize
-    if shared <= SHARED_LIMIT:
+    per_channel = mod.tiled_conv_shared_elems(t, p.kernel_hw, p.stride, p.dilation)
+    per_channel *= x.dtype.itemsize
+    # input channels staged per barrier: up to CIB, as many as fit in SHARED_LIMIT
+    cib = min(mod.CIB, c_in // p.groups, SHARED_LIMIT // per_channel)
+    if cib >= 1:
         chunks = math.ceil(c_out // p.groups / mod.COB)
         tiles_h, tiles_w = math.ceil(ho / t), math.ceil(wo / t)
         items = n * p.groups * chunks * tiles_h * tiles_w
-        _launch("conv_forward_tiled", k.conv_forward_tiled, _grid(items), (t, t), shared,
-                xd, wd, bd, has_bias, y, *geo, chunks, tiles_h, tiles_w)
+        _launch("conv_forward_tiled", k.conv_forward_tiled, _grid(items), (t, t),
+                cib * per_channel, xd, wd, bd, has_bias, y, *geo, cib, chunks, tiles_h, tiles_w)
         record_algorithm("conv2d", "cuda:tiled-smem")
     else:
         total = n * c_out * ho * wo
