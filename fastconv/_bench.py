@@ -46,6 +46,8 @@ OP_TITLES = {
 DTYPE = np.float32
 #: Multiply-adds (pool: window elements) of the slice the naive loops run on.
 NAIVE_WORK = 400_000
+#: Contenders slower than this per call (seconds, at warm-up) are timed at most 3 times.
+SLOW_CALL_S = 1.0
 
 
 # ------------------------------------------------------------------------------------ shapes
@@ -265,6 +267,7 @@ class Contender:
     algorithm: str | None = None
     threads: int | None = None
     checked: bool = False
+    warm_s: float = 0.0
     inputs: dict = dataclasses.field(default_factory=dict, repr=False)
 
 
@@ -389,7 +392,9 @@ def warm_up(c: Contender, op: str, calls: int = 2):
     """Call ``c`` ``calls`` times (JIT compile, first-touch pages); record its algorithm and
     thread count; return the outputs of the last call as host arrays."""
     for _ in range(calls):
+        t0 = time.perf_counter()
         out = c.fn()
+        c.warm_s = time.perf_counter() - t0
     c.algorithm = "torch:aten" if c.name == "torch" else _algorithm(op)
     c.threads = backend_threads(c.name)
     return tuple(to_host(o) for o in out)
@@ -477,6 +482,9 @@ def backend_threads(name: str) -> int | None:
             return int(env) if env else len(os.sched_getaffinity(0))
     except (ImportError, ValueError, AttributeError):
         return None
+    if name == "numpy":
+        env = os.environ.get("OPENBLAS_NUM_THREADS")  # its GEMMs run on BLAS threads
+        return int(env) if env and env.isdigit() else None
     return 1 if name == "naive" else None
 
 
@@ -577,8 +585,9 @@ def run_group(op: str, shape, names: list, repeat: int, naive_work: int = NAIVE_
               check: bool = True, log=None) -> list:
     """Warm up, check and time every contender of one (op, shape) group, interleaved.
 
-    The naive loops run ``min(repeat, 3)`` times (on their slice). Each contender's output is
-    checked once against an independent implementation (:func:`reference`).
+    The naive loops, and any contender whose warm call took more than ``SLOW_CALL_S``, run
+    ``min(repeat, 3)`` times. Each contender's output is checked once against an independent
+    implementation (:func:`reference`).
     """
     contenders = []
     ref = None
@@ -600,8 +609,9 @@ def run_group(op: str, shape, names: list, repeat: int, naive_work: int = NAIVE_
     del ref
     if log:
         log(f"  {op} {shape.name}: timing {len(contenders)} contenders x {repeat}")
-    times = time_interleaved({c.name: c.fn for c in contenders}, repeat,
-                             counts={"naive": min(repeat, 3)})
+    counts = {c.name: min(repeat, 3) for c in contenders
+              if c.name == "naive" or c.warm_s > SLOW_CALL_S}
+    times = time_interleaved({c.name: c.fn for c in contenders}, repeat, counts)
     return [
         Result(op, shape.name, c.name, c.label, c.algorithm, c.threads, c.scale,
                [t * 1e3 * c.scale for t in times[c.name]], gflop(op, shape), gbytes(op, shape))
@@ -782,6 +792,7 @@ def machine_info() -> dict:
         "numpy": np.__version__,
         "backends": fc.available_backends(),
         "env": {k: os.environ.get(k) for k in ENV_VARS},
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "threads": {},
     }
     try:

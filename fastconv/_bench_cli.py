@@ -182,12 +182,13 @@ def _run(args, ops, shapes, names, threads, argv) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     command = "fastconv bench " + shlex.join(argv)
     _log("measuring the SGEMM peak")
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     peak_start = b.sgemm_peak(args.sgemm_size, repeat=args.repeat)
     record = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "requested_threads": threads, "naive_work": args.naive_work}
     print("# fastconv bench\n")
-    naive = ("" if args.scaling else f" (naive: of {min(args.repeat, 3)}, run on a slice and "
-             "scaled per MAC)")
+    naive = ("" if args.scaling else f" (naive loops and calls slower than {b.SLOW_CALL_S:g} s: "
+             f"of {min(args.repeat, 3)}; the naive loops run on a slice, scaled per MAC)")
     print(f"`{command}` · float32 · median of {args.repeat} interleaved calls{naive} · "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n", flush=True)
 
@@ -218,11 +219,15 @@ def _run(args, ops, shapes, names, threads, argv) -> int:
     print(f"- SGEMM peak at start {peak_start['gflops']:.0f}, at end {peak_end['gflops']:.0f} "
           "GFLOP/s; '% SGEMM peak' uses the start value. The machine may be shared: compare "
           "ratios within one run, not absolute times across runs.")
+    if load_start is not None:
+        print(f"- load average (1 min) at start {load_start[0]:.1f}, at end "
+              f"{info['load_average'][0]:.1f} on {info['affinity_cpus']} CPUs (other processes "
+              "competing for the cores)")
     if args.json:
         groups = {}
         for r in results:
             groups.setdefault((r.op, r.shape), []).append(r)
-        record.update(machine=info, peak={"start": peak_start, "end": peak_end},
+        record.update(load_average_start=load_start, machine=info, peak={"start": peak_start, "end": peak_end},
                       results=[r.as_dict(groups[(r.op, r.shape)], peak_start["gflops"])
                                for r in results],
                       scaling=scaling)
