@@ -547,6 +547,7 @@ class Result:
     times_ms: list
     gflop: float
     gbytes: float
+    checked: bool = False
 
     @property
     def median_ms(self) -> float:
@@ -587,7 +588,8 @@ def run_group(op: str, shape, names: list, repeat: int, naive_work: int = NAIVE_
 
     The naive loops, and any contender whose warm call took more than ``SLOW_CALL_S``, run
     ``min(repeat, 3)`` times. Each contender's output is checked once against an independent
-    implementation (:func:`reference`).
+    implementation (:func:`reference`): PyTorch where installed (PyTorch itself is not
+    re-checked), else the NumPy backend.
     """
     contenders = []
     ref = None
@@ -596,8 +598,8 @@ def run_group(op: str, shape, names: list, repeat: int, naive_work: int = NAIVE_
             log(f"  {op} {shape.name}: warm-up {name}")
         c = make_contender(op, shape, name, naive_work)
         out = warm_up(c, op, calls=1 if name == "naive" else 2)
-        if check:
-            if c.shape == shape and name != "torch":
+        if check and name != "torch":  # torch is the reference the others are checked against
+            if c.shape == shape:
                 ref = ref if ref is not None else reference(op, shape, c.inputs)
                 expected = ref
             else:
@@ -614,7 +616,8 @@ def run_group(op: str, shape, names: list, repeat: int, naive_work: int = NAIVE_
     times = time_interleaved({c.name: c.fn for c in contenders}, repeat, counts)
     return [
         Result(op, shape.name, c.name, c.label, c.algorithm, c.threads, c.scale,
-               [t * 1e3 * c.scale for t in times[c.name]], gflop(op, shape), gbytes(op, shape))
+               [t * 1e3 * c.scale for t in times[c.name]], gflop(op, shape), gbytes(op, shape),
+               c.checked)
         for c in contenders
     ]
 

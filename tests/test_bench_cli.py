@@ -141,6 +141,7 @@ def test_bench_small_prints_table_and_writes_json_and_png(tmp_path):
             assert r["vs_torch"] == pytest.approx(r["median_ms"] / group["torch"]["median_ms"])
         if r["contender"] not in ("naive", "torch"):
             assert r["algorithm"].startswith(r["contender"] + ":")
+            assert r["checked"]  # against torch or the numpy reference, before timing
     s1 = [r for r in results if r["shape"] == "s1" and r["op"] == "conv_fwd"][0]
     macs = _conv_macs(2, 1, 12, 12, 8, 3, 1, 0)
     assert s1["gflop"] == pytest.approx(2 * macs / 1e9)
