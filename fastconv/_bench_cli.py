@@ -227,7 +227,8 @@ def _run(args, ops, shapes, names, threads, argv) -> int:
         groups = {}
         for r in results:
             groups.setdefault((r.op, r.shape), []).append(r)
-        record.update(load_average_start=load_start, machine=info, peak={"start": peak_start, "end": peak_end},
+        record.update(load_average_start=load_start, machine=info,
+                      peak={"start": peak_start, "end": peak_end},
                       results=[r.as_dict(groups[(r.op, r.shape)], peak_start["gflops"])
                                for r in results],
                       scaling=scaling)

@@ -99,7 +99,8 @@ def test_bench_small_prints_table_and_writes_json_and_png(tmp_path):
     env = dict(os.environ, OPENBLAS_CORETYPE="Haswell")  # the re-exec must drop it
     env.pop(_bench_cli.REEXEC_MARKER, None)
     cmd = [sys.executable, "-m", "fastconv.cli", "bench", "--shapes", "small", "--repeat", "2",
-           "--threads", "1", "--naive-work", "20000", "--sgemm-size", "256", "--json", str(out_json), "--plot", str(out_png)]
+           "--threads", "1", "--naive-work", "20000", "--sgemm-size", "256",
+           "--json", str(out_json), "--plot", str(out_png)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -134,7 +135,8 @@ def test_bench_small_prints_table_and_writes_json_and_png(tmp_path):
     assert len(results) == len(contenders) * (conv_groups + pool_groups)
     for r in results:
         assert r["median_ms"] == pytest.approx(statistics.median(r["times_ms"]))
-        group = {g["contender"]: g for g in results if (g["op"], g["shape"]) == (r["op"], r["shape"])}
+        group = {g["contender"]: g for g in results
+                 if (g["op"], g["shape"]) == (r["op"], r["shape"])}
         if "naive" in group:
             assert r["x_naive"] == pytest.approx(group["naive"]["median_ms"] / r["median_ms"])
         if "torch" in group:
