@@ -1,7 +1,10 @@
 """``fastconv train`` (and examples/train_mnist.py): train a CNN on MNIST with fastconv.
 
-The default recipe (PyTorch's examples/mnist net, Adam, learning rate decayed per epoch, batch 64,
-inputs normalized by the MNIST mean/std) reaches >= 99.2 % test accuracy within 5 epochs.
+The default recipe: PyTorch's examples/mnist net (Glorot-uniform weights), Adam with lr 1e-3
+multiplied by 0.7 after every epoch, batch 64, inputs normalized by the MNIST mean/std, and
+training images shifted randomly by up to 2 pixels. The same recipe in PyTorch without the
+shifts reached 98.82, 98.88, 99.10, 99.14 % after epochs 1-4: the net overfits (train loss
+0.035) and stalls near 99.1-99.2 %, so the shifts are on by default to clear 99.2 % in 5 epochs.
 
 One seeded ``numpy.random.Generator`` drives initialisation, shuffling and dropout. The
 checkpoint (``--checkpoint``, written atomically after every epoch and on Ctrl-C) holds the
@@ -25,7 +28,7 @@ import numpy as np
 
 EXIT_INTERRUPTED = 130
 EXIT_USAGE = 2
-AUGMENT = 0
+AUGMENT = 2  # pixels of random shift (see the module docstring)
 # Options that must match between a run and its --resume for the numbers to be reproducible.
 RECIPE_KEYS = ("model", "batch_size", "lr", "lr_decay", "optimizer", "momentum", "seed", "limit",
                "augment")
