@@ -148,6 +148,9 @@ def test_bench_small_prints_table_and_writes_json_and_png(tmp_path):
     macs = _conv_macs(2, 1, 12, 12, 8, 3, 1, 0)
     assert s1["gflop"] == pytest.approx(2 * macs / 1e9)
     assert s1["gflops"] == pytest.approx(2 * macs / 1e9 / (s1["median_ms"] / 1e3))
+    peak = record["peak"]
+    assert peak["used"] == max(peak["start"]["gflops"], peak["end"]["gflops"])
+    assert s1["pct_peak"] == pytest.approx(100 * s1["gflops"] / peak["used"])
 
     assert out_png.read_bytes()[:8] == PNG_MAGIC
 
