@@ -17,12 +17,19 @@ import fastconv as fc
 
 H = 1e-6
 TOL = dict(rtol=1e-6, atol=1e-7)
+# Backends whose every call is slow (the CUDA simulator) check a random sample of elements.
+SAMPLED = {"cuda": 12}
 
 
-def numeric_grad(loss, a):
-    """Central differences of ``loss()`` with respect to every element of ``a`` (in place)."""
+def numeric_grad(loss, a, sample=None, rng=None):
+    """Central differences of ``loss()`` with respect to the elements of ``a`` (nudged in place):
+    all of them, or ``sample`` random ones (the others are left NaN)."""
     grad = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
+    positions = list(np.ndindex(a.shape))
+    if sample is not None and sample < len(positions):
+        grad[...] = np.nan
+        positions = [positions[k] for k in rng.choice(len(positions), sample, replace=False)]
+    for i in positions:
         old = a[i]
         a[i] = old + H
         plus = loss()
@@ -49,9 +56,10 @@ def test_conv_gradients_match_finite_differences(backend, rng, x_shape, w_shape,
         return float((to_host(fc.conv2d(x, w, b, backend=backend, **kw)) * g).sum())
 
     dx, dw, db = map(to_host, fc.conv2d_backward(g, x, w, backend=backend, **kw))
-    np.testing.assert_allclose(dx, numeric_grad(loss, x), **TOL, err_msg="dx")
-    np.testing.assert_allclose(dw, numeric_grad(loss, w), **TOL, err_msg="dw")
-    np.testing.assert_allclose(db, numeric_grad(loss, b), **TOL, err_msg="db")
+    for name, analytic, a in (("dx", dx, x), ("dw", dw, w), ("db", db, b)):
+        numeric = numeric_grad(loss, a, SAMPLED.get(backend), rng)
+        checked = ~np.isnan(numeric)
+        np.testing.assert_allclose(analytic[checked], numeric[checked], **TOL, err_msg=name)
     assert np.abs(dx).max() > 0.1 and np.abs(dw).max() > 0.1  # not trivially zero
 
 
@@ -73,5 +81,7 @@ def test_pool_gradient_matches_finite_differences(backend, rng, x_shape, kernel,
         return float((to_host(fc.max_pool2d(x, kernel, backend=backend, **kw)[0]) * g).sum())
 
     dx = to_host(fc.max_pool2d_backward(g, idx, x.shape, backend=backend))
-    np.testing.assert_allclose(dx, numeric_grad(loss, x), **TOL)
+    numeric = numeric_grad(loss, x, SAMPLED.get(backend), rng)
+    checked = ~np.isnan(numeric)
+    np.testing.assert_allclose(dx[checked], numeric[checked], **TOL)
     assert np.count_nonzero(dx) > 0
