@@ -111,26 +111,41 @@ def pool_configs(draw, tiny: bool):
 
 @pytest.mark.parametrize("backend", TEST_BACKENDS)
 def test_valid_conv_configs_match_reference(backend):
+    ran = []
+
     @FUZZ
     @given(conv_configs(tiny=backend in SLOW_BACKENDS))
     def run(cfg):
         cfg = dict(cfg)
         check_conv(backend, np.random.default_rng(cfg.pop("seed")), cfg.pop("x_shape"),
                    cfg.pop("w_shape"), **cfg)
+        ran.append(1)
 
     run()
+    _report(backend, "valid conv", len(ran))
 
 
 @pytest.mark.parametrize("backend", TEST_BACKENDS)
 def test_valid_pool_configs_match_reference(backend):
+    ran = []
+
     @FUZZ
     @given(pool_configs(tiny=backend in SLOW_BACKENDS))
     def run(cfg):
         cfg = dict(cfg)
         check_pool(backend, np.random.default_rng(cfg.pop("seed")), cfg.pop("x_shape"),
                    cfg.pop("kernel_size"), **cfg)
+        ran.append(1)
 
     run()
+    _report(backend, "valid pool", len(ran))
+
+
+def _report(backend, what, count):
+    """Print the number of examples run (the thorough profile's result table reads it) and
+    check that the fuzzer did run."""
+    print(f"[fuzz {PROFILE}] {backend}: {count} {what} configurations passed")
+    assert count >= FUZZ.max_examples // 2, f"only {count} examples ran"
 
 
 # ---------------------------------------------------------------- invalid configurations
@@ -353,7 +368,9 @@ def _check_invalid(backend, strategy):
         results = [outcome(c) for c in configs]
     bad = [(c["mutation"], c["op"], r, c) for c, r in zip(configs, results)
            if r[0] not in ACCEPTED_ERRORS]
-    print(f"{backend}: {len(configs)} invalid configurations, {len(bad)} not rejected cleanly")
+    print(f"[fuzz {PROFILE}] {backend}: {len(configs)} invalid {strategy.__name__} run, "
+          f"{len(bad)} not rejected cleanly")
+    assert len(configs) >= FUZZ.max_examples // 2, f"only {len(configs)} examples ran"
     assert not bad, "\n".join(
         f"{m} ({op}): got {r[0]} {r[1]!r}\n    config {json.dumps(c)}" for m, op, r, c in bad[:10]
     )
