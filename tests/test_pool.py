@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import check_pool, to_host
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastconv as fc
 
@@ -77,6 +79,35 @@ def test_pool_grid(fast_backend, rng, x_shape, kernel, dtype, kw):
 @pytest.mark.parametrize("x_shape, kernel, dtype, kw", SLOW_GRID)
 def test_pool_small_grid(backend, rng, x_shape, kernel, dtype, kw):
     check_pool(backend, rng, x_shape, kernel, dtype=dtype, **kw)
+
+
+@st.composite
+def pool_configs(draw):
+    """A valid max_pool2d configuration in which every window holds an input element."""
+    k = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    d = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    s = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    p = (draw(st.integers(0, k[0] // 2)), draw(st.integers(0, k[1] // 2)))
+    # H >= the dilated kernel (>= the dilation) keeps windows from lying wholly in the padding
+    hw = [draw(st.integers(d[i] * (k[i] - 1) + 1, d[i] * (k[i] - 1) + 8)) for i in range(2)]
+    return dict(
+        x_shape=(draw(st.integers(1, 2)), draw(st.integers(1, 3)), *hw), kernel_size=k,
+        stride=draw(st.sampled_from([None, s])), padding=p, dilation=d,
+        ceil_mode=draw(st.booleans()), dtype=draw(st.sampled_from([F32, F64])),
+        ties=draw(st.booleans()), seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cfg=pool_configs())
+def test_pool_hypothesis(fast_backend, cfg):
+    cfg = dict(cfg)
+    rng = np.random.default_rng(cfg.pop("seed"))
+    x_shape = cfg.pop("x_shape")
+    if cfg.pop("ties"):  # small integers: many ties, torch's first-maximum indices must match
+        cfg["x"] = rng.integers(-2, 3, x_shape).astype(cfg["dtype"])
+    check_pool(fast_backend, rng, x_shape, cfg.pop("kernel_size"), **cfg)
 
 
 # ------------------------------------------------------------------------------ ties
