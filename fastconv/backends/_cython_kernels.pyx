@@ -201,6 +201,11 @@ cdef int _fwd_nhwc_row(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] 
             for wb in range(_ceil_div(Wo, OWB)):
                 w0 = wb * OWB
                 nw = _min(OWB, Wo - w0)
+                if nw < OWB and Wo >= OWB:
+                    # Column tail: recompute an overlapping full block (same values written
+                    # twice) rather than run the slow tail kernel.
+                    w0 = Wo - OWB
+                    nw = OWB
                 if nw == OWB and nc == 64:
                     _fwd_block(xp, wt, bias, y, n, oh, g, c0, w0, sh, sw, dh, dw, 64)
                 elif nw == OWB and nc == 32:
@@ -403,40 +408,140 @@ def conv_grad_bias(const real[:, :, :, ::1] dy, real[::1] db):
 # ------------------------------------------------------------------------------ max-pool
 
 
-cdef int _pool_plane(const real[:, :, :, ::1] x, real[:, :, :, ::1] y, int64_t[:, :, :, ::1] idx,
-                      Py_ssize_t n, Py_ssize_t c, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
-                      Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t dh,
-                      Py_ssize_t dw) except -1 nogil:
-    cdef Py_ssize_t H = x.shape[2], W = x.shape[3], Ho = y.shape[2], Wo = y.shape[3]
-    cdef Py_ssize_t oh, ow, h0, h1, w0, w1, ih, iw, best
+cdef inline int _pool_one(const real[:, :, :, ::1] x, real[:, :, :, ::1] y,
+                          int64_t[:, :, :, ::1] idx, Py_ssize_t n, Py_ssize_t c, Py_ssize_t oh,
+                          Py_ssize_t ow, Py_ssize_t h0, Py_ssize_t h1, Py_ssize_t kw,
+                          Py_ssize_t sw, Py_ssize_t pw, Py_ssize_t dh,
+                          Py_ssize_t dw) except -1 nogil:
+    # One window, columns clipped to the input (border outputs). Rows h0..h1 come clipped.
+    cdef Py_ssize_t W = x.shape[3], w0, w1, ih, iw, best
+    cdef real v, m = -INFINITY
+    w0 = ow * sw - pw
+    w1 = _min(w0 + (kw - 1) * dw + 1, W)
+    while w0 < 0:
+        w0 += dw
+    best = h0 * W + w0
+    ih = h0
+    while ih < h1:
+        iw = w0
+        while iw < w1:
+            v = x[n, c, ih, iw]
+            # Strictly greater: the first maximum wins; a NaN always takes over, so the output
+            # is NaN and the index points at the last NaN of the window (PyTorch's rule).
+            if v > m or isnan(v):
+                m = v
+                best = ih * W + iw
+            iw += dw
+        ih += dh
+    y[n, c, oh, ow] = m
+    idx[n, c, oh, ow] = best
+    return 0
+
+
+cdef inline int _pool_row_full(const real[:, :, :, ::1] x, real[:, :, :, ::1] y,
+                               int64_t[:, :, :, ::1] idx, Py_ssize_t n, Py_ssize_t c,
+                               Py_ssize_t oh, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t h0,
+                               Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sw, Py_ssize_t pw,
+                               Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
+    # Interior outputs lo..hi of a row whose windows are entirely inside the input. The window
+    # loops are innermost; the call sites pass kh, kw, sw (and dh = dw = 1) as literals for the
+    # common pools, so they unroll and the loop over output columns vectorizes.
+    cdef Py_ssize_t W = x.shape[3], ow, a, b, col, pos, best
     cdef real v, m
+    cdef bint take
+    for ow in range(lo, hi):
+        col = ow * sw - pw
+        m = -INFINITY
+        best = h0 * W + col
+        for a in range(kh):
+            for b in range(kw):
+                pos = (h0 + a * dh) * W + col + b * dw
+                v = x[n, c, h0 + a * dh, col + b * dw]
+                take = (v > m) | (v != v)  # the NaN/first-maximum rule of _pool_one
+                m = v if take else m
+                best = pos if take else best
+        y[n, c, oh, ow] = m
+        idx[n, c, oh, ow] = best
+    return 0
+
+
+cdef inline int _pool_chunk(const real[:, :, :, ::1] x, real[:, :, :, ::1] y,
+                            int64_t[:, :, :, ::1] idx, Py_ssize_t n, Py_ssize_t c,
+                            Py_ssize_t oh, Py_ssize_t ow0, Py_ssize_t nw, Py_ssize_t h0,
+                            Py_ssize_t h1, Py_ssize_t kw, Py_ssize_t sw, Py_ssize_t pw,
+                            Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
+    # nw <= ROWB interior outputs of row oh (no column clipping). sw is a literal (1, 2) at the
+    # common call sites so that the strided loads vectorize.
+    cdef Py_ssize_t W = x.shape[3], ih, b, j, col
+    cdef real m[ROWB]
+    cdef int64_t best[ROWB]
+    cdef real v
+    cdef bint take
+    for j in range(nw):
+        m[j] = -INFINITY
+        best[j] = h0 * W + (ow0 + j) * sw - pw
+    ih = h0
+    while ih < h1:
+        for b in range(kw):
+            col = ow0 * sw - pw + b * dw
+            for j in range(nw):
+                v = x[n, c, ih, col + j * sw]
+                take = (v > m[j]) | (v != v)  # the NaN/first-maximum rule of _pool_one
+                m[j] = v if take else m[j]
+                best[j] = (ih * W + col + j * sw) if take else best[j]
+        ih += dh
+    for j in range(nw):
+        y[n, c, oh, ow0 + j] = m[j]
+        idx[n, c, oh, ow0 + j] = best[j]
+    return 0
+
+
+cdef int _pool_plane(const real[:, :, :, ::1] x, real[:, :, :, ::1] y,
+                     int64_t[:, :, :, ::1] idx, Py_ssize_t n, Py_ssize_t c, Py_ssize_t kh,
+                     Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                     Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
+    # Loop order: output rows; border columns (windows clipped by the -inf padding) one by one;
+    # interior columns in chunks, visiting the window offsets in PyTorch's row-major order with
+    # the innermost loop over output columns (branch-free select, vectorized).
+    cdef Py_ssize_t H = x.shape[2], W = x.shape[3], Ho = y.shape[2], Wo = y.shape[3]
+    cdef Py_ssize_t lo = _ceil_div(pw, sw)
+    cdef Py_ssize_t hi = Wo
+    cdef Py_ssize_t oh, ow, h0, h1, cb, ow0, nw
+    if W - 1 - (kw - 1) * dw + pw < 0:
+        hi = 0
+    else:
+        hi = _min(Wo, (W - 1 - (kw - 1) * dw + pw) // sw + 1)
+    if hi < lo:
+        hi = lo
+    if lo > Wo:
+        lo = hi = Wo
     for oh in range(Ho):
-        # Window rows clipped to the input once (the -inf padding never wins), as PyTorch does.
         h0 = oh * sh - ph
         h1 = _min(h0 + (kh - 1) * dh + 1, H)
         while h0 < 0:
             h0 += dh
-        for ow in range(Wo):
-            w0 = ow * sw - pw
-            w1 = _min(w0 + (kw - 1) * dw + 1, W)
-            while w0 < 0:
-                w0 += dw
-            m = -INFINITY
-            best = h0 * W + w0
-            ih = h0
-            while ih < h1:
-                iw = w0
-                while iw < w1:
-                    v = x[n, c, ih, iw]
-                    # Strictly greater: the first maximum wins; a NaN always takes over, so
-                    # the output is NaN and the index points at the last NaN (PyTorch's rule).
-                    if v > m or isnan(v):
-                        m = v
-                        best = ih * W + iw
-                    iw += dw
-                ih += dh
-            y[n, c, oh, ow] = m
-            idx[n, c, oh, ow] = best
+        for ow in range(lo):
+            _pool_one(x, y, idx, n, c, oh, ow, h0, h1, kw, sw, pw, dh, dw)
+        for ow in range(hi, Wo):
+            _pool_one(x, y, idx, n, c, oh, ow, h0, h1, kw, sw, pw, dh, dw)
+        if h0 == oh * sh - ph and h1 - h0 == (kh - 1) * dh + 1:  # no row clipped
+            if kh == 2 and kw == 2 and sw == 2 and dh == 1 and dw == 1:
+                _pool_row_full(x, y, idx, n, c, oh, lo, hi, h0, 2, 2, 2, pw, 1, 1)
+            elif kh == 3 and kw == 3 and sw == 2 and dh == 1 and dw == 1:
+                _pool_row_full(x, y, idx, n, c, oh, lo, hi, h0, 3, 3, 2, pw, 1, 1)
+            else:
+                _pool_row_full(x, y, idx, n, c, oh, lo, hi, h0, kh, kw, sw, pw, dh, dw)
+            continue
+        for cb in range(_ceil_div(hi - lo, ROWB)):
+            ow0 = lo + cb * ROWB
+            nw = _min(ROWB, hi - ow0)
+            if sw == 2:
+                _pool_chunk(x, y, idx, n, c, oh, ow0, nw, h0, h1, kw, 2, pw, dh, dw)
+            elif sw == 1:
+                _pool_chunk(x, y, idx, n, c, oh, ow0, nw, h0, h1, kw, 1, pw, dh, dw)
+            else:
+                _pool_chunk(x, y, idx, n, c, oh, ow0, nw, h0, h1, kw, sw, pw, dh, dw)
+    return 0
 
 
 def max_pool_fwd(const real[:, :, :, ::1] x, real[:, :, :, ::1] y, int64_t[:, :, :, ::1] idx,
