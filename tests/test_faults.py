@@ -217,7 +217,8 @@ def mnist_copy(tmp_path_factory):
         if name.startswith("train"):  # keep 500 of 60,000: same layout, quick to read
             header = 16 if "images" in name else 8
             item = 784 if "images" in name else 1
-            raw = raw[:4] + (500).to_bytes(4, "big") + raw[8:header] + raw[header:header + 500 * item]
+            body = raw[header:header + 500 * item]
+            raw = raw[:4] + (500).to_bytes(4, "big") + raw[8:header] + body
         (root / name).write_bytes(gzip.compress(raw, compresslevel=1))
     return root
 
@@ -293,8 +294,11 @@ print("ok")
 @pytest.mark.skipif("numba" not in TEST_BACKENDS, reason="numba backend not under test")
 def test_damaged_numba_cache_does_not_break_the_backend(tmp_path):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    run = lambda: subprocess.run([sys.executable, "-c", _CACHE_SCRIPT], capture_output=True,  # noqa: E731
-                                 text=True, timeout=300, env=env)
+
+    def run():
+        return subprocess.run([sys.executable, "-c", _CACHE_SCRIPT], capture_output=True,
+                              text=True, timeout=300, env=env)
+
     first = run()
     assert first.returncode == 0, first.stderr[-3000:]
     files = [p for p in tmp_path.rglob("*") if p.suffix in (".nbi", ".nbc")]

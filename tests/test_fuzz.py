@@ -27,7 +27,7 @@ import pytest
 from conftest import SLOW_BACKENDS, TEST_BACKENDS
 from fuzz_worker import outcome
 from helpers import check_conv, check_pool
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 CI_EXAMPLES = 30
@@ -102,11 +102,44 @@ def pool_configs(draw, tiny: bool):
     h = max(1, eff[0] - 2 * padding[0]) + draw(st.integers(0, extra))
     w = max(1, eff[1] - 2 * padding[1]) + draw(st.integers(0, extra))
     n, c = draw(st.integers(1, 2)), draw(st.integers(1, 2 if tiny else 4))
+    ceil_mode = draw(st.booleans())
+    s = k if stride is None else stride
+    # a window that sees only padding has no defined index (see test_pool_window_of_only_padding)
+    axes = zip((h, w), k, s, padding, dilation)
+    assume(not any(_padding_only_window(*axis, ceil_mode) for axis in axes))
     return dict(
         x_shape=(n, c, h, w), kernel_size=k, stride=stride, padding=padding, dilation=dilation,
-        ceil_mode=draw(st.booleans()), dtype=np.dtype(draw(st.sampled_from(FLOATS))),
+        ceil_mode=ceil_mode, dtype=np.dtype(draw(st.sampled_from(FLOATS))),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
+
+
+def _padding_only_window(size, k, s, p, d, ceil_mode) -> bool:
+    """Whether some pooling window along one axis has all its taps in the padding.
+
+    Output size by PyTorch's formula (a ceil_mode window starting in the right padding is
+    dropped)."""
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return any(all(not 0 <= o * s - p + d * t < size for t in range(k)) for o in range(out))
+
+
+def test_pool_window_of_only_padding():
+    """x 1x1, kernel (1, 2), padding (0, 1), dilation (1, 2): the one window's taps are at
+    columns -1 and 1, both padding. PyTorch returns -inf with index 1 (outside the 1x1 plane).
+    fastconv must either reject the geometry or accept its own index in the backward pass."""
+    import fastconv as fc
+
+    x = np.ones((1, 1, 1, 1), np.float32)
+    kw = dict(kernel_size=(1, 2), padding=(0, 1), dilation=(1, 2), backend="numpy")
+    try:
+        y, idx = fc.max_pool2d(x, **kw)
+    except ValueError:
+        return  # rejected: fine
+    dx = fc.max_pool2d_backward(np.ones_like(y), idx, x.shape, backend="numpy")
+    assert dx.shape == x.shape
 
 
 @pytest.mark.parametrize("backend", TEST_BACKENDS)

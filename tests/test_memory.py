@@ -238,7 +238,8 @@ def test_training_epoch_peak_memory_is_sane():
 
 def _describe(name, r) -> str:
     mib = lambda v: f"{v / 2**20:.0f} MiB"  # noqa: E731
-    text = f"{name} ru_maxrss {mib(r['peak_rss'])} (before the first step {mib(r['rss_before_training'])})"
+    text = (f"{name} ru_maxrss {mib(r['peak_rss'])} "
+            f"(before the first step {mib(r['rss_before_training'])})")
     if r["epoch_peak"] is not None:
         text += (f", epoch peak after a warm-up step {mib(r['epoch_peak'])} "
                  f"(+{mib(r['epoch_peak'] - r['rss_after_warmup'])} over the warm RSS)")
