@@ -277,7 +277,24 @@ def max_pool2d_args(x, kernel_size, stride, padding, dilation, ceil_mode):
             f"kernel of effective size {eff} (kernel_size {k}, dilation {d}) is larger than the "
             f"padded input {(h + 2 * p[0], w_ + 2 * p[1])} (input {(h, w_)}, padding {p})"
         )
+    for axis, size in enumerate((h, w_)):
+        if not _every_window_hits_input(size, k[axis], s[axis], p[axis], d[axis], out[axis]):
+            raise ValueError(
+                f"with kernel_size={k}, stride={s}, padding={p}, dilation={d} some pooling "
+                f"window of the {(h, w_)} input lies entirely in the padding; reduce padding "
+                "or dilation"
+            )
     return contiguous(x), PoolParams(k, s, p, d, bool(ceil_mode), (h, w_), out)
+
+
+def _every_window_hits_input(size, k, s, p, d, out) -> bool:
+    """True when every one of the ``out`` windows of one axis reads at least one input element.
+
+    With dilation a window can straddle the input and read only padding, which PyTorch answers
+    with -inf and an index outside the plane; fastconv refuses that geometry instead.
+    """
+    taps = (np.arange(out) * s - p)[:, None] + np.arange(k) * d
+    return bool(((taps >= 0) & (taps < size)).any(axis=1).all())
 
 
 def max_pool2d_backward_args(dy, idx, input_shape):
