@@ -11,8 +11,16 @@ Decisions (DESIGN §2, measured on a 2-core machine):
 * ``workqueue`` aborts the process when two Python threads launch parallel kernels at once. When
   it is the layer in use, every parallel kernel call takes one process-wide lock.
 * GNU OpenMP is not fork-safe: a child forked after the parent ran OpenMP threads would hang or be
-  terminated by Numba. In such a child the kernels run as serial (non-parallel) builds of the
-  same functions, compiled on first use, with one ``RuntimeWarning``.
+  terminated by Numba. So in a forked child:
+  - if this process had started Numba's ``omp`` pool, the kernels run as serial (non-parallel)
+    builds of the same functions, compiled on first use;
+  - else, if GNU libgomp is loaded (another library, e.g. a Cython ``prange`` extension, may
+    have started its threads) and the pool would be ``omp``, Numba is told to start the
+    fork-safe ``workqueue`` layer instead (calls then take the lock above);
+  each with one ``RuntimeWarning`` per process.
+* A process that already has GNU libgomp loaded when this module is first imported may be such a
+  child whose parent never imported this module (so no fork hook ran there): there, unless the
+  user chose a layer, Numba starts the ``workqueue`` layer rather than ``omp``.
 
 Thread count: Numba's own ``numba.set_num_threads`` / ``NUMBA_NUM_THREADS``.
 """
@@ -39,14 +47,46 @@ _serial_builds: dict = {}
 _warned = False
 
 
+def _gnu_openmp_loaded() -> bool:
+    """Whether the system GNU libgomp (the one Numba's omp layer links) is mapped here."""
+    try:
+        with open("/proc/self/maps") as f:
+            return any("/libgomp.so" in line for line in f)
+    except OSError:  # not Linux: assume the worst
+        return True
+
+
+def _omp_would_be_chosen() -> bool:
+    layer = numba.config.THREADING_LAYER
+    if layer in ("omp", "threadsafe", "forksafe", "safe"):
+        return layer != "forksafe"
+    if layer == "workqueue" or layer == "tbb":
+        return False
+    from importlib.util import find_spec
+
+    return find_spec("tbb") is None  # "default": tbb if installed, else omp
+
+
 def _after_fork_in_child():
-    global _forked_child, _launch_lock
+    global _forked_child, _launch_lock, _warned
     _launch_lock = threading.Lock()  # the parent's lock may have been held by another thread
     if _layer is not None or _started_in_parent:
         _forked_child = True
+    elif _omp_would_be_chosen() and _gnu_openmp_loaded():
+        numba.config.THREADING_LAYER = "workqueue"
+        _warned = True
+        warnings.warn(
+            "fastconv: this process was forked from one that had loaded GNU OpenMP, which is "
+            "not fork-safe; numba kernels use the 'workqueue' threading layer in this process",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+if _omp_would_be_chosen() and _gnu_openmp_loaded():
+    numba.config.THREADING_LAYER = "workqueue"
 
 
 def threading_layer() -> str | None:
