@@ -63,7 +63,7 @@ def _kernels(backend: str):
         xp = rng.standard_normal((2, 8, 16, 16)).astype(f32)
         convs = {
             "conv C_out=32": (rng.standard_normal((32, 8, 3, 3)).astype(f32), dict(padding=1)),
-            "conv grouped": (rng.standard_normal((8, 4, 3, 3)).astype(f32),
+            "conv grouped": (rng.standard_normal((16, 4, 3, 3)).astype(f32),
                              dict(padding=1, groups=2)),
         }
     calls = {}
