@@ -161,6 +161,8 @@ def main(argv=None):
                 t = time.perf_counter()
                 run(args.batches, args.warmup)
                 speed[key].append(args.batches * bs / (time.perf_counter() - t))
+        if args.profile and args.only != "torch":
+            profile_layers(model, x[:bs], y[:bs])
         if args.only:
             print(f"{name}: {args.only} {statistics.median(speed[args.only]):.0f} images/s")
             rows.append((name, statistics.median(speed[args.only])))
@@ -172,8 +174,6 @@ def main(argv=None):
         print(f"\n{name}: fastconv {f:.0f} images/s, torch {t:.0f} images/s, ratio {f / t:.2f}"
               f"\n  rounds fastconv {[round(v) for v in speed['fastconv']]}, "
               f"torch {[round(v) for v in speed['torch']]}\n  algorithms: {algos}")
-        if args.profile:
-            profile_layers(model, x[:bs], y[:bs])
     if args.only:
         return rows
     alone = {}
