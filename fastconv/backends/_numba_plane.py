@@ -13,7 +13,6 @@ zero-padded to a multiple of ``PCB``.
 
 from __future__ import annotations
 
-import numpy as np
 from numba import njit, prange
 
 from ._numba_options import PARALLEL, U

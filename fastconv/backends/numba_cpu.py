@@ -93,7 +93,8 @@ def _padded_input(conv, run, x, p):
 def _weight_gkkio(w, groups):
     """(C_out, C_in/G, kH, kW) -> (G, kH, kW, C_in/G, C_out/G), output channels innermost."""
     co, cg, kh, kw = w.shape
-    return np.ascontiguousarray(w.reshape(groups, co // groups, cg, kh, kw).transpose(0, 3, 4, 2, 1))
+    w6 = w.reshape(groups, co // groups, cg, kh, kw)
+    return np.ascontiguousarray(w6.transpose(0, 3, 4, 2, 1))
 
 
 def conv2d(x, w, b, p):
@@ -235,7 +236,7 @@ def _conv2d_backward_direct(conv, direct, run, dy, x, w, p, needs):
                      + np.arange(wo)[None, None, :] * (p.stride[1] * c_in)).ravel()
             dwk = np.empty((kh, kw * c_in, cp), x.dtype)
             nrb = -(-kw * c_in // direct.RB)
-            groups_r = max(1, min(nrb, -(-8 // (kh * (cp // direct.CB)))))
+            groups_r = max(1, min(nrb, -(-16 // (kh * (cp // direct.CB)))))  # >= 16 tasks
             run(direct.conv_grad_weight_direct, xp.reshape(n, hp, -1), dyt, xbase, dwk, c_in,
                 p.dilation[0], groups_r)
             dw = np.ascontiguousarray(
