@@ -1,15 +1,16 @@
 """NumPy backend: vectorized reference kernels, the oracle of the tests and the last fallback.
 
-Convolution is a sum over the kH*kW kernel taps of one batched matrix product each ("shifted
-GEMM"): the input is padded once, and for tap ``(i, j)`` the strided view
-``xp[:, :, i*dh :: sh, j*dw :: sw]`` (cropped to H_out x W_out) holds, for every output
-position, the input element that the tap multiplies. Per group, ``w[:, :, i, j] @ view`` is a
-``(C_out/g, C_in/g) @ (C_in/g, H_out*W_out)`` product (BLAS through ``np.matmul``). Memory stays
-O(input + output), unlike a full im2col matrix. Sums accumulate in the input dtype (float32 or
-float64), as BLAS does.
+Convolution is a sum over the kH*kW kernel taps of one matrix product each ("shifted GEMM"). The
+input is padded once and laid out channel-major, ``(C_in, N, Hp, Wp)``; for tap ``(i, j)`` the
+strided view ``xp[:, :, i*dh :: sh, j*dw :: sw]`` (cropped to H_out x W_out) holds, for every
+output position, the input element that the tap multiplies. Per group,
+``w[:, :, i, j] @ view`` is one ``(C_out/g, C_in/g) @ (C_in/g, N*H_out*W_out)`` product (BLAS
+through ``np.matmul``; the channel-major layout keeps the batch inside the matrix, because
+``np.matmul`` does not call BLAS for broadcast operands). Memory stays O(input + output), unlike
+a full im2col matrix. Sums accumulate in the input dtype (float32 or float64), as BLAS does.
 
-Max-pool runs over the kH*kW taps likewise, keeping a running maximum and index with PyTorch's
-update rule, so indices are torch's exactly. Arguments arrive validated by
+Max-pool runs over the kH*kW taps likewise, keeping a running maximum and the tap that holds it
+with PyTorch's update rule, so indices are torch's exactly. Arguments arrive validated by
 ``fastconv._validate`` (4-D, C-contiguous, one float dtype, N >= 1).
 """
 
@@ -26,7 +27,7 @@ def unavailable_reason():
 
 
 def _tap(a, i, j, p, out_hw):
-    """View of padded ``a`` (N, C, Hp, Wp) read by kernel tap ``(i, j)``: (N, C, H_out, W_out)."""
+    """View of padded ``a`` (A, B, Hp, Wp) read by kernel tap ``(i, j)``: (A, B, H_out, W_out)."""
     (sh, sw), (dh, dw) = p.stride, p.dilation
     ho, wo = out_hw
     return a[:, :, i * dh: i * dh + (ho - 1) * sh + 1: sh, j * dw: j * dw + (wo - 1) * sw + 1: sw]
@@ -40,21 +41,19 @@ def _conv_extent(x_shape, p):
     return (hp, wp), (min(h, hp - ph), min(w, wp - pw))
 
 
-def _zero_padded(x, p):
-    """x with zero padding: (top, left) = p.padding, bottom/right so every window fits (trailing
-    rows/columns that no window reaches are cropped)."""
+def _padded_channel_major(x, p):
+    """x as (C, N, Hp, Wp) with zero padding: (top, left) = p.padding, bottom/right so every
+    window fits (trailing rows/columns that no window reaches are cropped)."""
     n, c, h, w = x.shape
     (hp, wp), (hh, ww) = _conv_extent(x.shape, p)
     ph, pw = p.padding
-    if (ph, pw, hp, wp) == (0, 0, h, w):
-        return x
-    xp = np.zeros((n, c, hp, wp), x.dtype)
-    xp[:, :, ph: ph + hh, pw: pw + ww] = x[:, :, :hh, :ww]
+    xp = np.zeros((c, n, hp, wp), x.dtype)
+    xp[:, :, ph: ph + hh, pw: pw + ww] = x[:, :, :hh, :ww].transpose(1, 0, 2, 3)
     return xp
 
 
 def conv2d(x, w, b, p):
-    """y = conv2d(x, w) + b as a sum over kernel taps of batched matrix products.
+    """y = conv2d(x, w) + b as a sum over kernel taps of per-group matrix products.
 
     Parameters
     ----------
@@ -74,17 +73,17 @@ def conv2d(x, w, b, p):
     c_out, c_group, kh, kw = w.shape
     g = p.groups
     ho, wo = p.out_hw
-    xp = _zero_padded(x, p)
+    xp = _padded_channel_major(x, p)
     wg = w.reshape(g, c_out // g, c_group, kh, kw)
-    y = np.zeros((n, g, c_out // g, ho * wo), x.dtype)
+    y = np.zeros((g, c_out // g, n * ho * wo), x.dtype)
     for i in range(kh):
         for j in range(kw):
-            cols = _tap(xp, i, j, p, p.out_hw).reshape(n, g, c_group, ho * wo)
+            cols = _tap(xp, i, j, p, p.out_hw).reshape(g, c_group, n * ho * wo)
             y += np.ascontiguousarray(wg[:, :, :, i, j]) @ cols
     if b is not None:
         y += b.reshape(g, c_out // g, 1)
     record_algorithm("conv2d", "numpy:shifted-matmul")
-    return y.reshape(n, c_out, ho, wo)
+    return np.ascontiguousarray(y.reshape(c_out, n, ho, wo).transpose(1, 0, 2, 3))
 
 
 def conv2d_backward(dy, x, w, p, needs):
@@ -99,38 +98,38 @@ def conv2d_backward(dy, x, w, p, needs):
     Returns
     -------
     (dx, dw, db) : shaped like x, w and (C_out,), x's dtype, ``None`` for those not needed.
-    For tap ``(i, j)``: ``dx_pad[tap view] += w[:, :, i, j].T @ dy`` and
-    ``dw[:, :, i, j] = dy @ (tap view).T`` per group (summed over the batch and positions);
-    ``db = dy.sum((0, 2, 3))``.
+    For tap ``(i, j)``, per group: ``dx_pad[tap view] += w[:, :, i, j].T @ dy`` and
+    ``dw[:, :, i, j] = dy @ (tap view).T``, both reducing over (N, H_out, W_out) inside one
+    matrix product; ``db = dy.sum((0, 2, 3))``.
     """
     n, c_in, h, wd = x.shape
     c_out, c_group, kh, kw = w.shape
     g = p.groups
     og = c_out // g
     ho, wo = p.out_hw
-    hw = ho * wo
-    dy_g = dy.reshape(n, g, og, hw)
+    m = n * ho * wo
     dx = dw = db = None
+    if "input" in needs or "weight" in needs:
+        dy_c = np.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(g, og, m)
     if "input" in needs:
         (hp, wp), (hh, ww) = _conv_extent(x.shape, p)
-        dxp = np.zeros((n, c_in, hp, wp), x.dtype)
+        dxp = np.zeros((c_in, n, hp, wp), x.dtype)
         w_t = w.reshape(g, og, c_group, kh, kw).transpose(0, 2, 1, 3, 4)  # (g, Cg, og, kh, kw)
         for i in range(kh):
             for j in range(kw):
-                contrib = np.ascontiguousarray(w_t[:, :, :, i, j]) @ dy_g  # (n, g, Cg, hw)
-                _tap(dxp, i, j, p, p.out_hw)[...] += contrib.reshape(n, c_in, ho, wo)
+                contrib = np.ascontiguousarray(w_t[:, :, :, i, j]) @ dy_c  # (g, Cg, m)
+                _tap(dxp, i, j, p, p.out_hw)[...] += contrib.reshape(c_in, n, ho, wo)
         ph, pw = p.padding
         dx = np.zeros(x.shape, x.dtype)
-        dx[:, :, :hh, :ww] = dxp[:, :, ph: ph + hh, pw: pw + ww]
+        dx[:, :, :hh, :ww] = dxp[:, :, ph: ph + hh, pw: pw + ww].transpose(1, 0, 2, 3)
     if "weight" in needs:
-        xp = _zero_padded(x, p)
-        dy_t = dy_g.transpose(1, 2, 0, 3).reshape(g, og, n * hw)
+        xp = _padded_channel_major(x, p)
         dw = np.empty((g, og, c_group, kh, kw), x.dtype)
         for i in range(kh):
             for j in range(kw):
-                cols = _tap(xp, i, j, p, p.out_hw).reshape(n, g, c_group, hw)
-                cols = cols.transpose(1, 0, 3, 2).reshape(g, n * hw, c_group)
-                dw[:, :, :, i, j] = dy_t @ cols
+                cols = _tap(xp, i, j, p, p.out_hw).reshape(g, c_group, m)
+                for k in range(g):  # 2-D products: np.matmul skips BLAS for a stacked A @ B.T
+                    dw[k, :, :, i, j] = dy_c[k] @ cols[k].T
         dw = dw.reshape(w.shape)
     if "bias" in needs:
         db = dy.sum(axis=(0, 2, 3))
@@ -172,12 +171,8 @@ def max_pool2d(x, p):
     wp = max(pw + w, (wo - 1) * sw + dw * (kw - 1) + 1)
     xp = np.full((n, c, hp, wp), -np.inf, x.dtype)
     xp[:, :, ph: ph + h, pw: pw + w] = x
-    rows = np.arange(ho) * sh - ph  # input row of tap i=0, per output row
-    cols = np.arange(wo) * sw - pw
     best = np.full((n, c, ho, wo), -np.inf, x.dtype)
-    first = _first_in_bounds(ho, sh, ph, dh)[:, None] * w + _first_in_bounds(wo, sw, pw, dw)
-    arg = np.empty((n, c, ho, wo), np.int64)
-    arg[...] = first
+    tap = np.full((n, c, ho, wo), -1, np.int32)  # the tap holding the maximum; -1: none yet
     has_nan = bool(np.isnan(x).any())
     for i in range(kh):
         for j in range(kw):
@@ -186,9 +181,15 @@ def max_pool2d(x, p):
             take = v > best
             if has_nan:
                 take |= np.isnan(v)
-            flat = (rows[:, None] + i * dh) * w + (cols + j * dw)
             np.copyto(best, v, where=take)
-            np.copyto(arg, np.broadcast_to(flat, arg.shape), where=take)
+            np.copyto(tap, i * kw + j, where=take)
+    ti, tj = np.divmod(tap, kw)
+    rows = (np.arange(ho) * sh - ph)[:, None] + ti.astype(np.int64) * dh
+    cols = np.arange(wo) * sw - pw + tj.astype(np.int64) * dw
+    arg = rows * w + cols
+    # never replaced (every element -inf, or no element in the window): torch's start index
+    first = _first_in_bounds(ho, sh, ph, dh)[:, None] * w + _first_in_bounds(wo, sw, pw, dw)
+    np.copyto(arg, np.broadcast_to(first, arg.shape), where=tap < 0)
     record_algorithm("max_pool2d", "numpy:tap-running-max")
     return best, arg
 
