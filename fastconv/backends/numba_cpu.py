@@ -166,6 +166,19 @@ def conv2d_backward(dy, x, w, p, needs):
     return dx, dw, db
 
 
+def _grad_input_plane(plane, run, dy, w, x_shape, p):
+    """dx (stride 1) as the plane forward of padded dy with the flipped, transposed weight;
+    None when the padding exceeds the dilated kernel (dy would need cropping)."""
+    kh, kw = w.shape[2:]
+    (dh, dw_), (pt, pl) = p.dilation, p.padding
+    gt, gl = dh * (kh - 1) - pt, dw_ * (kw - 1) - pl
+    if p.stride != (1, 1) or gt < 0 or gl < 0:
+        return None
+    dx = np.empty(x_shape, dy.dtype)
+    wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    return _plane_forward(plane, run, dy, wflip, None, dx, gt, gl, dh, dw_)
+
+
 def _conv2d_backward_plane(run, dy, x, w, p, needs):
     """conv2d_backward through the padded-plane kernels (see ``_plane_ok``)."""
     from . import _numba_plane as plane
@@ -177,13 +190,11 @@ def _conv2d_backward_plane(run, dy, x, w, p, needs):
     dx = dwt = db = None
     algos = []
     if "input" in needs:
-        gt, gl = dh * (kh - 1) - pt, dw_ * (kw - 1) - pl
-        dx = np.empty_like(x)
-        if gt >= 0 and gl >= 0:  # dx = stride-1 conv of padded dy with the flipped weight
-            wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-            _plane_forward(plane, run, dy, wflip, None, dx, gt, gl, dh, dw_)
+        dx = _grad_input_plane(plane, run, dy, w, x.shape, p)
+        if dx is not None:
             algos.append("input:plane")
         else:
+            dx = np.empty_like(x)
             conv = _kernels()[0]
             dyt = run(conv.nchw_to_nhwc, dy, np.empty((n, ho, wo, c_out), dy.dtype))
             dxp = np.zeros((n, ho + dh * (kh - 1), wo + dw_ * (kw - 1), c_in), x.dtype)
@@ -213,7 +224,14 @@ def _conv2d_backward_direct(conv, direct, run, dy, x, w, p, needs):
     ho, wo = p.out_hw
     algos = []
     dx = dw = db = None
-    if "input" in needs:
+    if "input" in needs and c_in % direct.CB and p.stride == (1, 1):
+        # C_in is not a multiple of the channel block: the plane kernel wastes no channels
+        from . import _numba_plane as plane
+
+        dx = _grad_input_plane(plane, run, dy, w, x.shape, p)
+        if dx is not None:
+            algos.append("input:plane")
+    if "input" in needs and dx is None:
         dx = _grad_input_as_forward(conv, direct, run, dy, w, x.shape, p)
         algos.append("input:direct" if dx is not None else "input:generic")
         if dx is None:
