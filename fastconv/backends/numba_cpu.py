@@ -3,6 +3,24 @@
 The five backend functions (see ``fastconv._dispatch``) choose a kernel per shape, call it under
 the threading policy of ``_numba_threading`` and record which algorithm ran. Numba is imported
 when this module is first used, never by ``import fastconv``.
+
+Algorithms (the name recorded for ``fastconv.last_algorithm``):
+
+* ``numba:plane`` (``_numba_plane``): groups 1, stride 1, and few channels (C_in < 8 or
+  C_out < 32): the first layers. Vectorized over 64 consecutive output positions x 4 output
+  channels; grad-input is the same kernel on padded dy with the flipped weight; grad-weight is
+  dot products over whole padded planes, in 8 fixed image chunks summed serially.
+* ``numba:direct-nhwc-c64`` (``_numba_direct``): groups 1, unit column dilation, C_out >= 32.
+  NHWC, a 4-column x 64-channel register block over the (kW, C_in) run. Grad-input: the plane
+  kernel (stride 1 and C_in not a multiple of 64), else one direct forward call per stride
+  phase; grad-weight: 4-run-row x 64-channel blocks, each reducing over every output pixel.
+* ``numba:generic`` (``_numba_conv``): everything else (groups, depthwise, column dilation,
+  strided few-channel layers): NHWC loops vectorized over the group's output channels.
+* Max-pool: ``numba:k2s2`` (2x2, stride 2), else ``numba:generic`` (tap tables); backward
+  ``numba:scatter``. All follow PyTorch's index rules exactly.
+
+Every kernel gives the same result for every thread count (each parallel task owns its output;
+partial sums are over a fixed number of chunks, added in a fixed order).
 """
 
 from __future__ import annotations
