@@ -60,7 +60,7 @@ def pytest_generate_tests(metafunc):
         shapes = bench_shapes(metafunc.config, metafunc.module.KIND)
         metafunc.parametrize("shape", shapes, ids=[s.name for s in shapes])
     if "contender" in metafunc.fixturenames:
-        names = b.default_contenders(full=full_mode(metafunc.config))
+        names = b.default_contenders()
         metafunc.parametrize("contender", names, ids=[contender_id(n) for n in names])
 
 

@@ -103,19 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _resolve_contenders(parser, spec: str, full: bool) -> list:
+def _resolve_contenders(parser, spec: str) -> list:
+    import fastconv as fc
+
     from . import _bench as b
     from ._dispatch import BACKEND_MODULES
 
-    available = b.default_contenders(full=full)
     if spec == "all":
-        return available
+        return b.default_contenders()
+    available = b.default_contenders()
+    if "cuda" in fc.available_backends() and "cuda" not in available:
+        available.append("cuda")  # by name even under the simulator
     names = [n.strip() for n in spec.split(",") if n.strip()]
     for n in names:
         if n not in BACKEND_MODULES and n != "torch":
             parser.error(f"unknown backend {n!r}; known: {', '.join([*BACKEND_MODULES, 'torch'])}")
         if n not in available:
-            parser.error(f"backend {n!r} is not available here; available: "
+            reason = fc.backend_status().get(n) or "torch is not installed"
+            parser.error(f"backend {n!r} is not available here ({reason}); available: "
                          f"{', '.join(available)}")
     return list(dict.fromkeys(names))
 
@@ -163,8 +168,7 @@ def main(argv: list) -> int:
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         print(f"fastconv bench: error: {PLOT_HINT}", file=sys.stderr)
         return 2
-    full = any(s.name in b.SHAPES for s in shapes)
-    names = _resolve_contenders(parser, args.backends, full or args.scaling)
+    names = _resolve_contenders(parser, args.backends)
     threads = args.threads or _default_threads()
 
     if not args.no_reexec and os.environ.get(REEXEC_MARKER) != "1":

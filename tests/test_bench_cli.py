@@ -72,6 +72,14 @@ def test_unknown_shape_is_a_clear_error(capsys):
     assert "'Z'" in err and "P3" in err and "small" in err
 
 
+def test_unknown_backend_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        _bench_cli.main(["--backends", "numbaa", "--no-reexec"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "'numbaa'" in err and "numba" in err and "torch" in err
+
+
 def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch, tmp_path, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -105,7 +113,7 @@ def test_bench_small_prints_table_and_writes_json_and_png(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
 
-    contenders = b.default_contenders(full=False)
+    contenders = b.default_contenders()
     header = "| " + " | ".join(b.TABLE_COLUMNS) + " |"
     conv_groups = 2 * sum(s.kind == "conv" for s in b.SMALL_SHAPES.values())
     pool_groups = 2 * sum(s.kind == "pool" for s in b.SMALL_SHAPES.values())
