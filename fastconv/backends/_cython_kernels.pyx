@@ -48,7 +48,8 @@ cdef enum:
     COB = 64    # output channels per accumulator block (forward, grad-weight)
     CIB = 4     # input channels per accumulator block (grad-weight)
     CIS = 32    # input channels per grad-weight task
-    ROWB = 256  # output columns per row chunk (NCHW forward)
+    ROWB = 256  # output columns per row chunk (strided NCHW forward, max-pool)
+    PW = 64     # consecutive outputs per register block (stride-1 NCHW forward)
 
 
 cdef inline Py_ssize_t _min(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -93,29 +94,31 @@ def pad_nhwc(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t top,
             _pad_nhwc_row(x, out, t // Hp, t % Hp, top, left, uph, upw)
 
 
-cdef int _pad_nchw_plane(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t n,
-                          Py_ssize_t c, Py_ssize_t top, Py_ssize_t left, Py_ssize_t uph,
-                          Py_ssize_t upw) except -1 nogil:
-    cdef Py_ssize_t H = x.shape[2], W = x.shape[3], Hp = out.shape[2], Wp = out.shape[3]
+cdef int _pad_flat_plane(const real[:, :, :, ::1] x, real[:, :, ::1] out, Py_ssize_t n,
+                         Py_ssize_t c, Py_ssize_t top, Py_ssize_t left, Py_ssize_t uph,
+                         Py_ssize_t upw, Py_ssize_t Hp, Py_ssize_t Wp) except -1 nogil:
+    cdef Py_ssize_t H = x.shape[2], W = x.shape[3], L = out.shape[2]
     cdef Py_ssize_t r, i, j, j0, j1
     j0 = 0 if left >= 0 else _ceil_div(-left, upw)
     j1 = 0 if Wp - 1 - left < 0 else _min(W, (Wp - 1 - left) // upw + 1)
+    memset(&out[n, c, 0], 0, L * sizeof(real))
     for r in range(Hp):
-        memset(&out[n, c, r, 0], 0, Wp * sizeof(real))
         if r < top or (r - top) % uph != 0 or (r - top) // uph >= H:
             continue
         i = (r - top) // uph
         for j in range(j0, j1):
-            out[n, c, r, left + j * upw] = x[n, c, i, j]
+            out[n, c, r * Wp + left + j * upw] = x[n, c, i, j]
+    return 0
 
 
-def pad_nchw(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t top,
-             Py_ssize_t left, Py_ssize_t uph, Py_ssize_t upw):
-    """NCHW ``x`` -> zero-padded NCHW ``out`` (same placement rule as :func:`pad_nhwc`)."""
+def pad_flat(const real[:, :, :, ::1] x, real[:, :, ::1] out, Py_ssize_t top, Py_ssize_t left,
+             Py_ssize_t uph, Py_ssize_t upw, Py_ssize_t Hp, Py_ssize_t Wp):
+    """NCHW ``x`` -> zero-padded planes ``out`` (N, C, L) of Hp rows of pitch Wp (L >= Hp*Wp,
+    zero slack after), with the placement rule of :func:`pad_nhwc`."""
     cdef Py_ssize_t N = out.shape[0], C = out.shape[1], t
     with nogil:
         for t in prange(N * C, schedule="static"):
-            _pad_nchw_plane(x, out, t // C, t % C, top, left, uph, upw)
+            _pad_flat_plane(x, out, t // C, t % C, top, left, uph, upw, Hp, Wp)
 
 
 # ------------------------------------------------------------------------------ forward
@@ -232,16 +235,83 @@ def conv_fwd_nhwc(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] wt,
             _fwd_nhwc_row(xp, wt, bias, y, t // Ho, t % Ho, sh, sw, dh, dw)
 
 
-cdef int _fwd_nchw_plane(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] w,
-                          const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
-                          Py_ssize_t co, Py_ssize_t G, Py_ssize_t sh, Py_ssize_t sw,
-                          Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
+cdef inline int _flat_block(const real[:, :, ::1] xf, const real[:, :, :, ::1] w,
+                            const real[::1] bias, real[:, :, ::1] yf, Py_ssize_t n,
+                            Py_ssize_t co0, Py_ssize_t p0, Py_ssize_t cx0, Py_ssize_t Wp,
+                            Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t nb) except -1 nogil:
+    # PW (= 64) consecutive outputs of the padded-pitch grid x nb output channels (a literal:
+    # 4, 2 or 1), accumulated over every tap (c_in, kh, kw) in registers: per tap PW
+    # contiguous inputs times nb broadcast weights.
+    cdef Py_ssize_t CIG = w.shape[1], KH = w.shape[2], KW = w.shape[3], ci, kh, kw, v, b, off
+    cdef real acc[4 * PW]
+    cdef real xv
+    for b in range(nb):
+        for v in range(PW):
+            acc[b * PW + v] = bias[co0 + b]
+    for ci in range(CIG):
+        for kh in range(KH):
+            for kw in range(KW):
+                off = p0 + kh * dh * Wp + kw * dw
+                for v in range(PW):
+                    xv = xf[n, cx0 + ci, off + v]
+                    for b in range(nb):
+                        acc[b * PW + v] += xv * w[co0 + b, ci, kh, kw]
+    for b in range(nb):
+        for v in range(PW):
+            yf[n, co0 + b, p0 + v] = acc[b * PW + v]
+    return 0
+
+
+cdef int _fwd_flat_task(const real[:, :, ::1] xf, const real[:, :, :, ::1] w,
+                        const real[::1] bias, real[:, :, ::1] yf, Py_ssize_t n, Py_ssize_t g,
+                        Py_ssize_t G, Py_ssize_t Wp, Py_ssize_t dh,
+                        Py_ssize_t dw) except -1 nogil:
+    cdef Py_ssize_t COG = yf.shape[1] // G, CIG = w.shape[1], Lo = yf.shape[2]
+    cdef Py_ssize_t co, nb, pb, p0
+    for pb in range(Lo // PW):
+        p0 = pb * PW
+        co = g * COG
+        while co < (g + 1) * COG:
+            nb = (g + 1) * COG - co
+            if nb >= 4:
+                _flat_block(xf, w, bias, yf, n, co, p0, g * CIG, Wp, dh, dw, 4)
+                co += 4
+            elif nb >= 2:
+                _flat_block(xf, w, bias, yf, n, co, p0, g * CIG, Wp, dh, dw, 2)
+                co += 2
+            else:
+                _flat_block(xf, w, bias, yf, n, co, p0, g * CIG, Wp, dh, dw, 1)
+                co += 1
+    return 0
+
+
+def conv_fwd_flat(const real[:, :, ::1] xf, const real[:, :, :, ::1] w, const real[::1] bias,
+                  real[:, :, ::1] yf, Py_ssize_t groups, Py_ssize_t Wp, Py_ssize_t dh,
+                  Py_ssize_t dw):
+    """Stride-1 convolution for few output channels per group: padded planes ``xf`` (N, C_in, L)
+    of pitch Wp (see :func:`pad_flat`), OIHW ``w`` -> ``yf`` (N, C_out, Lo), the outputs on the
+    padded-pitch grid (row oh at ``oh*Wp``; columns >= W_out are garbage the caller drops).
+
+    Loop order: one task per (image, group); blocks of PW consecutive grid outputs x up to 4
+    output channels accumulate over all taps in registers, the innermost loop over contiguous
+    inputs (every output row is a contiguous run of the padded input shifted by the tap).
+    """
+    cdef Py_ssize_t N = yf.shape[0], t
+    with nogil:
+        for t in prange(N * groups, schedule="dynamic"):
+            _fwd_flat_task(xf, w, bias, yf, t // groups, t % groups, groups, Wp, dh, dw)
+
+
+cdef int _fwd_rows_plane(const real[:, :, ::1] xf, const real[:, :, :, ::1] w,
+                         const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                         Py_ssize_t co, Py_ssize_t G, Py_ssize_t Wp, Py_ssize_t sh,
+                         Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
     cdef Py_ssize_t CIG = w.shape[1], KH = w.shape[2], KW = w.shape[3]
     cdef Py_ssize_t Ho = y.shape[2], Wo = y.shape[3], COG = y.shape[1] // G
     cdef Py_ssize_t g = co // COG
     cdef real acc[ROWB]
     cdef real wv
-    cdef Py_ssize_t oh, wb, w0, nw, ci, kh, kw, j, ih, base
+    cdef Py_ssize_t oh, wb, w0, nw, ci, kh, kw, j, base
     for oh in range(Ho):
         for wb in range(_ceil_div(Wo, ROWB)):
             w0 = wb * ROWB
@@ -250,29 +320,27 @@ cdef int _fwd_nchw_plane(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] w
                 acc[j] = bias[co]
             for ci in range(CIG):
                 for kh in range(KH):
-                    ih = oh * sh + kh * dh
                     for kw in range(KW):
                         wv = w[co, ci, kh, kw]
-                        base = w0 * sw + kw * dw
+                        base = (oh * sh + kh * dh) * Wp + w0 * sw + kw * dw
                         for j in range(nw):
-                            acc[j] += wv * xp[n, g * CIG + ci, ih, base + j * sw]
+                            acc[j] += wv * xf[n, g * CIG + ci, base + j * sw]
             for j in range(nw):
                 y[n, co, oh, w0 + j] = acc[j]
+    return 0
 
 
-def conv_fwd_nchw(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] w,
-                  const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t groups,
-                  Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw):
-    """Direct convolution of padded NCHW ``xp`` with OIHW ``w`` into NCHW ``y``, plus ``bias``.
-
-    For few output channels per group (where vectorizing over channels does not pay). Loop
-    order: one task per (image, output channel); the innermost loop runs over output columns
-    (contiguous input for stride 1), accumulating a row chunk in a local array.
+def conv_fwd_rows(const real[:, :, ::1] xf, const real[:, :, :, ::1] w, const real[::1] bias,
+                  real[:, :, :, ::1] y, Py_ssize_t groups, Py_ssize_t Wp, Py_ssize_t sh,
+                  Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw):
+    """Strided convolution for few output channels per group: padded planes ``xf`` (N, C_in, L)
+    of pitch Wp, OIHW ``w`` -> NCHW ``y``. Loop order: one task per (image, output channel);
+    the innermost loop runs over a chunk of an output row, accumulating in a local array.
     """
     cdef Py_ssize_t N = y.shape[0], C = y.shape[1], t
     with nogil:
         for t in prange(N * C, schedule="static"):
-            _fwd_nchw_plane(xp, w, bias, y, t // C, t % C, groups, sh, sw, dh, dw)
+            _fwd_rows_plane(xf, w, bias, y, t // C, t % C, groups, Wp, sh, sw, dh, dw)
 
 
 # ------------------------------------------------------------------------------ backward

@@ -7,8 +7,9 @@ only arranges layouts (zero-padded NHWC input, weights as (G, kH, kW, C_in/G, C_
 allocates outputs and picks an algorithm:
 
 * forward ``direct-nhwc``: blocks of output columns x output channels, innermost loop over
-  contiguous output channels; ``direct-nchw`` when a group has fewer than ``NCHW_MAX_COUT``
-  output channels (vectorizes over output columns instead).
+  contiguous output channels. When a group has fewer than ``NCHW_MAX_COUT`` output channels:
+  ``direct-nchw-flat`` (stride 1: blocks of consecutive outputs on the padded-pitch grid x up
+  to 4 channels, vectorized over outputs) or ``direct-nchw-rows`` (strided).
 * grad-input: the forward kernel on ``dy`` (zero-inserted by the stride, padded by
   ``dilation*(k-1) - padding``) with flipped, transposed weights.
 * grad-weight: a blocked GEMM reducing over all output pixels, one task per weight block.
@@ -32,8 +33,9 @@ else:
 #: Whether the compiled extension was built with OpenMP (False when it is missing).
 OPENMP: bool = bool(getattr(_k, "OPENMP", False))
 
-#: Output channels per group below which the forward uses the NCHW kernel.
+#: Output channels per group below which the forward uses the NCHW kernels.
 NCHW_MAX_COUT = 16
+_PW = 64  # outputs per block of the flat NCHW kernel (PW in the .pyx)
 
 
 def unavailable_reason() -> str | None:
@@ -61,9 +63,9 @@ def _padded_nhwc(x, top, left, up, hp, wp):
     return out
 
 
-def _padded_nchw(x, top, left, up, hp, wp):
-    out = np.empty((x.shape[0], x.shape[1], hp, wp), x.dtype)
-    _k.pad_nchw(x, out, top, left, *up)
+def _padded_flat(x, top, left, up, hp, wp, length):
+    out = np.empty((x.shape[0], x.shape[1], length), x.dtype)
+    _k.pad_flat(x, out, top, left, *up, hp, wp)
     return out
 
 
@@ -80,11 +82,21 @@ def _direct(x, w, bias, groups, out_hw, top, left, up, stride, dilation):
     wp = (out_hw[1] - 1) * sw + dw * (kw - 1) + 1
     if bias is None:
         bias = np.zeros(c_out, x.dtype)
+    if c_out // groups < NCHW_MAX_COUT and sh == sw == 1:
+        # Outputs on the padded-pitch grid, in blocks of PW; slack so the last block's taps
+        # stay inside the buffer.
+        lo = -(-out_hw[0] * wp // _PW) * _PW
+        xf = _padded_flat(x, top, left, up, hp, wp,
+                          max(hp * wp, lo + dh * (kh - 1) * wp + dw * (kw - 1)))
+        yf = np.empty((n, c_out, lo), x.dtype)
+        _k.conv_fwd_flat(xf, w, bias, yf, groups, wp, dh, dw)
+        y = yf[:, :, : out_hw[0] * wp].reshape(n, c_out, out_hw[0], wp)[..., : out_hw[1]]
+        return np.ascontiguousarray(y), "direct-nchw-flat"
     y = np.empty((n, c_out, *out_hw), x.dtype)
     if c_out // groups < NCHW_MAX_COUT:
-        xp = _padded_nchw(x, top, left, up, hp, wp)
-        _k.conv_fwd_nchw(xp, w, bias, y, groups, sh, sw, dh, dw)
-        return y, "direct-nchw"
+        xf = _padded_flat(x, top, left, up, hp, wp, hp * wp)
+        _k.conv_fwd_rows(xf, w, bias, y, groups, wp, sh, sw, dh, dw)
+        return y, "direct-nchw-rows"
     xp = _padded_nhwc(x, top, left, up, hp, wp)
     _k.conv_fwd_nhwc(xp, _weights_gkkio(w, groups), bias, y, sh, sw, dh, dw)
     return y, "direct-nhwc"
