@@ -71,7 +71,8 @@ def _check_name(name) -> str:
         close = difflib.get_close_matches(str(name), list(BACKEND_MODULES), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(
-            f"unknown backend {name!r}{hint} Known backends: {', '.join(BACKEND_MODULES)}"
+            f"unknown backend {name!r}{hint} (available here: {', '.join(available_backends())};"
+            f" known: {', '.join(BACKEND_MODULES)})"
         )
     return name
 

@@ -160,6 +160,8 @@ def _conv_geometry(x_shape, w_shape, stride, padding, dilation, groups) -> ConvP
     groups = _int("groups", groups, 1)
     if c_in == 0:
         raise ValueError(f"x has 0 channels (shape {tuple(x_shape)}); expected at least 1")
+    if h == 0 or w_ == 0:
+        raise ValueError(f"x has an empty spatial dimension (shape {tuple(x_shape)})")
     if c_out == 0 or kh == 0 or kw == 0:
         raise ValueError(f"w has an empty dimension (shape {tuple(w_shape)})")
     if c_in % groups:
@@ -235,7 +237,9 @@ def conv2d_backward_args(dy, x, w, stride, padding, dilation, groups, needs):
         raise TypeError(f"needs must be a collection of {CONV_NEEDS}, got {needs!r}") from None
     unknown = needs_set - set(CONV_NEEDS)
     if unknown:
-        raise ValueError(f"needs has unknown entries {sorted(unknown)}; expected some of {CONV_NEEDS}")
+        raise ValueError(
+            f"needs has unknown entries {sorted(unknown, key=repr)}; expected some of {CONV_NEEDS}"
+        )
     return contiguous(dy), contiguous(x), contiguous(w), p, needs_set
 
 
@@ -265,8 +269,8 @@ def max_pool2d_args(x, kernel_size, stride, padding, dilation, ceil_mode):
             raise ValueError(
                 f"padding={p} must be at most half of kernel_size={k} (got {p[i]} > {k[i]}/2)"
             )
-    if x.shape[1] == 0:
-        raise ValueError(f"x has 0 channels (shape {tuple(x.shape)}); expected at least 1")
+    if 0 in tuple(x.shape[1:]):
+        raise ValueError(f"x has an empty channel or spatial dimension (shape {tuple(x.shape)})")
     h, w_ = x.shape[2], x.shape[3]
     out = tuple(
         pool_output_size((h, w_)[i], k[i], s[i], p[i], d[i], bool(ceil_mode)) for i in range(2)
