@@ -209,6 +209,31 @@ def test_threads_survive_the_workqueue_layer():
     assert not result["errors"] and not result["mismatches"], result
 
 
+_LAYER_SCRIPT = """
+import sys, numpy as np, fastconv as fc, numba
+if sys.argv[1] == "probe":
+    fc.available_backends()  # imports every backend module, cython's OpenMP extension included
+x = np.ones((2, 3, 8, 8), np.float32)
+fc.conv2d(x, np.ones((4, 3, 3, 3), np.float32), backend="numba")
+print(numba.threading_layer())
+"""
+
+
+@pytest.mark.skipif(not {"numba", "cython"} <= set(TEST_BACKENDS),
+                    reason="needs the numba and cython backends")
+def test_threading_layer_does_not_depend_on_probing_backends():
+    """Listing the backends first (``fastconv info``, this test suite's conftest) must not
+    change the threading layer numba then uses in an ordinary (not forked) process."""
+    layers = {}
+    for mode in ("plain", "probe"):
+        proc = subprocess.run([sys.executable, "-c", _LAYER_SCRIPT, mode], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        layers[mode] = proc.stdout.strip().splitlines()[-1]
+    print(f"numba threading layer: {layers}")
+    assert layers["probe"] == layers["plain"], layers
+
+
 FORK_CASES = [
     (["numba"], "numba"),
     (["cython"], "cython"),
