@@ -7,9 +7,11 @@ For each net (PyTorch's examples/mnist CNN and LeNet-5): the same initial weight
 (lr 1e-3), batch 64 of real MNIST images normalized per batch, softmax cross-entropy, dropout
 in training mode. Each framework trains ``--batches`` batches per round after a warm-up (JIT
 compiles, allocator); rounds alternate fastconv / PyTorch ``--rounds`` times and the median
-images/s of each is reported with their ratio. Both use ``--threads`` threads (2 by default:
-``numba.set_num_threads`` and ``torch.set_num_threads``). ``--profile`` adds a per-layer
-breakdown of one fastconv batch. Not a pytest file (pytest collects test_*.py / bench_*.py).
+images/s of each is reported with their ratio. PyTorch runs in a child process driven round by
+round (see :class:`TorchProcess`; ``--torch-process same`` keeps it in this one). Both use
+``--threads`` threads (2 by default: ``numba.set_num_threads`` and ``torch.set_num_threads``).
+``--profile`` adds a per-layer breakdown of one fastconv batch. Not a pytest file (pytest
+collects test_*.py / bench_*.py).
 """
 
 from __future__ import annotations
@@ -112,6 +114,65 @@ def profile_layers(model, x, y, reps=5):
               f"{1e3 * statistics.median(bwd[i]):8.2f}")
 
 
+class TorchProcess:
+    """PyTorch in its own process, driven round by round over a pipe.
+
+    Each framework then runs with its own OpenMP runtime settings: in one process, torch would
+    share Numba's GNU OpenMP library and its ``OMP_WAIT_POLICY=PASSIVE``, which on this loaded
+    2-core machine slowed torch's many small parallel regions by up to 100x (measured).
+    """
+
+    def __init__(self, args):
+        import subprocess
+        import sys
+
+        cmd = [sys.executable, __file__, "--serve-torch", "--batch-size", str(args.batch_size),
+               "--threads", str(args.threads), "--batches", str(args.batches),
+               "--warmup", str(args.warmup)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+
+    def call(self, *words) -> str:
+        self.proc.stdin.write(" ".join(map(str, words)) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the torch process died")
+        return line.strip()
+
+    def runner(self, name):
+        self.call("init", name)
+
+        def run(batches, start):
+            self.call("run", name, batches, start)
+        return run
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def serve_torch(args):
+    """The child side of :class:`TorchProcess` (never loads a fastconv backend)."""
+    import sys
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    bs = args.batch_size
+    x, y = load_images(bs * (args.batches + args.warmup), np.random.default_rng(0))
+    runners = {}
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "init":
+            model = nn.ARCHITECTURES[cmd[1]](rng=np.random.default_rng(1))
+            runners[cmd[1]] = torch_runner(torch_twin(model), x, y, bs)
+            print("ok", flush=True)
+        elif cmd[0] == "run":
+            runners[cmd[1]](int(cmd[2]), int(cmd[3]))
+            print("ok", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="mnist,lenet5")
@@ -121,38 +182,37 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--backend", default=None)
-    p.add_argument("--profile", action="store_true")
-    p.add_argument("--only", choices=["fastconv", "torch"], default=None,
-                   help="measure one framework (the torch-alone cross-check runs this way)")
-    p.add_argument("--no-torch-alone", action="store_true",
-                   help="skip the cross-check of PyTorch in a fresh process without fastconv")
+    p.add_argument("--profile", action="store_true",
+                   help="per-layer forward/backward times of one fastconv batch")
+    p.add_argument("--torch-process", choices=["separate", "same"], default="separate",
+                   help="run PyTorch in its own process (default) or in this one")
+    p.add_argument("--serve-torch", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.serve_torch:
+        return serve_torch(args)
 
     backend = args.backend or fc._dispatch.current_backend_name()
-    if args.only != "torch":
-        # Load the backend (and its threading policy, e.g. OMP_WAIT_POLICY=PASSIVE for numba's
-        # OpenMP) before torch, so both frameworks run under the same OpenMP settings.
-        fc._dispatch.get_backend(backend)
-        if backend == "numba":
-            import numba
+    # Load the backend (and its threading policy) before torch can load an OpenMP runtime.
+    fc._dispatch.get_backend(backend)
+    if backend == "numba":
+        import numba
 
-            numba.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
+    torch_proc = TorchProcess(args) if args.torch_process == "separate" else None
     import torch
 
     torch.set_num_threads(args.threads)
-    rng = np.random.default_rng(0)
     bs = args.batch_size
-    x, y = load_images(bs * (args.batches + args.warmup), rng)
-    print(f"fastconv backend {backend}, torch {torch.__version__}, {args.threads} threads, "
-          f"batch {bs}, {args.batches} batches x {args.rounds} rounds after {args.warmup} "
-          "warm-up batches")
+    x, y = load_images(bs * (args.batches + args.warmup), np.random.default_rng(0))
+    print(f"fastconv backend {backend}, torch {torch.__version__} ({args.torch_process} "
+          f"process), {args.threads} threads, batch {bs}, {args.batches} batches x "
+          f"{args.rounds} rounds after {args.warmup} warm-up batches")
     rows = []
     for name in args.models.split(","):
         model = nn.ARCHITECTURES[name](rng=np.random.default_rng(1), backend=backend)
         runners = {"fastconv": fastconv_runner(model, x, y, bs),
-                   "torch": torch_runner(torch_twin(model), x, y, bs)}
-        if args.only:
-            runners = {args.only: runners[args.only]}
+                   "torch": (torch_proc.runner(name) if torch_proc else
+                             torch_runner(torch_twin(model), x, y, bs))}
         for run in runners.values():
             run(args.warmup, 0)
         speed = {k: [] for k in runners}
@@ -161,43 +221,21 @@ def main(argv=None):
                 t = time.perf_counter()
                 run(args.batches, args.warmup)
                 speed[key].append(args.batches * bs / (time.perf_counter() - t))
-        if args.profile and args.only != "torch":
-            profile_layers(model, x[:bs], y[:bs])
-        if args.only:
-            print(f"{name}: {args.only} {statistics.median(speed[args.only]):.0f} images/s")
-            rows.append((name, statistics.median(speed[args.only])))
-            continue
         algos = ", ".join(f"{op}={fc.last_algorithm(op)}" for op in
                           ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward"))
         f, t = statistics.median(speed["fastconv"]), statistics.median(speed["torch"])
-        rows.append((name, f, t, f / t, speed))
+        rows.append((name, f, t, f / t))
         print(f"\n{name}: fastconv {f:.0f} images/s, torch {t:.0f} images/s, ratio {f / t:.2f}"
               f"\n  rounds fastconv {[round(v) for v in speed['fastconv']]}, "
               f"torch {[round(v) for v in speed['torch']]}\n  algorithms: {algos}")
-    if args.only:
-        return rows
-    alone = {}
-    if not args.no_torch_alone:
-        alone = _torch_alone(args)
-    print("\n| net | fastconv images/s | PyTorch images/s | ratio | PyTorch alone, fresh process |"
-          "\n| --- | ---: | ---: | ---: | ---: |")
-    for name, f, t, r, _ in rows:
-        print(f"| {name} | {f:.0f} | {t:.0f} | {r:.2f} | {alone.get(name, float('nan')):.0f} |")
+        if args.profile:
+            profile_layers(model, x[:bs], y[:bs])
+    if torch_proc:
+        torch_proc.close()
+    print("\n| net | fastconv images/s | PyTorch images/s | ratio |\n| --- | ---: | ---: | ---: |")
+    for name, f, t, r in rows:
+        print(f"| {name} | {f:.0f} | {t:.0f} | {r:.2f} |")
     return rows
-
-
-def _torch_alone(args) -> dict:
-    """PyTorch's images/s in a fresh process that never loads fastconv's backends."""
-    import re
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, __file__, "--only", "torch", "--models", args.models,
-           "--batches", str(args.batches), "--warmup", str(args.warmup),
-           "--rounds", str(args.rounds), "--batch-size", str(args.batch_size),
-           "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return {m: float(v) for m, v in re.findall(r"^(\w+): torch ([\d.]+) images/s", out, re.M)}
 
 
 if __name__ == "__main__":
