@@ -91,10 +91,12 @@ def test_nan_propagates_to_exactly_the_outputs_it_touches(rng):
 POOL_CASES = [
     ((2, 3, 8, 8), 2, dict(), "numba:k2s2"),
     ((2, 3, 9, 7), 2, dict(), "numba:k2s2"),
-    ((2, 3, 9, 7), 2, dict(ceil_mode=True), "numba:generic"),
-    ((2, 3, 9, 7), 3, dict(stride=2, padding=1, ceil_mode=True), "numba:generic"),
+    ((2, 3, 9, 7), 2, dict(ceil_mode=True), "numba:rows-s2"),
+    ((2, 3, 9, 7), 3, dict(stride=2, padding=1, ceil_mode=True), "numba:rows-s2"),
+    ((2, 3, 12, 11), (3, 4), dict(stride=(1, 2), padding=(1, 2), dilation=(2, 3)), "numba:rows-s2"),
     ((2, 3, 9, 7), (3, 2), dict(stride=(2, 1), padding=(1, 1), dilation=(2, 1)), "numba:generic"),
     ((1, 2, 11, 10), 3, dict(stride=1, padding=1), "numba:generic"),
+    ((1, 2, 11, 10), 3, dict(stride=3, padding=1, ceil_mode=True), "numba:generic"),
 ]
 
 
@@ -105,7 +107,8 @@ def test_pool_paths_match_torch(rng, x_shape, k, kw, algo, dtype):
     assert fc.last_algorithm("max_pool2d") == algo
 
 
-@pytest.mark.parametrize("k, kw", [(2, {}), (3, dict(stride=2, padding=1, ceil_mode=True))])
+@pytest.mark.parametrize("k, kw", [(2, {}), (3, dict(stride=2, padding=1, ceil_mode=True)),
+                                   (3, dict(stride=1, padding=1))])
 def test_pool_ties_nan_and_inf_follow_torch(rng, k, kw):
     """Ties keep the first maximum; NaN wins (torch points at the window's last NaN); -inf
     inputs and -inf padding give torch's indices."""

@@ -10,6 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._numba_options import PARALLEL, U
+from ._numba_stack import prefer_wide_vectors
 
 
 @njit(**PARALLEL)
@@ -51,6 +52,51 @@ def max_pool_forward(x, y, idx, h0, hn, w0, wn, dh, dw):
                             arg = rowi + j * dw
                 y1[U(dst + oh * wo + ow)] = best
                 i1[U(dst + oh * wo + ow)] = arg
+    return y, idx
+
+
+@njit(**PARALLEL)
+def max_pool_forward_s2(x, y, idx, h0, hn, w0, jlo, jhi, kw_, pw, dh, dw):
+    """:func:`max_pool_forward` for column stride 2 (same results), vectorized over ow.
+
+    Window ``(oh, ow)`` covers rows ``h0[oh] + i*dh`` for ``i < hn[oh]`` and the columns
+    ``ow*2 - pw + j*dw`` (j < kW) inside the input; tap column j is inside for
+    ``jlo[j] <= ow < jhi[j]``. These are the taps PyTorch visits (padding is -inf, so padded
+    taps never win), in the same row-major order. PyTorch's CPU rule, exactly: the argmax
+    starts at the first in-bounds tap ``(h0[oh], w0[ow])``, and a tap replaces the running
+    maximum when it is greater or NaN.
+    """
+    # Loop order: one task per (n, c) plane, owning its output plane. For each output row: tap
+    # row i, tap column j, then every output column at once (the running max and argmax live in
+    # the output row itself), so the innermost loop is a branch-free compare-and-select over
+    # ow that LLVM vectorizes (the stride is a constant 2: shuffles, not gathers), and each
+    # window still sees its taps in row-major order.
+    n_, c_, h_, w_ = x.shape
+    ho, wo = y.shape[2], y.shape[3]
+    x1 = x.ravel()
+    y1 = y.ravel()
+    i1 = idx.ravel()
+    for t in prange(n_ * c_):
+        prefer_wide_vectors()
+        src = t * h_ * w_
+        for oh in range(ho):
+            dst = (t * ho + oh) * wo
+            first = h0[oh] * w_
+            for ow in range(wo):
+                y1[U(dst + ow)] = -np.inf
+                i1[U(dst + ow)] = first + w0[ow]
+            for i in range(hn[oh]):
+                row = (h0[oh] + i * dh) * w_
+                for j in range(kw_):
+                    col = j * dw - pw
+                    for ow in range(jlo[j], jhi[j]):
+                        at = row + ow * 2 + col
+                        v = x1[U(src + at)]
+                        b = y1[U(dst + ow)]
+                        a = i1[U(dst + ow)]
+                        take = v > b or v != v
+                        y1[U(dst + ow)] = v if take else b
+                        i1[U(dst + ow)] = at if take else a
     return y, idx
 
 

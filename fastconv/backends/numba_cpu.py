@@ -16,7 +16,8 @@ Algorithms (the name recorded for ``fastconv.last_algorithm``):
   phase; grad-weight: 4-run-row x 64-channel blocks, each reducing over every output pixel.
 * ``numba:generic`` (``_numba_conv``): everything else (groups, depthwise, column dilation,
   strided few-channel layers): NHWC loops vectorized over the group's output channels.
-* Max-pool: ``numba:k2s2`` (2x2, stride 2), else ``numba:generic`` (tap tables); backward
+* Max-pool: ``numba:k2s2`` (2x2, stride 2, no padding), ``numba:rows-s2`` (column stride 2,
+  vectorized over output columns), else ``numba:generic`` (tap tables); backward
   ``numba:scatter``. All follow PyTorch's index rules exactly.
 
 Every kernel gives the same result for every thread count (each parallel task owns its output;
@@ -366,10 +367,19 @@ def max_pool2d(x, p):
         thr.run(pool.max_pool_forward_k2s2, x, y, idx)
         record_algorithm("max_pool2d", "numba:k2s2")
     else:
-        h0, hn = _pool_taps(h, ho, p.kernel_hw[0], p.stride[0], p.padding[0], p.dilation[0])
-        w0, wn = _pool_taps(w, wo, p.kernel_hw[1], p.stride[1], p.padding[1], p.dilation[1])
-        thr.run(pool.max_pool_forward, x, y, idx, h0, hn, w0, wn, *p.dilation)
-        record_algorithm("max_pool2d", "numba:generic")
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = p.kernel_hw, p.stride, p.padding, p.dilation
+        h0, hn = _pool_taps(h, ho, kh, sh, ph, dh)
+        w0, wn = _pool_taps(w, wo, kw, sw, pw, dw)
+        if sw == 2:
+            # output columns whose tap column j lies inside the input: 0 <= 2*ow - pw + j*dw < W
+            j = np.arange(kw, dtype=np.int64)
+            jlo = np.clip(-((j * dw - pw) // 2), 0, wo)
+            jhi = np.clip((w - 1 + pw - j * dw) // 2 + 1, jlo, wo)
+            thr.run(pool.max_pool_forward_s2, x, y, idx, h0, hn, w0, jlo, jhi, kw, pw, dh, dw)
+            record_algorithm("max_pool2d", "numba:rows-s2")
+        else:
+            thr.run(pool.max_pool_forward, x, y, idx, h0, hn, w0, wn, dh, dw)
+            record_algorithm("max_pool2d", "numba:generic")
     return y, idx
 
 
