@@ -270,8 +270,8 @@ def _run(args) -> int:
                   f"{dt:.1f} s ({hist['images_per_s'][-1]:.0f} images/s)", flush=True)
             pos.update(epoch=epoch + 1, batch=0, perm=None, loss_sum=0.0)
             _save_state(ckpt, model, optimizer, rng, args, pos)
-            if stop.requested:
-                return _interrupted(ckpt, model, optimizer, rng, args, pos)
+            if stop.requested and epoch + 1 < args.epochs:
+                return _interrupted(ckpt, model, optimizer, rng, args, pos, saved=True)
 
     model.save(args.save, metadata={"history": hist, "backend": backend})
     final = hist["test_accuracy"][-1] if hist["test_accuracy"] else float("nan")
@@ -285,8 +285,9 @@ def _run(args) -> int:
     return 0
 
 
-def _interrupted(ckpt, model, optimizer, rng, args, pos) -> int:
-    _save_state(ckpt, model, optimizer, rng, args, pos)
+def _interrupted(ckpt, model, optimizer, rng, args, pos, saved=False) -> int:
+    if not saved:
+        _save_state(ckpt, model, optimizer, rng, args, pos)
     print(f"interrupted at epoch {pos['epoch'] + 1}, batch {pos['batch']}: checkpoint written "
           f"to {ckpt}; continue with --resume", file=sys.stderr, flush=True)
     return EXIT_INTERRUPTED
