@@ -50,6 +50,8 @@ cdef enum:
     CIS = 32    # input channels per grad-weight task
     ROWB = 256  # output columns per row chunk (strided NCHW forward, max-pool)
     PW = 64     # consecutive outputs per register block (stride-1 NCHW forward)
+    VL = 16     # lanes of the partial sums (stride-1 grad-weight for few input channels)
+    TAPB = 32   # kernel taps per pass (stride-1 grad-weight for few input channels)
 
 
 cdef inline Py_ssize_t _min(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -453,6 +455,54 @@ def conv_grad_weight(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] dyn,
     with nogil:
         for t in prange(tasks, schedule="dynamic"):
             _dw_task(xp, dyn, dwt, t, sh, sw, dh, dw)
+
+
+cdef int _dw_flat_task(const real[:, :, ::1] xf, const real[:, :, ::1] dyf,
+                       real[:, :, :, ::1] dwo, Py_ssize_t t, Py_ssize_t G, Py_ssize_t Wp,
+                       Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
+    cdef Py_ssize_t CIG = dwo.shape[1], KH = dwo.shape[2], KW = dwo.shape[3]
+    cdef Py_ssize_t COG = dwo.shape[0] // G, N = dyf.shape[0], Lo = dyf.shape[2]
+    cdef Py_ssize_t co = t // CIG, ci = t % CIG, cx = (co // COG) * CIG + ci
+    cdef Py_ssize_t T = KH * KW, tb, t0, nt, tt, n, pb, p0, v
+    cdef Py_ssize_t offs[TAPB]
+    cdef real acc[TAPB * VL]
+    cdef real dv, s
+    for tb in range(_ceil_div(T, TAPB)):
+        t0 = tb * TAPB
+        nt = _min(TAPB, T - t0)
+        for tt in range(nt):
+            offs[tt] = ((t0 + tt) // KW) * dh * Wp + ((t0 + tt) % KW) * dw
+            for v in range(VL):
+                acc[tt * VL + v] = 0
+        for n in range(N):
+            for pb in range(Lo // VL):
+                p0 = pb * VL
+                for tt in range(nt):
+                    for v in range(VL):
+                        acc[tt * VL + v] += dyf[n, co, p0 + v] * xf[n, cx, p0 + offs[tt] + v]
+        for tt in range(nt):
+            s = 0
+            for v in range(VL):
+                s += acc[tt * VL + v]
+            dwo[co, ci, (t0 + tt) // KW, (t0 + tt) % KW] = s
+    return 0
+
+
+def conv_grad_weight_flat(const real[:, :, ::1] xf, const real[:, :, ::1] dyf,
+                          real[:, :, :, ::1] dwo, Py_ssize_t groups, Py_ssize_t Wp,
+                          Py_ssize_t dh, Py_ssize_t dw):
+    """Stride-1 weight gradient for few input channels: OIHW ``dwo`` from padded planes ``xf``
+    (N, C_in, L) and ``dyf`` (N, C_out, Lo), both of pitch Wp (dy zero outside its H_out x
+    W_out, see :func:`pad_flat`).
+
+    Loop order: one task per (output channel, input channel), which owns dwo[co, ci]; for
+    blocks of TAPB taps it walks every image's grid in VL-wide vectors, one partial sum per
+    lane and tap (the innermost loop over VL contiguous elements), then adds the lanes.
+    """
+    cdef Py_ssize_t tasks = dwo.shape[0] * dwo.shape[1], t
+    with nogil:
+        for t in prange(tasks, schedule="dynamic"):
+            _dw_flat_task(xf, dyf, dwo, t, groups, Wp, dh, dw)
 
 
 cdef int _db_channel(const real[:, :, :, ::1] dy, real[::1] db, Py_ssize_t c) except -1 nogil:

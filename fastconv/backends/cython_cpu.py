@@ -12,7 +12,9 @@ allocates outputs and picks an algorithm:
   to 4 channels, vectorized over outputs) or ``direct-nchw-rows`` (strided).
 * grad-input: the forward kernel on ``dy`` (zero-inserted by the stride, padded by
   ``dilation*(k-1) - padding``) with flipped, transposed weights.
-* grad-weight: a blocked GEMM reducing over all output pixels, one task per weight block.
+* grad-weight: a blocked GEMM reducing over all output pixels, one task per weight block
+  (``gemm-nhwc``); for stride 1 and few input channels, per-lane partial sums over the
+  padded-pitch grid (``flat-lanes``).
 * max-pool: one task per (n, c) plane; indices exactly as PyTorch's.
 """
 
@@ -36,6 +38,9 @@ OPENMP: bool = bool(getattr(_k, "OPENMP", False))
 #: Output channels per group below which the forward uses the NCHW kernels.
 NCHW_MAX_COUT = 16
 _PW = 64  # outputs per block of the flat NCHW kernel (PW in the .pyx)
+_VL = 16  # lanes of the flat grad-weight kernel (VL in the .pyx)
+#: Input channels per group below which a stride-1 grad-weight uses the flat kernel.
+FLAT_WEIGHT_MAX_CIN = 8
 
 
 def unavailable_reason() -> str | None:
@@ -135,7 +140,16 @@ def conv2d_backward(dy, x, w, p, needs):
         left = dwl * (kw - 1) - p.padding[1]
         dx, algo = _direct(dy, wf, None, g, p.in_hw, top, left, (sh, sw), (1, 1), p.dilation)
         algos.append(f"input={algo}")
-    if "weight" in needs:
+    if "weight" in needs and p.stride == (1, 1) and c_in_g < FLAT_WEIGHT_MAX_CIN:
+        ho, wo = p.out_hw
+        hp, wp = ho + dh * (kh - 1), wo + dwl * (kw - 1)
+        lo = -(-ho * wp // _VL) * _VL
+        xf = _padded_flat(x, *p.padding, (1, 1), hp, wp, lo + dh * (kh - 1) * wp + dwl * (kw - 1))
+        dyf = _padded_flat(dy, 0, 0, (1, 1), ho, wp, lo)
+        dw = np.empty(w.shape, x.dtype)
+        _k.conv_grad_weight_flat(xf, dyf, dw, g, wp, dh, dwl)
+        algos.append("weight=flat-lanes")
+    elif "weight" in needs:
         ho, wo = p.out_hw
         hp = (ho - 1) * sh + dh * (kh - 1) + 1
         wp = (wo - 1) * sw + dwl * (kw - 1) + 1
