@@ -87,7 +87,8 @@ def _same(a, b) -> bool:
 def threads_worker(backend: str) -> dict:
     """Serial results first, then every case from ``THREADS`` threads at once; compare."""
     threads = 2 if backend == "naive" else THREADS
-    cases = _cases(backend, np.random.default_rng(7))
+    cases = [(f"{name} {b}", fn) for b in backend.split("+")
+             for name, fn in _cases(b, np.random.default_rng(7))]
     serial = {name: fn() for name, fn in cases}
     barrier = threading.Barrier(threads)
     mismatches, errors = [], []
@@ -112,7 +113,7 @@ def threads_worker(backend: str) -> dict:
     out = {"backend": backend, "threads": threads, "cases": len(cases),
            "calls": threads * len(cases) * (ITERATIONS if backend != "naive" else 1),
            "mismatches": mismatches, "errors": errors}
-    if backend == "numba":
+    if "numba" in backend:
         import numba
 
         out["threading_layer"] = numba.threading_layer()
@@ -199,6 +200,14 @@ def test_threads_match_serial_bitwise(name, record_property):
     )
     if name == "numba":
         print(f"numba threading layer: {result['threading_layer']}")
+
+
+@pytest.mark.skipif(not {"numba", "cython"} <= set(TEST_BACKENDS),
+                    reason="needs the numba and cython backends")
+def test_threads_mixing_numba_and_cython_match_serial_bitwise():
+    """Both compiled backends share one GNU OpenMP runtime; threads use them at once."""
+    result = _run_script(["threads", "numba+cython"])
+    assert not result["errors"] and not result["mismatches"], result
 
 
 @pytest.mark.skipif("numba" not in TEST_BACKENDS, reason="numba backend not under test")
