@@ -13,7 +13,8 @@ Algorithms (the name recorded for ``fastconv.last_algorithm``):
 * ``numba:direct-nhwc-c64`` (``_numba_direct``): groups 1, unit column dilation, C_out >= 32.
   NHWC, a 4-column x 64-channel register block over the (kW, C_in) run. Grad-input: the plane
   kernel (stride 1 and C_in not a multiple of 64), else one direct forward call per stride
-  phase; grad-weight: 4-run-row x 64-channel blocks, each reducing over every output pixel.
+  phase; grad-weight: 4-run-row x 64-channel register blocks, each reducing over one of 8
+  fixed pixel chunks (partial sums added in order).
 * ``numba:generic`` (``_numba_conv``): everything else (groups, depthwise, column dilation,
   strided few-channel layers): NHWC loops vectorized over the group's output channels.
 * Max-pool: ``numba:k2s2`` (2x2, stride 2, no padding), ``numba:rows-s2`` (column stride 2,
@@ -271,11 +272,11 @@ def _conv2d_backward_direct(conv, direct, run, dy, x, w, p, needs):
             xbase = ((np.arange(n)[:, None, None] * hp
                       + np.arange(ho)[None, :, None] * p.stride[0]) * (wp * c_in)
                      + np.arange(wo)[None, None, :] * (p.stride[1] * c_in)).ravel()
-            dwk = np.empty((kh, kw * c_in, cp), x.dtype)
-            nrb = -(-kw * c_in // direct.RB)
-            groups_r = max(1, min(nrb, -(-16 // (kh * (cp // direct.CB)))))  # >= 16 tasks
-            run(direct.conv_grad_weight_direct, xp.reshape(n, hp, -1), dyt, xbase, dwk, c_in,
-                p.dilation[0], groups_r)
+            chunks = min(dyt.shape[0], WEIGHT_CHUNKS)
+            part = np.empty((chunks, kh, kw * c_in, cp), x.dtype)
+            run(direct.conv_grad_weight_direct, xp.reshape(n, hp, -1), dyt, xbase, part, c_in,
+                p.dilation[0])
+            dwk = _sum_chunks(part)
             dw = np.ascontiguousarray(
                 dwk.reshape(kh, kw, c_in, cp)[..., :c_out].transpose(3, 2, 0, 1))
             algos.append("weight:direct")
