@@ -350,12 +350,13 @@ def invalid_pool_configs(draw, backend: str):
             "seed": draw(st.integers(0, 2**31)), "mutation": m}
 
 
-def run_isolated(configs, backend_env=None, timeout=600) -> list:
+def run_isolated(configs, backend_env=None) -> list:
     """Outcomes of ``configs`` run in ``fuzz_worker.py`` subprocesses.
 
     A worker that dies is restarted after the config it died on, which is reported as
-    ``"crash"`` with the exit status.
+    ``"crash"`` with the exit status. A hung worker fails the test (``TimeoutExpired``).
     """
+    timeout = 120 + len(configs)  # imports and JIT compiles, then well under 1 s per call
     worker = os.path.join(os.path.dirname(__file__), "fuzz_worker.py")
     results = [None] * len(configs)
     start = 0
