@@ -129,33 +129,41 @@ def fork_worker(parent_backends: list, child_backend: str) -> dict:
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 4, 10, 10)).astype(np.float32)
     w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
-    reference = fc.conv2d(x, w, padding=1, backend="numpy" if "numpy" in fc.available_backends()
-                          else parent_backends[0])
-    ref_pool = fc.max_pool2d(x, 2, backend=parent_backends[0])[0]
+    # the NumPy backend is the reference (no backend probing: it would load other backends)
+    reference = fc.conv2d(x, w, padding=1, backend="numpy")
+    ref_pool = fc.max_pool2d(x, 2, backend="numpy")[0]
     for name in parent_backends:  # start each backend's threads in the parent
         fc.conv2d(x, w, padding=1, backend=name)
         fc.max_pool2d(x, 2, backend=name)
+    parent_layer = None
+    if "numba" in parent_backends:
+        import numba
+
+        parent_layer = numba.threading_layer()
     read_end, write_end = os.pipe()
+    recorder = warnings.catch_warnings(record=True)
+    caught = recorder.__enter__()  # also records warnings of at-fork hooks in the child
+    warnings.simplefilter("always")
     pid = os.fork()
     if pid == 0:  # child: never return into the caller's stack
         os.close(read_end)
         report = {}
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                y = fc.conv2d(x, w, padding=1, backend=child_backend)
-                y2 = fc.conv2d(x, w, padding=1, backend=child_backend)
-                yp = fc.max_pool2d(x, 2, backend=child_backend)[0]
+            y = fc.conv2d(x, w, padding=1, backend=child_backend)
+            y2 = fc.conv2d(x, w, padding=1, backend=child_backend)
+            yp = fc.max_pool2d(x, 2, backend=child_backend)[0]
             report = {
                 "ok": bool(np.allclose(y, reference, rtol=1e-4, atol=1e-4)
                            and np.array_equal(y, y2) and np.array_equal(yp, ref_pool)),
                 "warnings": [f"{w_.category.__name__}: {w_.message}" for w_ in caught],
+                "parent_layer": parent_layer,
             }
         except Exception as e:  # a clear Python error is an accepted guard
             report = {"ok": None, "error": f"{type(e).__name__}: {e}"}
         finally:
             os.write(write_end, json.dumps(report).encode())
             os._exit(0)
+    recorder.__exit__(None, None, None)
     os.close(write_end)
     import time
 
@@ -268,6 +276,9 @@ def test_call_in_forked_child(parent, child):
     # a fallback warns at most once per process, and says why
     assert len(result.get("warnings", [])) <= 1, result["warnings"]
     assert all("fork" in w for w in result.get("warnings", [])), result["warnings"]
+    if child == "numba" and result.get("parent_layer") == "omp" and result.get("ok"):
+        # _numba_threading's documented fallback: serial builds, with one warning
+        assert len(result["warnings"]) == 1 and "RuntimeWarning" in result["warnings"][0]
 
 
 if __name__ == "__main__":
