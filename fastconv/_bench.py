@@ -906,6 +906,8 @@ def plot_scaling(rows: list, path, title: str = ""):
                 ax.plot([r[key] for r in pts], [r["us_per_image"] for r in pts], "o-",
                         label=name)
             ax.set_xscale("log", base=2)
+            ticks = sorted({r[key] for r in sel})
+            ax.set_xticks(ticks, [str(t) for t in ticks])
             ax.set_yscale("log")
             ax.set_xlabel(key)
             ax.set_ylabel("µs / image")
