@@ -196,15 +196,16 @@ def _run(args, ops, shapes, names, threads, argv) -> int:
     print(f"`{command}` · float32 · median of {args.repeat} interleaved calls{naive} · "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
 
-    results, scaling, groups = [], [], {}
+    results, scaling, groups, failures = [], [], {}, []
     if args.scaling:
         contenders = [n for n in names if n in b.SCALING_BACKENDS] or names
         scaling = b.run_scaling(ops, contenders, args.repeat, args.scaling_batches,
-                                args.scaling_images, log=_log)
+                                args.scaling_images, log=_log, failures=failures)
     else:
         for op in ops:
             for shape in [s for s in shapes if op in b.ops_for(s)]:
-                group = b.run_group(op, shape, names, args.repeat, args.naive_work, log=_log)
+                group = b.run_group(op, shape, names, args.repeat, args.naive_work, log=_log,
+                                    failures=failures)
                 groups[(op, shape.name)] = (shape, group)
                 results.extend(group)
 
@@ -223,6 +224,11 @@ def _run(args, ops, shapes, names, threads, argv) -> int:
         for shape, group in op_groups:
             print(f"### {b.group_title(op, shape)}\n")
             print(b.markdown_table(group, peak["gflops"]) + "\n")
+    if failures:
+        print("## Failures (left out of the tables above)\n")
+        for op, shape, name, message in failures:
+            print(f"- {name} {op} {shape}: {message}")
+        print()
     print("## Machine\n")
     print(b.machine_line(info, peak))
     print(f"- SGEMM peak at start {peak_start['gflops']:.0f}, at end {peak_end['gflops']:.0f} "
@@ -238,7 +244,8 @@ def _run(args, ops, shapes, names, threads, argv) -> int:
                       peak={"start": peak_start, "end": peak_end, "used": peak["gflops"]},
                       results=[r.as_dict(groups[(r.op, r.shape)][1], peak["gflops"])
                                for r in results],
-                      scaling=scaling)
+                      scaling=scaling, failures=[dict(zip(("op", "shape", "contender",
+                                                          "error"), f)) for f in failures])
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
         _log(f"wrote {args.json}")
@@ -249,4 +256,4 @@ def _run(args, ops, shapes, names, threads, argv) -> int:
         else:
             b.plot(results, peak["gflops"], args.plot, title)
         _log(f"wrote {args.plot}")
-    return 0
+    return 1 if failures else 0

@@ -90,6 +90,23 @@ def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch, tmp_path, c
     assert not png.exists()
 
 
+@pytest.mark.skipif(not b.torch_available(), reason="the check's reference here is PyTorch")
+def test_a_wrong_result_is_reported_left_out_and_fails_the_run(monkeypatch, capsys):
+    real = b._fastconv_fn
+
+    def off_by_one_numpy(op, shape, backend, a):
+        fn = real(op, shape, backend, a)
+        return (lambda: tuple(o + 1 for o in fn())) if backend == "numpy" else fn
+
+    monkeypatch.setattr(b, "_fastconv_fn", off_by_one_numpy)
+    argv = ["--shapes", "s1", "--ops", "conv_fwd", "--backends", "numpy,naive,torch",
+            "--repeat", "1", "--sgemm-size", "64", "--no-reexec"]
+    assert _bench_cli.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "## Failures" in out and "- numpy conv_fwd s1: AssertionError" in out
+    assert "| naive (" in out and "| torch |" in out and "| numpy |" not in out
+
+
 def test_child_env_sets_malloc_thresholds_and_unsets_openblas_overrides():
     env = _bench_cli.child_env(3, {"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": "1",
                                    "PATH": "/bin", "OMP_NUM_THREADS": "8"})
