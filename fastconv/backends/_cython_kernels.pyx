@@ -7,7 +7,8 @@
 # on, so that any out-of-bounds access raises ``IndexError``: that is why the inner loops index
 # memoryviews instead of raw pointers.
 #
-# Parallelism: every ``prange`` task owns a disjoint part of the output (an output row, a
+# Parallelism: every ``prange`` task (dynamic schedule: a thread that the OS descheduled does
+# not hold up the others) owns a disjoint part of the output (an output row, a
 # weight block, an (n, c) plane), so results are race-free and do not depend on the thread
 # count or schedule. Each task calls a ``nogil`` helper whose local accumulator arrays live on
 # that thread's stack. Helpers are ``except -1`` (not ``noexcept``) so that in the debug build an
@@ -92,7 +93,7 @@ def pad_nhwc(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t top,
     """
     cdef Py_ssize_t N = out.shape[0], Hp = out.shape[1], t
     with nogil:
-        for t in prange(N * Hp, schedule="static"):
+        for t in prange(N * Hp, schedule="dynamic"):
             _pad_nhwc_row(x, out, t // Hp, t % Hp, top, left, uph, upw)
 
 
@@ -119,7 +120,7 @@ def pad_flat(const real[:, :, :, ::1] x, real[:, :, ::1] out, Py_ssize_t top, Py
     zero slack after), with the placement rule of :func:`pad_nhwc`."""
     cdef Py_ssize_t N = out.shape[0], C = out.shape[1], t
     with nogil:
-        for t in prange(N * C, schedule="static"):
+        for t in prange(N * C, schedule="dynamic"):
             _pad_flat_plane(x, out, t // C, t % C, top, left, uph, upw, Hp, Wp)
 
 
@@ -233,7 +234,7 @@ def conv_fwd_nhwc(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] wt,
     """
     cdef Py_ssize_t N = y.shape[0], Ho = y.shape[2], t
     with nogil:
-        for t in prange(N * Ho, schedule="static"):
+        for t in prange(N * Ho, schedule="dynamic"):
             _fwd_nhwc_row(xp, wt, bias, y, t // Ho, t % Ho, sh, sw, dh, dw)
 
 
@@ -341,7 +342,7 @@ def conv_fwd_rows(const real[:, :, ::1] xf, const real[:, :, :, ::1] w, const re
     """
     cdef Py_ssize_t N = y.shape[0], C = y.shape[1], t
     with nogil:
-        for t in prange(N * C, schedule="static"):
+        for t in prange(N * C, schedule="dynamic"):
             _fwd_rows_plane(xf, w, bias, y, t // C, t % C, groups, Wp, sh, sw, dh, dw)
 
 
@@ -519,7 +520,7 @@ def conv_grad_bias(const real[:, :, :, ::1] dy, real[::1] db):
     """``db[c] = sum(dy[:, c])``; one task per channel."""
     cdef Py_ssize_t c
     with nogil:
-        for c in prange(dy.shape[1], schedule="static"):
+        for c in prange(dy.shape[1], schedule="dynamic"):
             _db_channel(dy, db, c)
 
 
@@ -668,7 +669,7 @@ def max_pool_fwd(const real[:, :, :, ::1] x, real[:, :, :, ::1] y, int64_t[:, :,
     """Max-pool NCHW ``x`` into ``y`` with int64 flat indices ``idx``; one task per plane."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], t
     with nogil:
-        for t in prange(N * C, schedule="static"):
+        for t in prange(N * C, schedule="dynamic"):
             _pool_plane(x, y, idx, t // C, t % C, kh, kw, sh, sw, ph, pw, dh, dw)
 
 
@@ -687,5 +688,5 @@ def max_pool_bwd(const real[:, :, :, ::1] dy, const int64_t[:, :, :, ::1] idx,
     """Scatter-add ``dy`` into ``dx`` (N*C, H*W) at ``idx``; one task per plane."""
     cdef Py_ssize_t N = dy.shape[0], C = dy.shape[1], t
     with nogil:
-        for t in prange(N * C, schedule="static"):
+        for t in prange(N * C, schedule="dynamic"):
             _unpool_plane(dy, idx, dx, t // C, t % C)

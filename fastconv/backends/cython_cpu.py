@@ -20,9 +20,17 @@ allocates outputs and picks an algorithm:
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .._dispatch import record_algorithm
+
+# OpenMP threads that keep spinning after a parallel region starve every other thread pool on a
+# small machine (PyTorch's, OpenBLAS's, Numba's): on 2 shared cores a kernel that follows a
+# spinning pool waits a scheduler quantum. Like the numba backend, ask libgomp to sleep at once
+# unless the user chose; it reads the variable when the extension first loads it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     from . import _cython_kernels as _k
