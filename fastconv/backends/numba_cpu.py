@@ -158,26 +158,24 @@ def conv2d_backward(dy, x, w, p, needs):
         return _conv2d_backward_plane(run, dy, x, w, p, needs)
     if _direct_ok(p, c_out):
         return _conv2d_backward_direct(conv, direct, run, dy, x, w, p, needs)
-    dyt = run(conv.nchw_to_nhwc, dy, np.empty((dy.shape[0], *dy.shape[2:], dy.shape[1]), dy.dtype))
+    n, ho, wo = dy.shape[0], dy.shape[2], dy.shape[3]
+    dyt = run(conv.nchw_to_nhwc, dy, np.empty((n, ho, wo, c_out), dy.dtype))
     wr = _weight_gkkio(w, p.groups)
     dx = dw = db = None
     if "input" in needs:
-        n, c, h, w_ = x.shape
         (sh, sw), (dh, dwl) = p.stride, p.dilation
-        (kh, kw), (ho, wo) = p.kernel_hw, p.out_hw
         hp = (ho - 1) * sh + dh * (kh - 1) + 1
         wp = (wo - 1) * sw + dwl * (kw - 1) + 1
-        dxp = np.zeros((n, hp, wp, c), x.dtype)
+        dxp = np.zeros((n, hp, wp, x.shape[1]), x.dtype)  # all C_in (w has C_in/groups)
         run(conv.conv_grad_input_generic, dyt, wr, dxp, *p.stride, *p.dilation)
         dx = run(conv.crop_nhwc_to_nchw, dxp, np.empty_like(x), p.padding[0], p.padding[1])
     if "weight" in needs or "bias" in needs:
         xp = _padded_input(conv, run, x, p)
-        chunks = min(x.shape[0], WEIGHT_CHUNKS)
+        chunks = min(n, WEIGHT_CHUNKS)
         part = np.zeros((chunks, *wr.shape), x.dtype)
         partb = np.zeros((chunks, w.shape[0]), x.dtype)
         run(conv.conv_grad_weight_generic, xp, dyt, part, partb, *p.stride, *p.dilation)
         if "weight" in needs:
-            g, kh, kw, cg, og = wr.shape
             dwr = _sum_chunks(part)
             dw = np.ascontiguousarray(dwr.transpose(0, 4, 3, 1, 2)).reshape(w.shape)
         if "bias" in needs:
