@@ -18,9 +18,11 @@ Decisions (DESIGN §2, measured on a 2-core machine):
     have started its threads) and the pool would be ``omp``, Numba is told to start the
     fork-safe ``workqueue`` layer instead (calls then take the lock above);
   each with one ``RuntimeWarning`` per process.
-* A process that already has GNU libgomp loaded when this module is first imported may be such a
-  child whose parent never imported this module (so no fork hook ran there): there, unless the
-  user chose a layer, Numba starts the ``workqueue`` layer rather than ``omp``.
+* A child forked from a process that used GNU OpenMP but never imported this module has no fork
+  hook to run. It is recognised when this module is first imported: libgomp is mapped at the
+  same address as in the parent process (an exec'd process maps it elsewhere). There too, unless
+  the user chose a layer, Numba starts the ``workqueue`` layer, with one warning. An ordinary
+  process keeps Numba's default choice whatever other backends it loaded.
 
 Thread count: Numba's own ``numba.set_num_threads`` / ``NUMBA_NUM_THREADS``.
 """
@@ -47,13 +49,38 @@ _serial_builds: dict = {}
 _warned = False
 
 
-def _gnu_openmp_loaded() -> bool:
-    """Whether the system GNU libgomp (the one Numba's omp layer links) is mapped here."""
+def _gnu_openmp_mapping(pid="self") -> str | None:
+    """Address range of the system GNU libgomp (the one Numba's omp layer links) in process
+    ``pid``, or None when it is not mapped there (or /proc cannot tell)."""
     try:
-        with open("/proc/self/maps") as f:
-            return any("/libgomp.so" in line for line in f)
-    except OSError:  # not Linux: assume the worst
-        return True
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                if "/libgomp.so" in line:
+                    return line.split()[0]
+    except OSError:
+        pass
+    return None
+
+
+def _gnu_openmp_loaded() -> bool:
+    return _gnu_openmp_mapping() is not None
+
+
+def _forked_from_gnu_openmp_parent() -> bool:
+    mine = _gnu_openmp_mapping()
+    return mine is not None and mine == _gnu_openmp_mapping(os.getppid())
+
+
+def _use_workqueue_after_fork():
+    global _warned
+    numba.config.THREADING_LAYER = "workqueue"
+    _warned = True
+    warnings.warn(
+        "fastconv: this process was forked from one that had loaded GNU OpenMP, which is "
+        "not fork-safe; numba kernels use the 'workqueue' threading layer in this process",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _omp_would_be_chosen() -> bool:
@@ -68,25 +95,18 @@ def _omp_would_be_chosen() -> bool:
 
 
 def _after_fork_in_child():
-    global _forked_child, _launch_lock, _warned
+    global _forked_child, _launch_lock
     _launch_lock = threading.Lock()  # the parent's lock may have been held by another thread
     if _layer is not None or _started_in_parent:
         _forked_child = True
     elif _omp_would_be_chosen() and _gnu_openmp_loaded():
-        numba.config.THREADING_LAYER = "workqueue"
-        _warned = True
-        warnings.warn(
-            "fastconv: this process was forked from one that had loaded GNU OpenMP, which is "
-            "not fork-safe; numba kernels use the 'workqueue' threading layer in this process",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        _use_workqueue_after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
-if _omp_would_be_chosen() and _gnu_openmp_loaded():
-    numba.config.THREADING_LAYER = "workqueue"
+if _omp_would_be_chosen() and _forked_from_gnu_openmp_parent():
+    _use_workqueue_after_fork()
 
 
 def threading_layer() -> str | None:
