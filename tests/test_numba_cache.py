@@ -61,3 +61,15 @@ def test_writable_cache_dir_is_used_without_warning(tmp_path):
     ok, cache, messages = _run(NUMBA_CACHE_DIR=str(tmp_path))
     assert ok and cache is True and messages == []
     assert any(p.suffix == ".nbi" for p in tmp_path.rglob("*")), "nothing was cached"
+
+
+def test_damaged_cache_files_recompile_with_one_warning(tmp_path):
+    assert _run(NUMBA_CACHE_DIR=str(tmp_path))[0]
+    files = sorted(p for p in tmp_path.rglob("*") if p.suffix in (".nbi", ".nbc"))
+    assert files
+    for i, p in enumerate(files):  # truncate some, overwrite the others with garbage
+        data = p.read_bytes()
+        p.write_bytes(data[: len(data) // 2] if i % 2 else b"\0garbage")
+    ok, cache, messages = _run(NUMBA_CACHE_DIR=str(tmp_path))
+    assert ok and cache is True
+    assert len(messages) == 1 and "damaged" in messages[0], messages

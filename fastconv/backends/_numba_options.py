@@ -8,7 +8,9 @@ Imported only by the numba backend modules (``import fastconv`` never imports nu
 * ``parallel=True``: kernels split their outermost ``prange`` over output-owning work items.
 * ``cache``: ``True`` when Numba can write its cache next to this file or in ``NUMBA_CACHE_DIR``;
   otherwise ``False`` with exactly one warning (a read-only install with no writable cache
-  directory must not break import or use, see :func:`cache_decision`).
+  directory must not break import or use, see :func:`cache_decision`). A damaged cache file
+  (truncated, overwritten) makes that kernel compile without its cache, with one warning
+  (:func:`drop_damaged_cache`).
 * ``error_model="numpy"``: integer division by zero cannot happen (validated geometry), and the
   Python error model would add a branch to every ``//`` and ``%``.
 * ``nogil=True``: calls from several Python threads run concurrently (see ``_numba_threading``).
@@ -18,6 +20,8 @@ Imported only by the numba backend modules (``import fastconv`` never imports nu
 from __future__ import annotations
 
 import os
+import threading
+import traceback
 import warnings
 
 import numpy as np
@@ -65,3 +69,31 @@ PARALLEL = dict(
 # parent already started GNU OpenMP threads (see ``_numba_threading``). Never cached: these are
 # rare, and the cache index does not tell parallel and serial builds of one function apart.
 SERIAL = dict(PARALLEL, parallel=False, cache=False)
+
+
+_damaged_lock = threading.Lock()
+_damaged_warned = False
+
+
+def _raised_by_numba_cache(exc: BaseException) -> bool:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any(f.filename.endswith(os.path.join("numba", "core", "caching.py")) for f in frames)
+
+
+def drop_damaged_cache(kernel, exc: BaseException) -> bool:
+    """If ``exc`` came from reading ``kernel``'s cache files, stop using that cache for it (one
+    warning per process) and return True: the caller retries, which compiles afresh."""
+    global _damaged_warned
+    if not _raised_by_numba_cache(exc) or isinstance(kernel._cache, caching.NullCache):
+        return False
+    with _damaged_lock:
+        kernel._cache = caching.NullCache()
+        if not _damaged_warned:
+            _damaged_warned = True
+            warnings.warn(
+                f"fastconv: Numba's cache of the fastconv kernels is damaged ({exc!r}); "
+                "compiling those kernels without it",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    return True

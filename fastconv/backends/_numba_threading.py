@@ -39,7 +39,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
 import numba  # noqa: E402  (after OMP_WAIT_POLICY on purpose)
 from numba import njit  # noqa: E402
 
-from ._numba_options import SERIAL  # noqa: E402
+from ._numba_options import SERIAL, drop_damaged_cache  # noqa: E402
 
 _launch_lock = threading.Lock()  # serializes calls while the layer is unknown or unsafe
 _layer: str | None = None  # numba.threading_layer() once the pool has started
@@ -132,6 +132,15 @@ def _serial(kernel):
     return build
 
 
+def _call(kernel, args):
+    try:
+        return kernel(*args)
+    except Exception as e:
+        if drop_damaged_cache(kernel, e):
+            return kernel(*args)
+        raise
+
+
 def run(kernel, *args):
     """Call the parallel ``kernel`` under the policy above; returns its result."""
     global _layer, _started_in_parent
@@ -139,12 +148,12 @@ def run(kernel, *args):
         return _serial(kernel)(*args)
     if _layer is None or _layer == "workqueue":
         with _launch_lock:
-            result = kernel(*args)
+            result = _call(kernel, args)
             if _layer is None:
                 _layer = numba.threading_layer()
                 _started_in_parent = True
         return result
-    return kernel(*args)
+    return _call(kernel, args)
 
 
 @njit(**dict(SERIAL, parallel=True, cache=False))
