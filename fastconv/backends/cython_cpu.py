@@ -7,7 +7,8 @@ only arranges layouts (zero-padded NHWC input, weights as (G, kH, kW, C_in/G, C_
 allocates outputs and picks an algorithm:
 
 * forward ``direct-nhwc``: blocks of output columns x output channels, innermost loop over
-  contiguous output channels. When a group has fewer than ``NCHW_MAX_COUT`` output channels:
+  contiguous output channels. When a group has fewer than ``NCHW_MAX_COUT`` output channels
+  or a single input channel:
   ``direct-nchw-flat`` (stride 1: blocks of consecutive outputs on the padded-pitch grid x up
   to 4 channels, vectorized over outputs) or ``direct-nchw-rows`` (strided).
 * grad-input: the forward kernel on ``dy`` (zero-inserted by the stride, padded by
@@ -95,7 +96,8 @@ def _direct(x, w, bias, groups, out_hw, top, left, up, stride, dilation):
     wp = (out_hw[1] - 1) * sw + dw * (kw - 1) + 1
     if bias is None:
         bias = np.zeros(c_out, x.dtype)
-    if c_out // groups < NCHW_MAX_COUT and sh == sw == 1:
+    few = c_out // groups < NCHW_MAX_COUT or c_in_g == 1
+    if few and sh == sw == 1:
         # Outputs on the padded-pitch grid, in blocks of PW; slack so the last block's taps
         # stay inside the buffer.
         lo = -(-out_hw[0] * wp // _PW) * _PW
@@ -106,7 +108,7 @@ def _direct(x, w, bias, groups, out_hw, top, left, up, stride, dilation):
         y = yf[:, :, : out_hw[0] * wp].reshape(n, c_out, out_hw[0], wp)[..., : out_hw[1]]
         return np.ascontiguousarray(y), "direct-nchw-flat"
     y = np.empty((n, c_out, *out_hw), x.dtype)
-    if c_out // groups < NCHW_MAX_COUT:
+    if few:
         xf = _padded_flat(x, top, left, up, hp, wp, hp * wp)
         _k.conv_fwd_rows(xf, w, bias, y, groups, wp, sh, sw, dh, dw)
         return y, "direct-nchw-rows"
