@@ -84,7 +84,7 @@ cdef int _pad_nhwc_row(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ss
 
 
 def pad_nhwc(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t top,
-             Py_ssize_t left, Py_ssize_t uph, Py_ssize_t upw):
+             Py_ssize_t left, Py_ssize_t uph, Py_ssize_t upw, bint serial=False):
     """NCHW ``x`` -> zero-padded NHWC ``out``:
     ``out[n, top + i*uph, left + j*upw, c] = x[n, c, i, j]``.
 
@@ -93,8 +93,12 @@ def pad_nhwc(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t top,
     """
     cdef Py_ssize_t N = out.shape[0], Hp = out.shape[1], t
     with nogil:
-        for t in prange(N * Hp, schedule="dynamic"):
-            _pad_nhwc_row(x, out, t // Hp, t % Hp, top, left, uph, upw)
+        if serial:  # see _serial_after_fork in cython_cpu
+            for t in range(N * Hp):
+                _pad_nhwc_row(x, out, t // Hp, t % Hp, top, left, uph, upw)
+        else:
+            for t in prange(N * Hp, schedule="dynamic"):
+                _pad_nhwc_row(x, out, t // Hp, t % Hp, top, left, uph, upw)
 
 
 cdef int _pad_flat_plane(const real[:, :, :, ::1] x, real[:, :, ::1] out, Py_ssize_t n,
@@ -115,13 +119,17 @@ cdef int _pad_flat_plane(const real[:, :, :, ::1] x, real[:, :, ::1] out, Py_ssi
 
 
 def pad_flat(const real[:, :, :, ::1] x, real[:, :, ::1] out, Py_ssize_t top, Py_ssize_t left,
-             Py_ssize_t uph, Py_ssize_t upw, Py_ssize_t Hp, Py_ssize_t Wp):
+             Py_ssize_t uph, Py_ssize_t upw, Py_ssize_t Hp, Py_ssize_t Wp, bint serial=False):
     """NCHW ``x`` -> zero-padded planes ``out`` (N, C, L) of Hp rows of pitch Wp (L >= Hp*Wp,
     zero slack after), with the placement rule of :func:`pad_nhwc`."""
     cdef Py_ssize_t N = out.shape[0], C = out.shape[1], t
     with nogil:
-        for t in prange(N * C, schedule="dynamic"):
-            _pad_flat_plane(x, out, t // C, t % C, top, left, uph, upw, Hp, Wp)
+        if serial:  # see _serial_after_fork in cython_cpu
+            for t in range(N * C):
+                _pad_flat_plane(x, out, t // C, t % C, top, left, uph, upw, Hp, Wp)
+        else:
+            for t in prange(N * C, schedule="dynamic"):
+                _pad_flat_plane(x, out, t // C, t % C, top, left, uph, upw, Hp, Wp)
 
 
 # ------------------------------------------------------------------------------ forward
@@ -224,7 +232,7 @@ cdef int _fwd_nhwc_row(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] 
 
 def conv_fwd_nhwc(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] wt,
                   const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t sh, Py_ssize_t sw,
-                  Py_ssize_t dh, Py_ssize_t dw):
+                  Py_ssize_t dh, Py_ssize_t dw, bint serial=False):
     """Direct convolution of padded NHWC ``xp`` (N, Hp, Wp, C_in) with ``wt``
     (G, kH, kW, C_in/G, C_out/G) into NCHW ``y`` (N, C_out, H_out, W_out), plus ``bias``.
 
@@ -234,8 +242,12 @@ def conv_fwd_nhwc(const real[:, :, :, ::1] xp, const real[:, :, :, :, ::1] wt,
     """
     cdef Py_ssize_t N = y.shape[0], Ho = y.shape[2], t
     with nogil:
-        for t in prange(N * Ho, schedule="dynamic"):
-            _fwd_nhwc_row(xp, wt, bias, y, t // Ho, t % Ho, sh, sw, dh, dw)
+        if serial:  # see _serial_after_fork in cython_cpu
+            for t in range(N * Ho):
+                _fwd_nhwc_row(xp, wt, bias, y, t // Ho, t % Ho, sh, sw, dh, dw)
+        else:
+            for t in prange(N * Ho, schedule="dynamic"):
+                _fwd_nhwc_row(xp, wt, bias, y, t // Ho, t % Ho, sh, sw, dh, dw)
 
 
 cdef inline int _flat_block(const real[:, :, ::1] xf, const real[:, :, :, ::1] w,
@@ -290,7 +302,7 @@ cdef int _fwd_flat_task(const real[:, :, ::1] xf, const real[:, :, :, ::1] w,
 
 def conv_fwd_flat(const real[:, :, ::1] xf, const real[:, :, :, ::1] w, const real[::1] bias,
                   real[:, :, ::1] yf, Py_ssize_t groups, Py_ssize_t Wp, Py_ssize_t dh,
-                  Py_ssize_t dw):
+                  Py_ssize_t dw, bint serial=False):
     """Stride-1 convolution for few output channels per group: padded planes ``xf`` (N, C_in, L)
     of pitch Wp (see :func:`pad_flat`), OIHW ``w`` -> ``yf`` (N, C_out, Lo), the outputs on the
     padded-pitch grid (row oh at ``oh*Wp``; columns >= W_out are garbage the caller drops).
@@ -301,8 +313,12 @@ def conv_fwd_flat(const real[:, :, ::1] xf, const real[:, :, :, ::1] w, const re
     """
     cdef Py_ssize_t N = yf.shape[0], t
     with nogil:
-        for t in prange(N * groups, schedule="dynamic"):
-            _fwd_flat_task(xf, w, bias, yf, t // groups, t % groups, groups, Wp, dh, dw)
+        if serial:  # see _serial_after_fork in cython_cpu
+            for t in range(N * groups):
+                _fwd_flat_task(xf, w, bias, yf, t // groups, t % groups, groups, Wp, dh, dw)
+        else:
+            for t in prange(N * groups, schedule="dynamic"):
+                _fwd_flat_task(xf, w, bias, yf, t // groups, t % groups, groups, Wp, dh, dw)
 
 
 cdef int _fwd_rows_plane(const real[:, :, ::1] xf, const real[:, :, :, ::1] w,
@@ -335,15 +351,19 @@ cdef int _fwd_rows_plane(const real[:, :, ::1] xf, const real[:, :, :, ::1] w,
 
 def conv_fwd_rows(const real[:, :, ::1] xf, const real[:, :, :, ::1] w, const real[::1] bias,
                   real[:, :, :, ::1] y, Py_ssize_t groups, Py_ssize_t Wp, Py_ssize_t sh,
-                  Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw):
+                  Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, bint serial=False):
     """Strided convolution for few output channels per group: padded planes ``xf`` (N, C_in, L)
     of pitch Wp, OIHW ``w`` -> NCHW ``y``. Loop order: one task per (image, output channel);
     the innermost loop runs over a chunk of an output row, accumulating in a local array.
     """
     cdef Py_ssize_t N = y.shape[0], C = y.shape[1], t
     with nogil:
-        for t in prange(N * C, schedule="dynamic"):
-            _fwd_rows_plane(xf, w, bias, y, t // C, t % C, groups, Wp, sh, sw, dh, dw)
+        if serial:  # see _serial_after_fork in cython_cpu
+            for t in range(N * C):
+                _fwd_rows_plane(xf, w, bias, y, t // C, t % C, groups, Wp, sh, sw, dh, dw)
+        else:
+            for t in prange(N * C, schedule="dynamic"):
+                _fwd_rows_plane(xf, w, bias, y, t // C, t % C, groups, Wp, sh, sw, dh, dw)
 
 
 # ------------------------------------------------------------------------------ backward
@@ -440,7 +460,7 @@ cdef int _dw_task(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] dyn,
 
 def conv_grad_weight(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] dyn,
                      real[:, :, :, :, ::1] dwt, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh,
-                     Py_ssize_t dw):
+                     Py_ssize_t dw, bint serial=False):
     """Weight gradient ``dwt`` (G, kH, kW, C_in/G, C_out/G) from padded NHWC ``xp`` and NHWC
     ``dyn`` (N, H_out, W_out, C_out): a GEMM reducing over every output pixel.
 
@@ -454,8 +474,12 @@ def conv_grad_weight(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] dyn,
                              * _ceil_div(dwt.shape[4], COB))
     cdef Py_ssize_t t
     with nogil:
-        for t in prange(tasks, schedule="dynamic"):
-            _dw_task(xp, dyn, dwt, t, sh, sw, dh, dw)
+        if serial:  # see _serial_after_fork in cython_cpu
+            for t in range(tasks):
+                _dw_task(xp, dyn, dwt, t, sh, sw, dh, dw)
+        else:
+            for t in prange(tasks, schedule="dynamic"):
+                _dw_task(xp, dyn, dwt, t, sh, sw, dh, dw)
 
 
 cdef int _dw_flat_task(const real[:, :, ::1] xf, const real[:, :, ::1] dyf,
@@ -491,7 +515,7 @@ cdef int _dw_flat_task(const real[:, :, ::1] xf, const real[:, :, ::1] dyf,
 
 def conv_grad_weight_flat(const real[:, :, ::1] xf, const real[:, :, ::1] dyf,
                           real[:, :, :, ::1] dwo, Py_ssize_t groups, Py_ssize_t Wp,
-                          Py_ssize_t dh, Py_ssize_t dw):
+                          Py_ssize_t dh, Py_ssize_t dw, bint serial=False):
     """Stride-1 weight gradient for few input channels: OIHW ``dwo`` from padded planes ``xf``
     (N, C_in, L) and ``dyf`` (N, C_out, Lo), both of pitch Wp (dy zero outside its H_out x
     W_out, see :func:`pad_flat`).
@@ -502,8 +526,12 @@ def conv_grad_weight_flat(const real[:, :, ::1] xf, const real[:, :, ::1] dyf,
     """
     cdef Py_ssize_t tasks = dwo.shape[0] * dwo.shape[1], t
     with nogil:
-        for t in prange(tasks, schedule="dynamic"):
-            _dw_flat_task(xf, dyf, dwo, t, groups, Wp, dh, dw)
+        if serial:  # see _serial_after_fork in cython_cpu
+            for t in range(tasks):
+                _dw_flat_task(xf, dyf, dwo, t, groups, Wp, dh, dw)
+        else:
+            for t in prange(tasks, schedule="dynamic"):
+                _dw_flat_task(xf, dyf, dwo, t, groups, Wp, dh, dw)
 
 
 cdef int _db_channel(const real[:, :, :, ::1] dy, real[::1] db, Py_ssize_t c) except -1 nogil:
@@ -516,12 +544,16 @@ cdef int _db_channel(const real[:, :, :, ::1] dy, real[::1] db, Py_ssize_t c) ex
     db[c] = s
 
 
-def conv_grad_bias(const real[:, :, :, ::1] dy, real[::1] db):
+def conv_grad_bias(const real[:, :, :, ::1] dy, real[::1] db, bint serial=False):
     """``db[c] = sum(dy[:, c])``; one task per channel."""
     cdef Py_ssize_t c
     with nogil:
-        for c in prange(dy.shape[1], schedule="dynamic"):
-            _db_channel(dy, db, c)
+        if serial:  # see _serial_after_fork in cython_cpu
+            for c in range(dy.shape[1]):
+                _db_channel(dy, db, c)
+        else:
+            for c in prange(dy.shape[1], schedule="dynamic"):
+                _db_channel(dy, db, c)
 
 
 # ------------------------------------------------------------------------------ max-pool
@@ -665,12 +697,16 @@ cdef int _pool_plane(const real[:, :, :, ::1] x, real[:, :, :, ::1] y,
 
 def max_pool_fwd(const real[:, :, :, ::1] x, real[:, :, :, ::1] y, int64_t[:, :, :, ::1] idx,
                  Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
-                 Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw):
+                 Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw, bint serial=False):
     """Max-pool NCHW ``x`` into ``y`` with int64 flat indices ``idx``; one task per plane."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], t
     with nogil:
-        for t in prange(N * C, schedule="dynamic"):
-            _pool_plane(x, y, idx, t // C, t % C, kh, kw, sh, sw, ph, pw, dh, dw)
+        if serial:  # see _serial_after_fork in cython_cpu
+            for t in range(N * C):
+                _pool_plane(x, y, idx, t // C, t % C, kh, kw, sh, sw, ph, pw, dh, dw)
+        else:
+            for t in prange(N * C, schedule="dynamic"):
+                _pool_plane(x, y, idx, t // C, t % C, kh, kw, sh, sw, ph, pw, dh, dw)
 
 
 cdef int _unpool_plane(const real[:, :, :, ::1] dy, const int64_t[:, :, :, ::1] idx,
@@ -684,9 +720,13 @@ cdef int _unpool_plane(const real[:, :, :, ::1] dy, const int64_t[:, :, :, ::1] 
 
 
 def max_pool_bwd(const real[:, :, :, ::1] dy, const int64_t[:, :, :, ::1] idx,
-                 real[:, ::1] dx):
+                 real[:, ::1] dx, bint serial=False):
     """Scatter-add ``dy`` into ``dx`` (N*C, H*W) at ``idx``; one task per plane."""
     cdef Py_ssize_t N = dy.shape[0], C = dy.shape[1], t
     with nogil:
-        for t in prange(N * C, schedule="dynamic"):
-            _unpool_plane(dy, idx, dx, t // C, t % C)
+        if serial:  # see _serial_after_fork in cython_cpu
+            for t in range(N * C):
+                _unpool_plane(dy, idx, dx, t // C, t % C)
+        else:
+            for t in prange(N * C, schedule="dynamic"):
+                _unpool_plane(dy, idx, dx, t // C, t % C)

@@ -33,6 +33,33 @@ from .._dispatch import record_algorithm
 # unless the user chose; it reads the variable when the extension first loads it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
+def _gnu_openmp_mapping(pid="self"):
+    """Address range of GNU libgomp in process ``pid``; None if unmapped or unknown."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                if "/libgomp.so" in line:  # the system GNU OpenMP (not torch's bundled copy)
+                    return line.split()[0]
+    except OSError:
+        pass
+    return None
+
+
+def _go_serial():
+    global _serial_after_fork
+    _serial_after_fork = True
+
+
+# GNU libgomp's thread pool does not survive fork(): a forked child that enters a parallel
+# region after its parent ran one hangs. Such children run the kernels serially (same results):
+# forks after this import, and processes imported into after a fork from a parent that had
+# libgomp loaded (e.g. by Numba's omp layer) before this module was ever imported.
+_inherited = _gnu_openmp_mapping()
+_serial_after_fork = _inherited is not None and _inherited == _gnu_openmp_mapping(os.getppid())
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_go_serial)
+
 try:
     from . import _cython_kernels as _k
 except ImportError as e:  # not built (no compiler/Cython at install time) or broken build
@@ -73,13 +100,13 @@ def unavailable_reason() -> str | None:
 
 def _padded_nhwc(x, top, left, up, hp, wp):
     out = np.empty((x.shape[0], hp, wp, x.shape[1]), x.dtype)
-    _k.pad_nhwc(x, out, top, left, *up)
+    _k.pad_nhwc(x, out, top, left, *up, serial=_serial_after_fork)
     return out
 
 
 def _padded_flat(x, top, left, up, hp, wp, length):
     out = np.empty((x.shape[0], x.shape[1], length), x.dtype)
-    _k.pad_flat(x, out, top, left, *up, hp, wp)
+    _k.pad_flat(x, out, top, left, *up, hp, wp, serial=_serial_after_fork)
     return out
 
 
@@ -104,16 +131,16 @@ def _direct(x, w, bias, groups, out_hw, top, left, up, stride, dilation):
         xf = _padded_flat(x, top, left, up, hp, wp,
                           max(hp * wp, lo + dh * (kh - 1) * wp + dw * (kw - 1)))
         yf = np.empty((n, c_out, lo), x.dtype)
-        _k.conv_fwd_flat(xf, w, bias, yf, groups, wp, dh, dw)
+        _k.conv_fwd_flat(xf, w, bias, yf, groups, wp, dh, dw, serial=_serial_after_fork)
         y = yf[:, :, : out_hw[0] * wp].reshape(n, c_out, out_hw[0], wp)[..., : out_hw[1]]
         return np.ascontiguousarray(y), "direct-nchw-flat"
     y = np.empty((n, c_out, *out_hw), x.dtype)
     if few:
         xf = _padded_flat(x, top, left, up, hp, wp, hp * wp)
-        _k.conv_fwd_rows(xf, w, bias, y, groups, wp, sh, sw, dh, dw)
+        _k.conv_fwd_rows(xf, w, bias, y, groups, wp, sh, sw, dh, dw, serial=_serial_after_fork)
         return y, "direct-nchw-rows"
     xp = _padded_nhwc(x, top, left, up, hp, wp)
-    _k.conv_fwd_nhwc(xp, _weights_gkkio(w, groups), bias, y, sh, sw, dh, dw)
+    _k.conv_fwd_nhwc(xp, _weights_gkkio(w, groups), bias, y, sh, sw, dh, dw, serial=_serial_after_fork)
     return y, "direct-nhwc"
 
 
@@ -157,7 +184,7 @@ def conv2d_backward(dy, x, w, p, needs):
         xf = _padded_flat(x, *p.padding, (1, 1), hp, wp, lo + dh * (kh - 1) * wp + dwl * (kw - 1))
         dyf = _padded_flat(dy, 0, 0, (1, 1), ho, wp, lo)
         dw = np.empty(w.shape, x.dtype)
-        _k.conv_grad_weight_flat(xf, dyf, dw, g, wp, dh, dwl)
+        _k.conv_grad_weight_flat(xf, dyf, dw, g, wp, dh, dwl, serial=_serial_after_fork)
         algos.append("weight=flat-lanes")
     elif "weight" in needs:
         ho, wo = p.out_hw
@@ -166,12 +193,12 @@ def conv2d_backward(dy, x, w, p, needs):
         xp = _padded_nhwc(x, *p.padding, (1, 1), hp, wp)
         dyn = _padded_nhwc(dy, 0, 0, (1, 1), ho, wo)
         dwt = np.empty((g, kh, kw, c_in_g, c_out // g), x.dtype)
-        _k.conv_grad_weight(xp, dyn, dwt, sh, sw, dh, dwl)
+        _k.conv_grad_weight(xp, dyn, dwt, sh, sw, dh, dwl, serial=_serial_after_fork)
         dw = np.ascontiguousarray(dwt.transpose(0, 4, 3, 1, 2)).reshape(w.shape)
         algos.append("weight=gemm-nhwc")
     if "bias" in needs:
         db = np.empty(c_out, dy.dtype)
-        _k.conv_grad_bias(dy, db)
+        _k.conv_grad_bias(dy, db, serial=_serial_after_fork)
     record_algorithm("conv2d_backward", "cython:" + ",".join(algos or ["bias"]))
     return dx, dw, db
 
@@ -184,7 +211,7 @@ def max_pool2d(x, p):
     n, c = x.shape[:2]
     y = np.empty((n, c, *p.out_hw), x.dtype)
     idx = np.empty((n, c, *p.out_hw), np.int64)
-    _k.max_pool_fwd(x, y, idx, *p.kernel_hw, *p.stride, *p.padding, *p.dilation)
+    _k.max_pool_fwd(x, y, idx, *p.kernel_hw, *p.stride, *p.padding, *p.dilation, serial=_serial_after_fork)
     record_algorithm("max_pool2d", "cython:direct")
     return y, idx
 
@@ -193,6 +220,6 @@ def max_pool2d_backward(dy, idx, input_shape):
     """Scatter-add of ``dy`` at ``idx``; see ``fastconv.max_pool2d_backward``."""
     n, c, h, w = input_shape
     dx = np.empty((n * c, h * w), dy.dtype)
-    _k.max_pool_bwd(dy, idx, dx)
+    _k.max_pool_bwd(dy, idx, dx, serial=_serial_after_fork)
     record_algorithm("max_pool2d_backward", "cython:scatter")
     return dx.reshape(input_shape)
