@@ -138,7 +138,8 @@ _DEBUG_SCRIPT = textwrap.dedent(
     assert debug_kernels.BOUNDSCHECK, "the debug build has bounds checks off"
     # An out-of-bounds index must raise in this build (proves the checks are live).
     try:  # an index past the plane, which fastconv._validate would have rejected
-        debug_kernels.max_pool_bwd(np.ones((1, 1, 1, 1)), np.full((1, 1, 1, 1), 4), np.zeros((1, 4)))
+        debug_kernels.max_pool_bwd(np.ones((1, 1, 1, 1)), np.full((1, 1, 1, 1), 4),
+                                   np.zeros((1, 4)))
     except IndexError:
         pass
     else:

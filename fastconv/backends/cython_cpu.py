@@ -140,7 +140,8 @@ def _direct(x, w, bias, groups, out_hw, top, left, up, stride, dilation):
         _k.conv_fwd_rows(xf, w, bias, y, groups, wp, sh, sw, dh, dw, serial=_serial_after_fork)
         return y, "direct-nchw-rows"
     xp = _padded_nhwc(x, top, left, up, hp, wp)
-    _k.conv_fwd_nhwc(xp, _weights_gkkio(w, groups), bias, y, sh, sw, dh, dw, serial=_serial_after_fork)
+    _k.conv_fwd_nhwc(xp, _weights_gkkio(w, groups), bias, y, sh, sw, dh, dw,
+                     serial=_serial_after_fork)
     return y, "direct-nhwc"
 
 
@@ -211,7 +212,8 @@ def max_pool2d(x, p):
     n, c = x.shape[:2]
     y = np.empty((n, c, *p.out_hw), x.dtype)
     idx = np.empty((n, c, *p.out_hw), np.int64)
-    _k.max_pool_fwd(x, y, idx, *p.kernel_hw, *p.stride, *p.padding, *p.dilation, serial=_serial_after_fork)
+    _k.max_pool_fwd(x, y, idx, *p.kernel_hw, *p.stride, *p.padding, *p.dilation,
+                    serial=_serial_after_fork)
     record_algorithm("max_pool2d", "cython:direct")
     return y, idx
 
