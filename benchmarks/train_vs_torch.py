@@ -186,6 +186,9 @@ def main(argv=None):
                    help="per-layer forward/backward times of one fastconv batch")
     p.add_argument("--torch-process", choices=["separate", "same"], default="separate",
                    help="run PyTorch in its own process (default) or in this one")
+    p.add_argument("--blas-threads", type=int, default=1,
+                   help="OpenBLAS threads for fastconv's dense layers, as fastconv train "
+                        "(default: %(default)s; 0 = leave as is)")
     p.add_argument("--serve-torch", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_torch:
@@ -198,6 +201,10 @@ def main(argv=None):
         import numba
 
         numba.set_num_threads(args.threads)
+    if args.blas_threads:
+        from fastconv.nn._blas import limit_blas_threads
+
+        limit_blas_threads(args.blas_threads)
     torch_proc = TorchProcess(args) if args.torch_process == "separate" else None
     import torch
 
@@ -206,7 +213,8 @@ def main(argv=None):
     x, y = load_images(bs * (args.batches + args.warmup), np.random.default_rng(0))
     print(f"fastconv backend {backend}, torch {torch.__version__} ({args.torch_process} "
           f"process), {args.threads} threads, batch {bs}, {args.batches} batches x "
-          f"{args.rounds} rounds after {args.warmup} warm-up batches")
+          f"{args.rounds} rounds after {args.warmup} warm-up batches, fastconv OpenBLAS threads "
+          f"{args.blas_threads or 'default'}")
     rows = []
     for name in args.models.split(","):
         model = nn.ARCHITECTURES[name](rng=np.random.default_rng(1), backend=backend)

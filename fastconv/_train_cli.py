@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write PNG pictures (curves, filters, feature maps, confusion) to DIR")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for the numba backend (numba.set_num_threads)")
+    p.add_argument("--blas-threads", type=int, default=1,
+                   help="OpenBLAS threads for the dense layers (default: %(default)s; 0 = leave "
+                        "as is); see fastconv/nn/_blas.py for why one")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -127,6 +130,10 @@ def _select_backend(args):
             numba.set_num_threads(args.threads)
         else:
             print(f"note: --threads applies to the numba backend only (using {name})")
+    if args.blas_threads:
+        from .nn._blas import limit_blas_threads
+
+        limit_blas_threads(args.blas_threads)
     return name
 
 

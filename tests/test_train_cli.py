@@ -22,7 +22,7 @@ needs_mnist = pytest.mark.skipif(not (DATA / "train-images-idx3-ubyte.gz").exist
 
 
 def _args(tmp_path, tag, *extra):
-    return ["--data-dir", str(DATA), "--no-download", "--no-progress",
+    return ["--data-dir", str(DATA), "--no-download", "--no-progress", "--blas-threads", "0",
             "--checkpoint", str(tmp_path / f"{tag}.ckpt"), "--save", str(tmp_path / f"{tag}.model"),
             *extra]
 
