@@ -174,3 +174,13 @@ def test_visualize_writes_the_pictures(tmp_path):
                      "feature_maps_layer2_conv2d.png", "feature_maps_layer4_maxpool2d.png",
                      "first_layer_filters.png", "training_curves.png"]
     assert all((tmp_path / "pics" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
+
+
+def test_limit_blas_threads_finds_numpys_openblas():
+    """In a subprocess (it changes a process-wide setting): every loaded OpenBLAS is found."""
+    code = ("import numpy, sys; from fastconv.nn._blas import _loaded_openblas, "
+            "limit_blas_threads; print(len(_loaded_openblas()), len(limit_blas_threads(1)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    found, changed = map(int, out)
+    assert changed == found  # each OpenBLAS mapped into the process exposes a setter
