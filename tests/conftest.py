@@ -3,41 +3,20 @@
 Which backends a run covers:
 * ``FASTCONV_TEST_BACKENDS=a,b`` (used by the subprocess runs: the CUDA simulator run and the
   numba-blocked run), else
-* every available backend except ``cuda``; ``cuda`` joins only when a real GPU is present or the
-  simulator is on. Under the simulator the CUDA run uses small shapes (``SMALL`` below).
+* every available CPU backend. ``cuda`` runs in its own process under the CUDA simulator
+  (tests/test_cuda_simulator.py), where ``SLOW_BACKENDS`` gives it the reduced grid of tiny shapes.
+
+The lists live in ``helpers.py`` so that test modules can import them.
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import pytest
 
 import fastconv as fc
 
-_CPU_BACKENDS = ("naive", "numpy", "numba", "cython")
-CUDASIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-
-
-def test_backends() -> list:
-    """The backends this pytest process tests."""
-    env = os.environ.get("FASTCONV_TEST_BACKENDS")
-    if env:
-        names = [n.strip() for n in env.split(",") if n.strip()]
-        status = fc.backend_status()
-        missing = {n: status.get(n, "unknown backend") for n in names if status.get(n, "?")}
-        if missing:
-            raise RuntimeError(f"FASTCONV_TEST_BACKENDS asks for unavailable backends: {missing}")
-        return names
-    return [n for n in fc.available_backends() if n in _CPU_BACKENDS]
-
-
-test_backends.__test__ = False  # not a test function
-TEST_BACKENDS = test_backends()
-
-# Backends too slow (Python loops, simulated GPU) for the full grid: they run a reduced grid.
-SLOW_BACKENDS = {"naive", "cuda"}
+from helpers import SLOW_BACKENDS, TEST_BACKENDS  # noqa: E402  (tests import these from helpers)
 
 
 @pytest.fixture

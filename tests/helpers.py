@@ -8,6 +8,8 @@ the backend under test.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 import fastconv as fc
@@ -17,6 +19,31 @@ try:
     import torch.nn.functional as F
 except ImportError:  # pragma: no cover - the test extra may lack torch
     torch = None
+
+# ------------------------------------------------------------- backends under test
+# (defined here, not in conftest.py: tests/ and benchmarks/ both have a conftest module, so
+# `from conftest import ...` would be ambiguous)
+
+_CPU_BACKENDS = ("naive", "numpy", "numba", "cython")
+
+
+def _backends_under_test() -> list:
+    """The backends this pytest process tests."""
+    env = os.environ.get("FASTCONV_TEST_BACKENDS")
+    if env:
+        names = [n.strip() for n in env.split(",") if n.strip()]
+        status = fc.backend_status()
+        missing = {n: status.get(n, "unknown backend") for n in names if status.get(n, "?")}
+        if missing:
+            raise RuntimeError(f"FASTCONV_TEST_BACKENDS asks for unavailable backends: {missing}")
+        return names
+    return [n for n in fc.available_backends() if n in _CPU_BACKENDS]
+
+
+TEST_BACKENDS = _backends_under_test()
+
+# Backends too slow (Python loops, simulated GPU) for the full grid: they run a reduced grid.
+SLOW_BACKENDS = {"naive", "cuda"}
 
 # Per-dtype tolerance: |actual - expected| <= atol * max(1, max|expected|) + rtol * |expected|
 TOLERANCE = {

@@ -26,7 +26,7 @@ import pytest
 if __name__ == "__main__":  # the subprocess side: no conftest (it probes every backend)
     TEST_BACKENDS = []
 else:
-    from conftest import TEST_BACKENDS
+    from helpers import TEST_BACKENDS
 
 STEPS = 50
 BATCH = 16

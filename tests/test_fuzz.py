@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import SLOW_BACKENDS, TEST_BACKENDS
+from helpers import SLOW_BACKENDS, TEST_BACKENDS
 from fuzz_worker import outcome
 from helpers import check_conv, check_pool
 from hypothesis import HealthCheck, assume, given, settings
