@@ -33,8 +33,7 @@ import os
 import threading
 import warnings
 
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+from ._openmp import forked_from_gnu_openmp_parent, gnu_openmp_loaded  # sets OMP_WAIT_POLICY
 
 import numba  # noqa: E402  (after OMP_WAIT_POLICY on purpose)
 from numba import njit  # noqa: E402
@@ -47,28 +46,6 @@ _started_in_parent = False  # this process (or its parent before fork) started t
 _forked_child = False
 _serial_builds: dict = {}
 _warned = False
-
-
-def _gnu_openmp_mapping(pid="self") -> str | None:
-    """Address range of the system GNU libgomp (the one Numba's omp layer links) in process
-    ``pid``, or None when it is not mapped there (or /proc cannot tell)."""
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                if "/libgomp.so" in line:
-                    return line.split()[0]
-    except OSError:
-        pass
-    return None
-
-
-def _gnu_openmp_loaded() -> bool:
-    return _gnu_openmp_mapping() is not None
-
-
-def _forked_from_gnu_openmp_parent() -> bool:
-    mine = _gnu_openmp_mapping()
-    return mine is not None and mine == _gnu_openmp_mapping(os.getppid())
 
 
 def _use_workqueue_after_fork():
@@ -99,13 +76,13 @@ def _after_fork_in_child():
     _launch_lock = threading.Lock()  # the parent's lock may have been held by another thread
     if _layer is not None or _started_in_parent:
         _forked_child = True
-    elif _omp_would_be_chosen() and _gnu_openmp_loaded():
+    elif _omp_would_be_chosen() and gnu_openmp_loaded():
         _use_workqueue_after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
-if _omp_would_be_chosen() and _forked_from_gnu_openmp_parent():
+if _omp_would_be_chosen() and forked_from_gnu_openmp_parent():
     _use_workqueue_after_fork()
 
 

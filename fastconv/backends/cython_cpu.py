@@ -26,24 +26,7 @@ import os
 import numpy as np
 
 from .._dispatch import record_algorithm
-
-# OpenMP threads that keep spinning after a parallel region starve every other thread pool on a
-# small machine (PyTorch's, OpenBLAS's, Numba's): on 2 shared cores a kernel that follows a
-# spinning pool waits a scheduler quantum. Like the numba backend, ask libgomp to sleep at once
-# unless the user chose; it reads the variable when the extension first loads it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def _gnu_openmp_mapping(pid="self"):
-    """Address range of GNU libgomp in process ``pid``; None if unmapped or unknown."""
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                if "/libgomp.so" in line:  # the system GNU OpenMP (not torch's bundled copy)
-                    return line.split()[0]
-    except OSError:
-        pass
-    return None
+from ._openmp import forked_from_gnu_openmp_parent  # (sets OMP_WAIT_POLICY first)
 
 
 def _go_serial():
@@ -55,8 +38,7 @@ def _go_serial():
 # region after its parent ran one hangs. Such children run the kernels serially (same results):
 # forks after this import, and processes imported into after a fork from a parent that had
 # libgomp loaded (e.g. by Numba's omp layer) before this module was ever imported.
-_inherited = _gnu_openmp_mapping()
-_serial_after_fork = _inherited is not None and _inherited == _gnu_openmp_mapping(os.getppid())
+_serial_after_fork = forked_from_gnu_openmp_parent()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_go_serial)
 
