@@ -13,7 +13,7 @@ Algorithms (the name recorded for ``fastconv.last_algorithm``):
 * ``numba:direct-nhwc-c64`` (``_numba_direct``): groups 1, unit column dilation, C_out >= 32.
   NHWC, a 4-column x 64-channel register block over the (kW, C_in) run. Grad-input: the plane
   kernel (stride 1 and C_in not a multiple of 64), else one direct forward call per stride
-  phase; grad-weight: 4-run-row x 64-channel register blocks, each reducing over one of 8
+  phase; grad-weight: 6-run-row x 64-channel register blocks, each reducing over one of 8
   fixed pixel chunks (partial sums added in order).
 * ``numba:generic`` (``_numba_conv``): everything else (groups, depthwise, column dilation,
   strided few-channel layers): NHWC loops vectorized over the group's output channels.
