@@ -18,9 +18,9 @@ from numba import njit, prange
 from ._numba_options import PARALLEL, U
 from ._numba_stack import prefer_wide_vectors, stack_array
 
-LANES = 64  # consecutive output positions per register block (four 512-bit float32 vectors)
-PCB = 4  # output channels per register block
-PACC = PCB * LANES
+LANES = 128  # the widest block of consecutive output positions (rows to spare in xp)
+FEW_LANES, FEW_PCB = 128, 2  # fewer than PCB output channels (1.25x faster than 64 x 4 on 1)
+PCB = 8  # output channels per register block of the main variant
 
 
 @njit(**PARALLEL)
@@ -50,50 +50,63 @@ def pad_plane(x, xp, pt, pl):
     return xp
 
 
-@njit(**PARALLEL)
-def conv_forward_plane(xp, wt, bias, y, dh, dw):
-    """y (N, C_out, H_out, W_out) = conv(xp, wt) + bias[:C_out], stride 1; C_out <= Cp."""
-    # Loop order: one task per (image, block of LANES output positions), owning those pixels of
-    # every output channel. Inside: channel block, input channel, taps, then the PCB x LANES
-    # block: one broadcast weight per channel, FMA with LANES contiguous inputs. The block is
-    # written row segment by row segment into the NCHW output (no per-element division).
-    n_, c_, hx, wp = xp.shape
-    kh_, kw_, cp = wt.shape[1], wt.shape[2], wt.shape[3]
-    co_, ho, wo = y.shape[1], y.shape[2], y.shape[3]
-    plane = hx * wp
-    nq = (ho * wp + LANES - 1) // LANES
-    x1 = xp.ravel()
-    w1 = wt.ravel()
-    y1 = y.ravel()
-    for t in prange(n_ * nq):
-        n = t // nq
-        q0 = (t % nq) * LANES
-        acc = stack_array(PACC, y.dtype)
-        oh0 = q0 // wp
-        oh1 = min((q0 + LANES - 1) // wp, ho - 1)
-        for cb in range(0, cp, PCB):
-            for i in range(PACC):
-                acc[i] = 0
-            for ci in range(c_):
-                xb = (n * c_ + ci) * plane + q0
-                for kh in range(kh_):
-                    for kw in range(kw_):
-                        xo = xb + kh * dh * wp + kw * dw
-                        wb = ((ci * kh_ + kh) * kw_ + kw) * cp + cb
-                        for co in range(PCB):
-                            wv = w1[U(wb + co)]
-                            for j in range(LANES):
-                                acc[U(co * LANES + j)] += wv * x1[U(xo + j)]
-            for co in range(min(PCB, co_ - cb)):
-                bv = bias[U(cb + co)]
-                for oh in range(oh0, oh1 + 1):
-                    a = max(0, q0 - oh * wp)
-                    b = min(wo, q0 + LANES - oh * wp)
-                    dst = ((n * co_ + cb + co) * ho + oh) * wo
-                    src = co * LANES + oh * wp - q0
-                    for ow in range(a, b):
-                        y1[U(dst + ow)] = acc[U(src + ow)] + bv
-    return y
+def _make_forward(lanes, pcb):
+    """The plane forward kernel with a ``pcb`` channel x ``lanes`` position register block (the
+    sizes are closure constants: each variant is compiled, and cached, once per dtype)."""
+    pacc = pcb * lanes
+
+    @njit(**PARALLEL)
+    def conv_forward_plane(xp, wt, bias, y, dh, dw):
+        """y (N, C_out, H_out, W_out) = conv(xp, wt) + bias[:C_out], stride 1; C_out <= Cp."""
+        # Loop order: one task per (image, block of lanes output positions), owning those pixels of
+        # every output channel. Inside: channel block, input channel, taps, then the pcb x lanes
+        # block: one broadcast weight per channel, FMA with lanes contiguous inputs. The block is
+        # written row segment by row segment into the NCHW output (no per-element division).
+        n_, c_, hx, wp = xp.shape
+        kh_, kw_, cp = wt.shape[1], wt.shape[2], wt.shape[3]
+        co_, ho, wo = y.shape[1], y.shape[2], y.shape[3]
+        plane = hx * wp
+        nq = (ho * wp + lanes - 1) // lanes
+        x1 = xp.ravel()
+        w1 = wt.ravel()
+        y1 = y.ravel()
+        for t in prange(n_ * nq):
+            n = t // nq
+            q0 = (t % nq) * lanes
+            acc = stack_array(pacc, y.dtype)
+            oh0 = q0 // wp
+            oh1 = min((q0 + lanes - 1) // wp, ho - 1)
+            for cb in range(0, cp, pcb):
+                for i in range(pacc):
+                    acc[i] = 0
+                for ci in range(c_):
+                    xb = (n * c_ + ci) * plane + q0
+                    for kh in range(kh_):
+                        for kw in range(kw_):
+                            xo = xb + kh * dh * wp + kw * dw
+                            wb = ((ci * kh_ + kh) * kw_ + kw) * cp + cb
+                            for co in range(pcb):
+                                wv = w1[U(wb + co)]
+                                for j in range(lanes):
+                                    acc[U(co * lanes + j)] += wv * x1[U(xo + j)]
+                for co in range(min(pcb, co_ - cb)):
+                    bv = bias[U(cb + co)]
+                    for oh in range(oh0, oh1 + 1):
+                        a = max(0, q0 - oh * wp)
+                        b = min(wo, q0 + lanes - oh * wp)
+                        dst = ((n * co_ + cb + co) * ho + oh) * wo
+                        src = co * lanes + oh * wp - q0
+                        for ow in range(a, b):
+                            y1[U(dst + ow)] = acc[U(src + ow)] + bv
+        return y
+
+    return conv_forward_plane
+
+
+# 8 channels x 48 positions (24 accumulators): 1.15-1.25x faster than 4 x 64 from 8 channels on.
+conv_forward_plane = _make_forward(48, PCB)
+# Few output channels (grad-input of a first layer: one channel): a narrower channel block.
+conv_forward_plane_few = _make_forward(FEW_LANES, FEW_PCB)
 
 
 @njit(**PARALLEL)

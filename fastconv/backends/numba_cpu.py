@@ -7,8 +7,8 @@ when this module is first used, never by ``import fastconv``.
 Algorithms (the name recorded for ``fastconv.last_algorithm``):
 
 * ``numba:plane`` (``_numba_plane``): groups 1, stride 1, and few channels (C_in < 8 or
-  C_out < 32): the first layers. Vectorized over 64 consecutive output positions x 4 output
-  channels; grad-input is the same kernel on padded dy with the flipped weight; grad-weight is
+  C_out < 32): the first layers. Vectorized over 48 consecutive output positions x 8 output
+  channels (128 x 2 below 8 channels); grad-input is the same kernel on padded dy with the flipped weight; grad-weight is
   dot products over whole padded planes, in 8 fixed image chunks summed serially.
 * ``numba:direct-nhwc-c64`` (``_numba_direct``): groups 1, unit column dilation, C_out >= 32.
   NHWC, a 4-column x 64-channel register block over the (kW, C_in) run. Grad-input: the plane
@@ -72,13 +72,17 @@ def _plane_forward(plane, run, x, wt_oihw, bias, out, pt, pl, dh, dw):
     c_out, c_in, kh, kw = wt_oihw.shape
     ho, wo = out.shape[2:]
     xp = _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dw)
-    cp = -(-c_out // plane.PCB) * plane.PCB
+    if c_out >= plane.PCB:
+        kernel, pcb = plane.conv_forward_plane, plane.PCB
+    else:
+        kernel, pcb = plane.conv_forward_plane_few, plane.FEW_PCB
+    cp = -(-c_out // pcb) * pcb
     wt = np.zeros((c_in, kh, kw, cp), x.dtype)
     wt[..., :c_out] = wt_oihw.transpose(1, 2, 3, 0)
     b = np.zeros(cp, x.dtype)
     if bias is not None:
         b[:c_out] = bias
-    return run(plane.conv_forward_plane, xp, wt, b, out, dh, dw)
+    return run(kernel, xp, wt, b, out, dh, dw)
 
 
 def _nchw_strides(y, base=0):
