@@ -8,8 +8,9 @@ Algorithms (the name recorded for ``fastconv.last_algorithm``):
 
 * ``numba:plane`` (``_numba_plane``): groups 1, stride 1, and few channels (C_in < 8 or
   C_out < 32): the first layers. Vectorized over 48 consecutive output positions x 8 output
-  channels (128 x 2 below 8 channels); grad-input is the same kernel on padded dy with the flipped weight; grad-weight is
-  dot products over whole padded planes, in 8 fixed image chunks summed serially.
+  channels (128 x 2 below 8 channels); grad-input is the same kernel on padded dy with the
+  flipped weight; grad-weight is dot products over whole padded planes, in 8 fixed image chunks
+  summed serially.
 * ``numba:direct-nhwc-c64`` (``_numba_direct``): groups 1, unit column dilation, C_out >= 32.
   NHWC, a 4-column x 64-channel register block over the (kW, C_in) run. Grad-input: the plane
   kernel (stride 1 and C_in not a multiple of 64), else one direct forward call per stride
