@@ -22,8 +22,8 @@ from ._numba_stack import stack_array
 CB = 64  # output channels per register block (the padding unit of Cp)
 OB = 4  # output columns per register block
 ACC = OB * CB
-RB = 6  # rows of the (kW*C_in) run per grad-weight register block (24 zmm: 4 rows took 1.3x longer)
-GACC = RB * CB
+RB = 6  # rows of the (kW*C_in) run per float32 grad-weight register block
+RB64 = 4  # ... per float64 block
 MCHUNK = 256  # output pixels per grad-weight pass (keeps that dy slab, 64 KiB, in L2)
 
 
@@ -86,70 +86,84 @@ def conv_forward_direct(xp2, wk, bias, y1, ys, co_, ho, wo, c_in, sh, sw, dh):
     return y1
 
 
-@njit(**PARALLEL)
-def conv_grad_weight_direct(xp2, dyt, xbase, part, c_in, dh):
-    """part[t] (kH, R, Cp) = sum over the output pixels m of chunk t of x-run(m, kh)[r] * dyt[m].
+def _make_grad_weight(rbk):
+    """The direct grad-weight kernel with an ``rbk`` run-row x CB channel register block (a
+    closure constant: each variant is compiled, and cached, once per dtype)."""
+    gacc = rbk * CB
 
-    ``dyt`` (M, Cp) is dy in NHWC with channels zero-padded to Cp, M = N*H_out*W_out; ``xbase[m]``
-    is the offset in ``xp2`` of pixel m's run in kernel row 0. Chunk t covers pixels
-    [t*M//T, (t+1)*M//T); the caller sums part over t in order, so the result does not depend on
-    the thread count.
-    """
-    # Loop order: one task per (pixel chunk, kernel row, channel block), owning
-    # part[t, kh, :, cb:cb+CB]. Inside: sub-chunks of MCHUNK pixels (that dy slab stays in L2
-    # while every run-row block uses it), the RB-row blocks of the whole run, then the pixels:
-    # RB broadcasts x CB contiguous dy values, FMAs into RB x CB register accumulators, added to
-    # part once per sub-chunk. (Splitting the run across tasks instead made every task stream
-    # all of dy and x again: 2-6x slower.)
-    n_, hp_, xw = xp2.shape
-    t_, kh_, r_, cp = part.shape
-    m_ = dyt.shape[0]
-    x1 = xp2.ravel()
-    d1 = dyt.ravel()
-    p1 = part.ravel()
-    ncb = cp // CB
-    nrb = (r_ + RB - 1) // RB
-    for task in prange(t_ * kh_ * ncb):
-        t = task // (kh_ * ncb)
-        kh = (task // ncb) % kh_
-        cb = task % ncb * CB
-        pb = (t * kh_ + kh) * r_ * cp + cb
-        acc = stack_array(GACC, part.dtype)
-        for r in range(r_):
-            for o in range(CB):
-                p1[U(pb + r * cp + o)] = 0
-        koff = kh * dh * xw
-        for m0 in range(t * m_ // t_, (t + 1) * m_ // t_, MCHUNK):
-            m1 = min(m0 + MCHUNK, (t + 1) * m_ // t_)
-            for rb in range(nrb):
-                r0 = rb * RB
-                if r0 + RB <= r_:
-                    for i in range(GACC):
-                        acc[i] = 0
-                    for m in range(m0, m1):
-                        xb = xbase[U(m)] + koff + r0
-                        db = m * cp + cb
-                        for c in range(RB):
-                            xv = x1[U(xb + c)]
-                            for o in range(CB):
-                                acc[U(c * CB + o)] += xv * d1[U(db + o)]
-                    for c in range(RB):
-                        wb = pb + (r0 + c) * cp
-                        for o in range(CB):
-                            p1[U(wb + o)] += acc[U(c * CB + o)]
-                else:  # the last, partial block of run rows: one row at a time
-                    for r in range(r0, r_):
-                        for i in range(CB):
+    @njit(**PARALLEL)
+    def conv_grad_weight_direct(xp2, dyt, xbase, part, c_in, dh):
+        """part[t] (kH, R, Cp) = sum over the output pixels m of chunk t of
+        x-run(m, kh)[r] * dyt[m].
+
+        ``dyt`` (M, Cp) is dy in NHWC with channels zero-padded to Cp, M = N*H_out*W_out;
+        ``xbase[m]`` is the offset in ``xp2`` of pixel m's run in kernel row 0. Chunk t covers
+        pixels [t*M//T, (t+1)*M//T); the caller sums part over t in order, so the result does
+        not depend on the thread count.
+        """
+        # Loop order: one task per (pixel chunk, kernel row, channel block), owning
+        # part[t, kh, :, cb:cb+CB]. Inside: sub-chunks of MCHUNK pixels (that dy slab stays in
+        # L2 while every run-row block uses it), the rbk-row blocks of the whole run, then the
+        # pixels: rbk broadcasts x CB contiguous dy values, FMAs into rbk x CB register
+        # accumulators, added to part once per sub-chunk. (Splitting the run across tasks
+        # instead made every task stream all of dy and x again: 2-6x slower.)
+        n_, hp_, xw = xp2.shape
+        t_, kh_, r_, cp = part.shape
+        m_ = dyt.shape[0]
+        x1 = xp2.ravel()
+        d1 = dyt.ravel()
+        p1 = part.ravel()
+        ncb = cp // CB
+        nrb = (r_ + rbk - 1) // rbk
+        for task in prange(t_ * kh_ * ncb):
+            t = task // (kh_ * ncb)
+            kh = (task // ncb) % kh_
+            cb = task % ncb * CB
+            pb = (t * kh_ + kh) * r_ * cp + cb
+            acc = stack_array(gacc, part.dtype)
+            for r in range(r_):
+                for o in range(CB):
+                    p1[U(pb + r * cp + o)] = 0
+            koff = kh * dh * xw
+            for m0 in range(t * m_ // t_, (t + 1) * m_ // t_, MCHUNK):
+                m1 = min(m0 + MCHUNK, (t + 1) * m_ // t_)
+                for rb in range(nrb):
+                    r0 = rb * rbk
+                    if r0 + rbk <= r_:
+                        for i in range(gacc):
                             acc[i] = 0
                         for m in range(m0, m1):
-                            xv = x1[U(xbase[U(m)] + koff + r)]
+                            xb = xbase[U(m)] + koff + r0
                             db = m * cp + cb
+                            for c in range(rbk):
+                                xv = x1[U(xb + c)]
+                                for o in range(CB):
+                                    acc[U(c * CB + o)] += xv * d1[U(db + o)]
+                        for c in range(rbk):
+                            wb = pb + (r0 + c) * cp
                             for o in range(CB):
-                                acc[U(o)] += xv * d1[U(db + o)]
-                        wb = pb + r * cp
-                        for o in range(CB):
-                            p1[U(wb + o)] += acc[U(o)]
-    return part
+                                p1[U(wb + o)] += acc[U(c * CB + o)]
+                    else:  # the last, partial block of run rows: one row at a time
+                        for r in range(r0, r_):
+                            for i in range(CB):
+                                acc[i] = 0
+                            for m in range(m0, m1):
+                                xv = x1[U(xbase[U(m)] + koff + r)]
+                                db = m * cp + cb
+                                for o in range(CB):
+                                    acc[U(o)] += xv * d1[U(db + o)]
+                            wb = pb + r * cp
+                            for o in range(CB):
+                                p1[U(wb + o)] += acc[U(o)]
+        return part
+
+    return conv_grad_weight_direct
+
+
+# float32: 6 run rows x 64 channels (24 zmm accumulators; 4 rows took 1.3x longer).
+conv_grad_weight_direct = _make_grad_weight(RB)
+# float64: 4 run rows (32 zmm); 6 rows spill there.
+conv_grad_weight_direct64 = _make_grad_weight(RB64)
 
 
 @njit(**PARALLEL)

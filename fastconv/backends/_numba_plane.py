@@ -20,7 +20,8 @@ from ._numba_stack import prefer_wide_vectors, stack_array
 
 LANES = 128  # the widest block of consecutive output positions (rows to spare in xp)
 FEW_LANES, FEW_PCB = 128, 2  # fewer than PCB output channels (1.25x faster than 64 x 4 on 1)
-PCB = 8  # output channels per register block of the main variant
+PCB = 8  # output channels per register block of the main float32 variant
+PCB64 = 4  # ... of the float64 variant
 
 
 @njit(**PARALLEL)
@@ -103,10 +104,13 @@ def _make_forward(lanes, pcb):
     return conv_forward_plane
 
 
-# 8 channels x 48 positions (24 accumulators): 1.15-1.25x faster than 4 x 64 from 8 channels on.
+# float32, 8 channels x 48 positions (24 zmm accumulators): 1.15-1.25x faster than 4 x 64 from
+# 8 channels on.
 conv_forward_plane = _make_forward(48, PCB)
-# Few output channels (grad-input of a first layer: one channel): a narrower channel block.
+# float32, fewer output channels (grad-input of a first layer: one channel): 2 x 128.
 conv_forward_plane_few = _make_forward(FEW_LANES, FEW_PCB)
+# float64: 4 channels x 64 positions (32 zmm); the float32 blocks above spill there.
+conv_forward_plane64 = _make_forward(64, PCB64)
 
 
 @njit(**PARALLEL)

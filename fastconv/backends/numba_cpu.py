@@ -8,14 +8,14 @@ Algorithms (the name recorded for ``fastconv.last_algorithm``):
 
 * ``numba:plane`` (``_numba_plane``): groups 1, stride 1, and few channels (C_in < 8 or
   C_out < 32): the first layers. Vectorized over 48 consecutive output positions x 8 output
-  channels (128 x 2 below 8 channels); grad-input is the same kernel on padded dy with the
-  flipped weight; grad-weight is dot products over whole padded planes, in 8 fixed image chunks
-  summed serially.
+  channels (float32; 128 x 2 below 8 channels; float64 64 x 4); grad-input is the same kernel
+  on padded dy with the flipped weight; grad-weight is dot products over whole padded planes,
+  in 8 fixed image chunks summed serially.
 * ``numba:direct-nhwc-c64`` (``_numba_direct``): groups 1, unit column dilation, C_out >= 32.
   NHWC, a 4-column x 64-channel register block over the (kW, C_in) run. Grad-input: the plane
   kernel (stride 1 and C_in not a multiple of 64), else one direct forward call per stride
-  phase; grad-weight: 6-run-row x 64-channel register blocks, each reducing over one of 8
-  fixed pixel chunks (partial sums added in order).
+  phase; grad-weight: 6-run-row (float64: 4) x 64-channel register blocks, each reducing over
+  one of 8 fixed pixel chunks (partial sums added in order).
 * ``numba:generic`` (``_numba_conv``): everything else (groups, depthwise, column dilation,
   strided few-channel layers): NHWC loops vectorized over the group's output channels.
 * Max-pool: ``numba:k2s2`` (2x2, stride 2, no padding), ``numba:rows-s2`` (column stride 2,
@@ -73,7 +73,9 @@ def _plane_forward(plane, run, x, wt_oihw, bias, out, pt, pl, dh, dw):
     c_out, c_in, kh, kw = wt_oihw.shape
     ho, wo = out.shape[2:]
     xp = _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dw)
-    if c_out >= plane.PCB:
+    if x.dtype != np.float32:
+        kernel, pcb = plane.conv_forward_plane64, plane.PCB64
+    elif c_out >= plane.PCB:
         kernel, pcb = plane.conv_forward_plane, plane.PCB
     else:
         kernel, pcb = plane.conv_forward_plane_few, plane.FEW_PCB
@@ -277,7 +279,9 @@ def _conv2d_backward_direct(conv, direct, run, dy, x, w, p, needs):
                      + np.arange(wo)[None, None, :] * (p.stride[1] * c_in)).ravel()
             chunks = min(dyt.shape[0], WEIGHT_CHUNKS)
             part = np.empty((chunks, kh, kw * c_in, cp), x.dtype)
-            run(direct.conv_grad_weight_direct, xp.reshape(n, hp, -1), dyt, xbase, part, c_in,
+            kernel = (direct.conv_grad_weight_direct if x.dtype == np.float32
+                      else direct.conv_grad_weight_direct64)
+            run(kernel, xp.reshape(n, hp, -1), dyt, xbase, part, c_in,
                 p.dilation[0])
             dwk = _sum_chunks(part)
             dw = np.ascontiguousarray(
