@@ -35,6 +35,7 @@ CONV_CASES = [
     ((1, 64, 5, 5), (64, 64, 1, 1), dict(), "numba:direct-nhwc-c64"),
     ((2, 32, 9, 9), (64, 32, 3, 3), dict(stride=2, padding=1), "numba:direct-nhwc-c64"),
     ((1, 32, 4, 4), (32, 32, 3, 3), dict(padding=3), "numba:direct-nhwc-c64"),  # pad > kernel
+    ((2, 8, 5, 3), (64, 8, 3, 2), dict(), "numba:direct-nhwc-c64"),  # rows narrower than a block
     # padded-plane path (few channels, stride 1): first layers, dilation, even kernels, padding
     # larger than the kernel (grad-input falls back to the generic scatter)
     ((2, 1, 12, 11), (32, 1, 3, 3), dict(), "numba:plane"),

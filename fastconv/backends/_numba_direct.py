@@ -43,16 +43,20 @@ def conv_forward_direct(xp2, wk, bias, y1, ys, co_, ho, wo, c_in, sh, sw, dh):
     y0, ysn, ysc, ysh, ysw = ys[0], ys[1], ys[2], ys[3], ys[4]
     x1 = xp2.ravel()
     w1 = wk.ravel()
-    nfull = wo // OB
+    # Column blocks of OB; the last one is shifted left to end at W_out (it recomputes a few
+    # columns, with the same result) rather than leaving single columns. Rows narrower than OB
+    # go one column at a time.
+    nblk = (wo + OB - 1) // OB if wo >= OB else 0
+    nsingle = wo if wo < OB else 0
     for t in prange(n_ * ho):
         n = t // ho
         oh = t % ho
         row = np.empty(wo * cp, dtype=y1.dtype)
         acc = stack_array(ACC, y1.dtype)
         for cb in range(0, cp, CB):
-            for ob in range(nfull + wo - nfull * OB):
-                if ob < nfull:
-                    ow0 = ob * OB
+            for ob in range(nblk + nsingle):
+                if ob < nblk:
+                    ow0 = min(ob * OB, wo - OB)
                     for i in range(ACC):
                         acc[i] = 0
                     for kh in range(kh_):
@@ -66,8 +70,8 @@ def conv_forward_direct(xp2, wk, bias, y1, ys, co_, ho, wo, c_in, sh, sw, dh):
                     for c in range(OB):
                         for o in range(CB):
                             row[U((ow0 + c) * cp + cb + o)] = acc[U(c * CB + o)] + bias[U(cb + o)]
-                else:  # a single trailing column
-                    ow0 = nfull * OB + ob - nfull
+                else:  # a single column of a row narrower than OB
+                    ow0 = ob
                     for i in range(CB):
                         acc[i] = 0
                     for kh in range(kh_):
