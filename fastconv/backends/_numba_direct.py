@@ -28,11 +28,12 @@ MCHUNK = 256  # output pixels per grad-weight pass (keeps that dy slab, 64 KiB, 
 
 
 @njit(**PARALLEL)
-def conv_forward_direct(xp2, wk, bias, y1, ys, co_, ho, wo, c_in, sh, sw, dh):
+def conv_forward_direct(xp2, wk, bias, y1, ys, co_, ho, wo, c_in, sh, sw, dh, x0):
     """y = conv(xp2, wk) + bias[:C_out] for C_out <= Cp, written into the flat array ``y1``.
 
     Output element (n, co, oh, ow) goes to ``y1[ys[0] + n*ys[1] + co*ys[2] + oh*ys[3] +
-    ow*ys[4]]``: a plain NCHW array, or one stride phase of a larger one (grad-input).
+    ow*ys[4]]``: a plain NCHW array, or one stride phase of a larger one (grad-input). The
+    windows start ``x0`` elements into ``xp2`` (a phase's origin inside a shared padded dy).
     """
     # Loop order: one task per output row (n, oh), owning y[n, :, oh, :]. Inside: channel block
     # (its weight slab stays in cache), column block of OB, kernel row, the run r, then the OB x CB
@@ -60,7 +61,7 @@ def conv_forward_direct(xp2, wk, bias, y1, ys, co_, ho, wo, c_in, sh, sw, dh):
                     for i in range(ACC):
                         acc[i] = 0
                     for kh in range(kh_):
-                        xb = (n * hp_ + oh * sh + kh * dh) * xw + ow0 * sw * c_in
+                        xb = x0 + (n * hp_ + oh * sh + kh * dh) * xw + ow0 * sw * c_in
                         wb = kh * r_ * cp + cb
                         for r in range(r_):
                             for c in range(OB):
@@ -75,7 +76,7 @@ def conv_forward_direct(xp2, wk, bias, y1, ys, co_, ho, wo, c_in, sh, sw, dh):
                     for i in range(CB):
                         acc[i] = 0
                     for kh in range(kh_):
-                        xb = (n * hp_ + oh * sh + kh * dh) * xw + ow0 * sw * c_in
+                        xb = x0 + (n * hp_ + oh * sh + kh * dh) * xw + ow0 * sw * c_in
                         wb = kh * r_ * cp + cb
                         for r in range(r_):
                             xv = x1[U(xb + r)]

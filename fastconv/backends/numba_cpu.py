@@ -146,7 +146,7 @@ def conv2d(x, w, b, p):
             bias[:c_out] = b
         xp2 = xp.reshape(xp.shape[0], xp.shape[1], -1)
         run(direct.conv_forward_direct, xp2, wk, bias, y.reshape(-1), _nchw_strides(y), c_out,
-            *p.out_hw, c_in, p.stride[0], p.stride[1], p.dilation[0])
+            *p.out_hw, c_in, p.stride[0], p.stride[1], p.dilation[0], 0)
         record_algorithm("conv2d", f"numba:direct-nhwc-c{direct.CB}")
         return y
     wr = _weight_gkkio(w, p.groups)
@@ -334,21 +334,27 @@ def _grad_input_as_forward(conv, direct, run, dy, w, x_shape, p):
     cp = _padded_channels(c_in)
     zeros = np.zeros(cp, dy.dtype)
     (sh, sw), (ph_, pw_) = p.stride, p.padding
-    for rh, ah, nh, tap_h, top_h, step_h in axes[0]:
-        for rw, aw, nw, tap_w, top_w, _ in axes[1]:
-            if not tap_h or not tap_w:
-                continue  # no tap reaches these rows/columns: dx stays 0 there
-            hp = nh + step_h * (len(tap_h) - 1)
-            wp = nw + len(tap_w) - 1
-            dyp = run(conv.pad_nhwc, dy, np.empty((n, hp, wp, c_out), dy.dtype), top_h, top_w)
-            sub = w[:, :, tap_h[::-1]][:, :, :, tap_w[::-1]]  # (C_out, C_in, th, tw), reversed
-            th, tw = len(tap_h), len(tap_w)
-            wk = np.zeros((th, tw * c_out, cp), dy.dtype)
-            wk[:, :, :c_in] = sub.transpose(2, 3, 0, 1).reshape(th, tw * c_out, c_in)
-            base = (sh * ah + rh - ph_) * w_ + (sw * aw + rw - pw_)
-            ys = np.array([base, c_in * h * w_, h * w_, sh * w_, sw], np.int64)
-            run(direct.conv_forward_direct, dyp.reshape(n, hp, -1), wk, zeros, dx.reshape(-1),
-                ys, c_in, nh, nw, c_out, 1, 1, step_h)
+    # dy is padded once, for all phases: phase (top_h, top_w) starts at row th0 - top_h and
+    # column tw0 - top_w of it.
+    live = [(a, b) for a in axes[0] for b in axes[1] if a[3] and b[3]]
+    if not live:
+        return dx  # no tap reaches any row and column: dx is zeros
+    th0 = max(a[4] for a, _ in live)
+    tw0 = max(b[4] for _, b in live)
+    hp = max(th0 - a[4] + a[2] + a[5] * (len(a[3]) - 1) for a, _ in live)
+    wp = max(tw0 - b[4] + b[2] + len(b[3]) - 1 for _, b in live)
+    dyp = run(conv.pad_nhwc, dy, np.empty((n, hp, wp, c_out), dy.dtype), th0, tw0)
+    dyp2 = dyp.reshape(n, hp, -1)
+    for (rh, ah, nh, tap_h, top_h, step_h), (rw, aw, nw, tap_w, top_w, _) in live:
+        sub = w[:, :, tap_h[::-1]][:, :, :, tap_w[::-1]]  # (C_out, C_in, th, tw), reversed
+        th, tw = len(tap_h), len(tap_w)
+        wk = np.zeros((th, tw * c_out, cp), dy.dtype)
+        wk[:, :, :c_in] = sub.transpose(2, 3, 0, 1).reshape(th, tw * c_out, c_in)
+        base = (sh * ah + rh - ph_) * w_ + (sw * aw + rw - pw_)
+        ys = np.array([base, c_in * h * w_, h * w_, sh * w_, sw], np.int64)
+        x0 = ((th0 - top_h) * wp + (tw0 - top_w)) * c_out
+        run(direct.conv_forward_direct, dyp2, wk, zeros, dx.reshape(-1), ys, c_in, nh, nw,
+            c_out, 1, 1, step_h, x0)
     return dx
 
 
