@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -59,7 +60,8 @@ def load_images(n, rng):
         (x, y), _ = fc.datasets.load_mnist(download=False, progress=False)
         return x[:n], y[:n]
     except (FileNotFoundError, ValueError):
-        print("(real MNIST not found: random images)")
+        # stderr: stdout is the reply channel of the torch process (see TorchProcess)
+        print("(real MNIST not found: random images)", file=sys.stderr)
         return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n)
 
 
@@ -124,7 +126,6 @@ class TorchProcess:
 
     def __init__(self, args):
         import subprocess
-        import sys
 
         cmd = [sys.executable, __file__, "--serve-torch", "--batch-size", str(args.batch_size),
                "--threads", str(args.threads), "--batches", str(args.batches),
@@ -138,6 +139,8 @@ class TorchProcess:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError("the torch process died")
+        if line.strip() != "ok":  # a stray line would shift every later reply by one round
+            raise RuntimeError(f"unexpected reply from the torch process: {line.strip()!r}")
         return line.strip()
 
     def runner(self, name):
@@ -154,7 +157,6 @@ class TorchProcess:
 
 def serve_torch(args):
     """The child side of :class:`TorchProcess` (never loads a fastconv backend)."""
-    import sys
 
     import torch
 
