@@ -315,3 +315,23 @@ if __name__ == "__main__":
         writer(sys.argv[2], int(sys.argv[3]))
     else:
         print(json.dumps(fsize_worker(sys.argv[2])))
+
+
+def test_stale_checkpoint_temporaries_are_removed_fresh_ones_kept(tmp_path):
+    """A writer killed mid-write leaves `.NAME.XXXX.tmp`; the next successful save removes such
+    files once they are older than an hour, and never a fresh one (a concurrent writer's)."""
+    from fastconv.nn import save_checkpoint, load_checkpoint
+
+    target = tmp_path / "train.ckpt"
+    stale = tmp_path / ".train.ckpt.abc123.tmp"
+    fresh = tmp_path / ".train.ckpt.def456.tmp"
+    other = tmp_path / ".other.ckpt.abc123.tmp"
+    for f in (stale, fresh, other):
+        f.write_bytes(b"partial")
+    old = os.path.getmtime(stale) - 2 * 3600
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    save_checkpoint(target, {"w": np.arange(3.0)})
+    assert not stale.exists()
+    assert fresh.exists() and other.exists()
+    np.testing.assert_array_equal(load_checkpoint(target)["w"], np.arange(3.0))

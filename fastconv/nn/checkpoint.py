@@ -20,11 +20,13 @@ removed and the previous checkpoint is untouched.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
 import os
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -106,6 +108,24 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+STALE_TEMPORARY_S = 3600
+
+
+def _remove_stale_temporaries(directory: Path, name: str) -> None:
+    """Delete temporaries of ``name`` left by writers that were killed (SIGKILL, power loss).
+
+    Only files older than ``STALE_TEMPORARY_S`` go, so a concurrent writer's file is never
+    touched; best effort, errors are ignored.
+    """
+    cutoff = time.time() - STALE_TEMPORARY_S
+    for leftover in directory.glob(f".{glob.escape(name)}.*.tmp"):
+        try:
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
+        except OSError:
+            pass
+
+
 def save_checkpoint(path, state: dict) -> Path:
     """Write ``state`` (nested dict of arrays and JSON values) to ``path`` atomically.
 
@@ -133,6 +153,7 @@ def save_checkpoint(path, state: dict) -> Path:
         os.replace(tmp_name, path)
         tmp_name = None
         _fsync_dir(directory)
+        _remove_stale_temporaries(directory, path.name)
     except OSError as e:
         raise CheckpointWriteError(
             f"could not write checkpoint {path}: {e}; the previous checkpoint (if any) is unchanged"
