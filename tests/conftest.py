@@ -11,12 +11,19 @@ The lists live in ``helpers.py`` so that test modules can import them.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 import fastconv as fc
 
 from helpers import SLOW_BACKENDS, TEST_BACKENDS  # noqa: E402  (tests import these from helpers)
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    from _cudasim_fix import lock_shared_array_allocation
+
+    lock_shared_array_allocation()
 
 # Without a GPU the CUDA-specific tests run in tests/test_cuda_simulator.py's subprocess, where
 # the simulator makes the backend available; this process does not collect them.
