@@ -136,6 +136,42 @@ def test_small_input_spans_many_blocks_and_wraps_the_grid(rng, monkeypatch):
     assert launches["conv_forward_tiled"][0] == 5
 
 
+def test_block_reductions_hold_when_the_simulator_is_preempted_mid_allocation(rng, monkeypatch):
+    """The simulator's shared-array race, forced: every first lookup of a block's shared array
+    yields the GIL for a millisecond between its check and its set. Without the lock of
+    tests/_cudasim_fix.py, threads of one block then get different arrays and grad-weight /
+    grad-bias come out wrong on every call (measured: dw off by 15); with it they are exact."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        pytest.skip("simulator-only: a real GPU has no Python-level shared-array allocation")
+    import time
+
+    from numba.cuda.simulator import kernelapi
+
+    class SlowMissDict(dict):
+        def get(self, key, default=None):
+            found = dict.get(self, key, default)
+            if found is None:
+                time.sleep(0.001)
+            return found
+
+    original_init = kernelapi.FakeCUDAShared.__init__
+
+    def init(self, dynshared_size):
+        original_init(self, dynshared_size)
+        self._allocations = SlowMissDict()
+
+    monkeypatch.setattr(kernelapi.FakeCUDAShared, "__init__", init)
+    monkeypatch.setenv("FASTCONV_CUDA_BLOCK", "2")
+    monkeypatch.setenv("FASTCONV_CUDA_MAX_BLOCKS", "5")
+    x = rng.standard_normal((2, 3, 6, 6)).astype(F32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(F32)
+    dy = rng.standard_normal((2, 4, 4, 4)).astype(F32)
+    got = fc.conv2d_backward(dy, x, w, backend="cuda")
+    want = fc.conv2d_backward(dy, x, w, backend="numpy")
+    for name, g, r in zip(("input", "weight", "bias"), got, want):
+        assert_close(g, r, name)
+
+
 @pytest.mark.parametrize("block", ["1", "3"])
 def test_odd_block_sizes(rng, monkeypatch, block):
     """Non-power-of-two blocks: tiles overhang the output and the tree reduction is uneven."""
