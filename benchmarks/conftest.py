@@ -16,7 +16,7 @@ Two modes:
 Time in the environment that ``fastconv bench`` sets up for itself (docs/performance.md)::
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE MALLOC_MMAP_THRESHOLD_=1073741824 \\
-        MALLOC_TRIM_THRESHOLD_=4294967296 FASTCONV_BENCH_SHAPES=B \\
+        MALLOC_TRIM_THRESHOLD_=4294967296 OPENBLAS_THREAD_TIMEOUT=4 FASTCONV_BENCH_SHAPES=B \\
         python -m pytest benchmarks --benchmark-enable
 """
 

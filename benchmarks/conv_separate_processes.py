@@ -8,7 +8,7 @@ compare the medians:
 
     for c in torch numba cython; do
         env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE MALLOC_MMAP_THRESHOLD_=1073741824 \
-            MALLOC_TRIM_THRESHOLD_=4294967296 python benchmarks/conv_separate_processes.py $c
+            MALLOC_TRIM_THRESHOLD_=4294967296 OPENBLAS_THREAD_TIMEOUT=4 python benchmarks/conv_separate_processes.py $c
     done
 
 Prints ``contender shape fwd_ms fwdbwd_ms`` (medians of 9, 2 threads, float32).

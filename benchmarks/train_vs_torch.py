@@ -1,7 +1,7 @@
 """Training throughput: fastconv against PyTorch CPU on the same nets and recipe, in one run.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE MALLOC_MMAP_THRESHOLD_=1073741824 \\
-        MALLOC_TRIM_THRESHOLD_=4294967296 python benchmarks/train_vs_torch.py
+        MALLOC_TRIM_THRESHOLD_=4294967296 OPENBLAS_THREAD_TIMEOUT=4 python benchmarks/train_vs_torch.py
 
 For each net (PyTorch's examples/mnist CNN and LeNet-5): the same initial weights, Adam
 (lr 1e-3), batch 64 of real MNIST images normalized per batch, softmax cross-entropy, dropout

@@ -6,17 +6,21 @@ and a PNG chart.
     fastconv bench --scaling                         # time per image vs batch and image size
 
 Timing environment. Large outputs page-fault afresh on every call unless glibc keeps freed
-memory (``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296``), and
-``OPENBLAS_CORETYPE`` / ``OPENBLAS_L2_SIZE`` change which GEMM kernels OpenBLAS uses. glibc and
-OpenBLAS read these when the process starts, so the command re-executes itself (``os.execve``)
-with them set and unset respectively, ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` /
+memory (``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296``);
+``OPENBLAS_CORETYPE`` / ``OPENBLAS_L2_SIZE`` change which GEMM kernels OpenBLAS uses; and
+OpenBLAS's worker threads busy-wait for up to 2**28 cycles (~0.1 s) after every call, so after
+one NumPy-backend call (or the SGEMM peak measurement) every contender timed next ran at half
+speed on 2 cores (measured: torch 20 -> 38 ms, numba 25 -> 49 ms on shape B);
+``OPENBLAS_THREAD_TIMEOUT=4`` makes them sleep at once. glibc and OpenBLAS read these when the
+process starts, so the command re-executes itself (``os.execve``) with them set and unset
+respectively, ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` /
 ``MKL_NUM_THREADS`` / ``NUMBA_NUM_THREADS`` set to ``--threads``, and ``FASTCONV_BENCH_CHILD=1``
 marking the child. ``--no-reexec`` times in the current environment instead. The equivalent
 manual command is::
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE MALLOC_MMAP_THRESHOLD_=1073741824 \\
-        MALLOC_TRIM_THRESHOLD_=4294967296 OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 \\
-        FASTCONV_BENCH_CHILD=1 fastconv bench --threads 2
+        MALLOC_TRIM_THRESHOLD_=4294967296 OPENBLAS_THREAD_TIMEOUT=4 OMP_NUM_THREADS=2 \\
+        OPENBLAS_NUM_THREADS=2 FASTCONV_BENCH_CHILD=1 fastconv bench --threads 2
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import sys
 import time
 
 REEXEC_MARKER = "FASTCONV_BENCH_CHILD"
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+TIMING_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296",
+              "OPENBLAS_THREAD_TIMEOUT": "4"}
 UNSET_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 PLOT_HINT = "--plot needs matplotlib: pip install matplotlib (or fastconv[plot])"
@@ -130,7 +135,7 @@ def child_env(threads: int, base=None) -> dict:
     env = dict(os.environ if base is None else base)
     for k in UNSET_ENV:
         env.pop(k, None)
-    env.update(MALLOC_ENV)
+    env.update(TIMING_ENV)
     for k in THREAD_ENV:
         env[k] = str(threads)
     env[REEXEC_MARKER] = "1"

@@ -107,12 +107,13 @@ def test_a_wrong_result_is_reported_left_out_and_fails_the_run(monkeypatch, caps
     assert "| naive (" in out and "| torch |" in out and "| numpy |" not in out
 
 
-def test_child_env_sets_malloc_thresholds_and_unsets_openblas_overrides():
+def test_child_env_sets_malloc_thresholds_blas_timeout_and_unsets_openblas_overrides():
     env = _bench_cli.child_env(3, {"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": "1",
                                    "PATH": "/bin", "OMP_NUM_THREADS": "8"})
     assert "OPENBLAS_CORETYPE" not in env and "OPENBLAS_L2_SIZE" not in env
     assert env["MALLOC_MMAP_THRESHOLD_"] == "1073741824"
     assert env["MALLOC_TRIM_THRESHOLD_"] == "4294967296"
+    assert env["OPENBLAS_THREAD_TIMEOUT"] == "4"  # no spinning BLAS workers between contenders
     assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "3"
     assert env["PATH"] == "/bin" and env[_bench_cli.REEXEC_MARKER] == "1"
 
