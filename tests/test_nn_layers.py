@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import fastconv as fc
 from fastconv import nn
 
 torch = pytest.importorskip("torch")
@@ -107,6 +108,37 @@ def test_dropout_is_identity_at_inference_and_scales_in_training(rng):
     assert 0.2 < np.mean(y == 0) < 0.3
     with pytest.raises(ValueError, match="p must be in"):
         nn.Dropout(1.0)
+
+
+@pytest.mark.skipif(fc.backend_status()["numba"] is not None, reason="needs numba")
+@pytest.mark.parametrize("dtype", [np.float32, F64])
+def test_parallel_relu_and_dropout_equal_the_numpy_path_bit_for_bit(rng, dtype):
+    """Beside the numba backend ReLU and Dropout run compiled kernels; the NumPy path (any other
+    backend) is the reference: same outputs, same masks from the same seed, NaN/inf included,
+    non-contiguous input accepted."""
+    x = rng.standard_normal((3, 4, 9, 10)).astype(dtype)[:, :, :, ::2]
+    x[0, 0, 0, :4] = [np.nan, np.inf, -np.inf, 0.0]
+    g = rng.standard_normal(x.shape).astype(dtype)
+    g[0, 0, 1, :2] = [np.nan, np.inf]
+    results = {}
+    for backend in ("numba", "numpy"):
+        relu = nn.ReLU(backend=backend)
+        drop = nn.Dropout(0.3, rng=5, backend=backend)
+        results[backend] = (relu.forward(x), relu.backward(g), drop.forward(x), drop.backward(g))
+    for got, want in zip(results["numba"], results["numpy"]):
+        assert got.dtype == dtype and got.shape == x.shape
+        np.testing.assert_array_equal(got, want)
+
+
+def test_relu_gradient_is_a_select_as_in_torch():
+    x = np.array([-1.0, 0.0, 2.0, np.nan, 3.0], np.float32)
+    g = np.array([np.nan, np.inf, 5.0, 1.0, np.nan], np.float32)
+    tx = torch.from_numpy(x.copy()).requires_grad_()
+    torch.relu(tx).backward(torch.from_numpy(g))
+    for backend in LAYER_BACKENDS:
+        layer = nn.ReLU(backend=backend)
+        np.testing.assert_array_equal(layer.forward(x), torch.relu(tx).detach().numpy())
+        np.testing.assert_array_equal(layer.backward(g), tx.grad.numpy())
 
 
 @pytest.mark.parametrize("init,expected_std", [

@@ -18,13 +18,26 @@ import numpy as np
 
 import fastconv as fc
 
-from .. import _validate
+from .. import _dispatch, _validate
 from . import init as _init
 
 
 def _rng(rng) -> np.random.Generator:
     """A Generator from a Generator, a seed or ``None`` (fresh entropy)."""
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def _elementwise_kernels(backend, x):
+    """The parallel element-wise kernels (``backends._numba_elementwise``) when this layer runs
+    beside the numba backend on a float32/float64 host array, else None (NumPy ufuncs)."""
+    if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64):
+        return None
+    name = backend if backend is not None else _dispatch.current_backend_name(x)
+    if name != "numba" or _dispatch._load("numba")[0] is None:
+        return None
+    from ..backends import _numba_elementwise, _numba_threading
+
+    return _numba_elementwise, _numba_threading.run
 
 
 class Layer:
@@ -195,16 +208,35 @@ class MaxPool2D(Layer):
 
 
 class ReLU(Layer):
-    """``max(x, 0)``; the gradient is 0 where ``x <= 0`` (PyTorch's choice at 0)."""
+    """``max(x, 0)`` (NaN stays NaN); the gradient is 0 where ``x <= 0``, else ``grad`` (a select,
+    exactly as PyTorch's: 0 even where ``grad`` is NaN, passed on where ``x`` is NaN). Beside
+    the numba backend both passes run as parallel kernels."""
 
     def forward(self, x, training=True):
-        y = np.maximum(x, x.dtype.type(0))
-        self._cache = y > 0
+        compiled = _elementwise_kernels(self.backend, x)
+        if compiled is None:
+            y = np.maximum(x, x.dtype.type(0))
+        else:
+            kernels, run = compiled
+            x = np.ascontiguousarray(x)
+            y = np.empty_like(x)
+            run(kernels.relu_forward, x.reshape(-1), y.reshape(-1))
+        self._cache = y  # the output itself: backward needs only where it is <= 0
         return y
 
     def backward(self, grad, input_grad=True):
-        positive = self._no_cache()
-        return np.multiply(grad, positive, dtype=grad.dtype) if input_grad else None
+        y = self._no_cache()
+        if not input_grad:
+            return None
+        grad = np.asarray(grad, dtype=y.dtype)
+        compiled = _elementwise_kernels(self.backend, grad)
+        if compiled is None or grad.shape != y.shape:
+            return np.where(y <= 0, y.dtype.type(0), grad)
+        kernels, run = compiled
+        grad = np.ascontiguousarray(grad)
+        out = np.empty_like(grad)
+        return run(kernels.relu_backward, grad.reshape(-1), y.reshape(-1), out.reshape(-1)
+                   ).reshape(y.shape)
 
 
 class Flatten(Layer):
@@ -284,19 +316,52 @@ class Dropout(Layer):
         self.p = p
         self.rng = _rng(rng)
 
+    def _draw_keep_bits(self, size):
+        """``size`` uniform uint32 draws (raw generator output: the fastest stream numpy has)
+        and the threshold below which an element is dropped: P(drop) = threshold / 2**32,
+        within 2**-32 of ``p``."""
+        raw = self.rng.bit_generator.random_raw(-(-size // 2))
+        bits = np.ascontiguousarray(raw).view(np.uint32)[:size]
+        threshold = min(int(round(self.p * 2.0**32)), 2**32 - 1)
+        return bits, threshold
+
     def forward(self, x, training=True):
         if not training or self.p == 0.0:
             self._cache = None
             return x
-        keep = self.rng.random(x.shape, dtype=x.dtype) >= x.dtype.type(self.p)
-        scale = np.multiply(keep, x.dtype.type(1.0 / (1.0 - self.p)), dtype=x.dtype)
-        self._cache = scale
-        return x * scale
+        scale = x.dtype.type(1.0 / (1.0 - self.p))
+        bits, threshold = self._draw_keep_bits(x.size)
+        compiled = _elementwise_kernels(self.backend, x)
+        if compiled is None:
+            keep = (bits >= threshold).reshape(x.shape)
+            with np.errstate(invalid="ignore"):  # inf * 0 = NaN, as in PyTorch
+                y = x * np.where(keep, scale, x.dtype.type(0))
+        else:
+            kernels, run = compiled
+            x = np.ascontiguousarray(x)
+            y = np.empty_like(x)
+            keep = np.empty(x.shape, np.uint8)
+            run(kernels.dropout_forward, x.reshape(-1), bits, np.int64(threshold), scale,
+                y.reshape(-1), keep.reshape(-1))
+        self._cache = (keep, scale)
+        return y
 
     def backward(self, grad, input_grad=True):
         if not input_grad:
             return None
-        return grad if self._cache is None else grad * self._cache
+        if self._cache is None:
+            return grad
+        keep, scale = self._cache
+        grad = np.asarray(grad)
+        compiled = _elementwise_kernels(self.backend, grad)
+        if compiled is None or grad.shape != keep.shape or grad.dtype != scale.dtype:
+            with np.errstate(invalid="ignore"):
+                return grad * np.where(keep, scale, scale.dtype.type(0))
+        kernels, run = compiled
+        grad = np.ascontiguousarray(grad)
+        out = np.empty_like(grad)
+        return run(kernels.dropout_backward, grad.reshape(-1), keep.reshape(-1), scale,
+                   out.reshape(-1)).reshape(grad.shape)
 
     def get_config(self):
         return dict(p=self.p)

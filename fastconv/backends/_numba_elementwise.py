@@ -1,0 +1,72 @@
+"""Parallel element-wise kernels for the layers (ReLU, Dropout) when they run beside the numba
+backend: NumPy's ufuncs are single-threaded and make one pass per operation.
+
+Every kernel takes flat, C-contiguous arrays of one length and splits them into ``TASKS`` fixed
+slices, one ``prange`` task each (each task owns its slice of the output). The results are the
+ones of the NumPy expressions they replace, bit for bit: the selects and products are the same
+IEEE operations, element by element.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._numba_options import PARALLEL, U
+
+TASKS = 16  # slices per call: enough to balance 2-16 threads, few enough to amortize
+
+
+@njit(**PARALLEL)
+def relu_forward(x, y):
+    """y = max(x, 0), NaN kept (as ``np.maximum(x, 0)``)."""
+    n = x.size
+    for t in prange(TASKS):
+        for i in range(t * n // TASKS, (t + 1) * n // TASKS):
+            v = x[U(i)]
+            y[U(i)] = 0 if v <= 0 else v
+    return y
+
+
+@njit(**PARALLEL)
+def relu_backward(grad, y, out):
+    """out = 0 where y <= 0, else grad (a select, as PyTorch's ``threshold_backward``: a NaN
+    output passes its gradient on)."""
+    n = grad.size
+    for t in prange(TASKS):
+        for i in range(t * n // TASKS, (t + 1) * n // TASKS):
+            out[U(i)] = 0 if y[U(i)] <= 0 else grad[U(i)]
+    return out
+
+
+@njit(**PARALLEL)
+def dropout_forward(x, bits, threshold, scale, y, keep):
+    """keep = bits >= threshold (uint8 0/1); y = x * (scale if keep else 0).
+
+    ``bits`` are uniform uint32 draws, so an element is dropped with probability
+    ``threshold / 2**32``. The product (not a select) propagates NaN and inf as PyTorch does.
+    """
+    n = x.size
+    zero = scale - scale
+    for t in prange(TASKS):
+        for i in range(t * n // TASKS, (t + 1) * n // TASKS):
+            k = bits[U(i)] >= threshold
+            keep[U(i)] = k
+            y[U(i)] = x[U(i)] * (scale if k else zero)
+    return y
+
+
+@njit(**PARALLEL)
+def dropout_backward(grad, keep, scale, out):
+    """out = grad * (scale if keep else 0)."""
+    n = grad.size
+    zero = scale - scale
+    for t in prange(TASKS):
+        for i in range(t * n // TASKS, (t + 1) * n // TASKS):
+            out[U(i)] = grad[U(i)] * (scale if keep[U(i)] else zero)
+    return out
+
+
+def dtype_scalar(dtype, value):
+    """``value`` as a NumPy scalar of ``dtype`` (so each kernel compiles once per dtype)."""
+    return np.dtype(dtype).type(value)
