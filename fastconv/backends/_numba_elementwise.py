@@ -39,18 +39,35 @@ def relu_backward(grad, y, out):
     return out
 
 
-@njit(**PARALLEL)
-def dropout_forward(x, bits, threshold, scale, y, keep):
-    """keep = bits >= threshold (uint8 0/1); y = x * (scale if keep else 0).
+# splitmix64 (Steele, Lea & Flood 2014) of a counter: the dropout mask of element i is a pure
+# function of (seed, i), so the draws run in parallel, in any order, and equal the NumPy version
+# in ``fastconv.nn.layers``.
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+MIX2 = np.uint64(0x94D049BB133111EB)
 
-    ``bits`` are uniform uint32 draws, so an element is dropped with probability
-    ``threshold / 2**32``. The product (not a select) propagates NaN and inf as PyTorch does.
+
+@njit(inline="always")
+def _splitmix_hi32(seed, i):
+    z = seed + (np.uint64(i) + np.uint64(1)) * GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * MIX1
+    z = (z ^ (z >> np.uint64(27))) * MIX2
+    return (z ^ (z >> np.uint64(31))) >> np.uint64(32)
+
+
+@njit(**PARALLEL)
+def dropout_forward(x, seed, threshold, scale, y, keep):
+    """keep[i] = hi32(splitmix64(seed, i)) >= threshold (uint8 0/1); y = x * (scale if keep
+    else 0).
+
+    Each element is dropped with probability ``threshold / 2**32``. The product (not a select)
+    propagates NaN and inf as PyTorch does.
     """
     n = x.size
     zero = scale - scale
     for t in prange(TASKS):
         for i in range(t * n // TASKS, (t + 1) * n // TASKS):
-            k = bits[U(i)] >= threshold
+            k = _splitmix_hi32(seed, i) >= threshold
             keep[U(i)] = k
             y[U(i)] = x[U(i)] * (scale if k else zero)
     return y

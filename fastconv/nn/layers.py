@@ -40,6 +40,30 @@ def _elementwise_kernels(backend, x):
     return _numba_elementwise, _numba_threading.run
 
 
+def _splitmix_hi32(seed, n: int, block: int = 1 << 15):
+    """The high 32 bits of splitmix64(seed + (i + 1) * golden) for i < n, as uint64: the NumPy
+    twin of ``backends._numba_elementwise.dropout_forward``'s draws (uint64 arithmetic wraps).
+    Computed in blocks that stay in cache, in place."""
+    golden, mix1, mix2 = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9),
+                          np.uint64(0x94D049BB133111EB))
+    out = np.empty(n, np.uint64)
+    t = np.empty(min(n, block), np.uint64)
+    for start in range(0, n, block):
+        z = out[start:start + block]
+        tz = t[:z.size]
+        z[:] = np.arange(start + 1, start + 1 + z.size, dtype=np.uint64)
+        z *= golden
+        z += seed
+        for shift, mix in ((30, mix1), (27, mix2)):
+            np.right_shift(z, np.uint64(shift), out=tz)
+            z ^= tz
+            z *= mix
+        np.right_shift(z, np.uint64(31), out=tz)
+        z ^= tz
+        z >>= np.uint64(32)
+    return out
+
+
 class Layer:
     """Base class: ``params``/``grads`` dicts, ``forward``/``backward``, shape inference."""
 
@@ -316,24 +340,23 @@ class Dropout(Layer):
         self.p = p
         self.rng = _rng(rng)
 
-    def _draw_keep_bits(self, size):
-        """``size`` uniform uint32 draws (raw generator output: the fastest stream numpy has)
-        and the threshold below which an element is dropped: P(drop) = threshold / 2**32,
+    def _threshold(self) -> int:
+        """Draws below this uint32 value drop their element: P(drop) = threshold / 2**32,
         within 2**-32 of ``p``."""
-        raw = self.rng.bit_generator.random_raw(-(-size // 2))
-        bits = np.ascontiguousarray(raw).view(np.uint32)[:size]
-        threshold = min(int(round(self.p * 2.0**32)), 2**32 - 1)
-        return bits, threshold
+        return min(int(round(self.p * 2.0**32)), 2**32 - 1)
 
     def forward(self, x, training=True):
         if not training or self.p == 0.0:
             self._cache = None
             return x
         scale = x.dtype.type(1.0 / (1.0 - self.p))
-        bits, threshold = self._draw_keep_bits(x.size)
+        # One draw from the generator per call seeds a counter-based stream (splitmix64 of the
+        # element index): the compiled kernel and NumPy give the same mask from the same seed.
+        seed = np.uint64(self.rng.bit_generator.random_raw())
+        threshold = self._threshold()
         compiled = _elementwise_kernels(self.backend, x)
         if compiled is None:
-            keep = (bits >= threshold).reshape(x.shape)
+            keep = (_splitmix_hi32(seed, x.size) >= threshold).reshape(x.shape)
             with np.errstate(invalid="ignore"):  # inf * 0 = NaN, as in PyTorch
                 y = x * np.where(keep, scale, x.dtype.type(0))
         else:
@@ -341,7 +364,7 @@ class Dropout(Layer):
             x = np.ascontiguousarray(x)
             y = np.empty_like(x)
             keep = np.empty(x.shape, np.uint8)
-            run(kernels.dropout_forward, x.reshape(-1), bits, np.int64(threshold), scale,
+            run(kernels.dropout_forward, x.reshape(-1), seed, np.uint64(threshold), scale,
                 y.reshape(-1), keep.reshape(-1))
         self._cache = (keep, scale)
         return y
