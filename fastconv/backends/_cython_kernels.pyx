@@ -31,6 +31,11 @@ cdef extern from *:
     #ifndef FASTCONV_CYTHON_DEBUG
     #define FASTCONV_CYTHON_DEBUG 0
     #endif
+    /* GCC's -O3 unroll-and-jam fused two pixels of the grad-weight register block, which
+       sent its accumulators to memory and its input broadcasts through gathers (4x slower). */
+    #if defined(__GNUC__) && !defined(__clang__) && !defined(__INTEL_COMPILER)
+    #pragma GCC optimize ("no-loop-unroll-and-jam")
+    #endif
     """
     int FASTCONV_HAVE_OPENMP
     int FASTCONV_CYTHON_DEBUG
@@ -53,6 +58,9 @@ cdef enum:
     PW = 64     # consecutive outputs per register block (stride-1 NCHW forward)
     VL = 16     # lanes of the partial sums (stride-1 grad-weight for few input channels)
     TAPB = 32   # kernel taps per pass (stride-1 grad-weight for few input channels)
+    DWB = 16    # the most output columns per register block (direct forward)
+    RB32 = 6    # run rows per grad-weight register block, float32 (24 zmm accumulators)
+    MCHUNK = 256  # output pixels per grad-weight slab (64 KiB of dy: stays in L2)
 
 
 cdef inline Py_ssize_t _min(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -71,7 +79,7 @@ cdef int _pad_nhwc_row(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ss
                         Py_ssize_t upw) except -1 nogil:
     cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3], Wp = out.shape[2]
     cdef Py_ssize_t i, j, j0, j1, c
-    memset(&out[n, r, 0, 0], 0, Wp * C * sizeof(real))
+    memset(&out[n, r, 0, 0], 0, Wp * out.shape[3] * sizeof(real))
     if r < top or (r - top) % uph != 0 or (r - top) // uph >= H:
         return 0
     i = (r - top) // uph
@@ -88,8 +96,9 @@ def pad_nhwc(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t top,
     """NCHW ``x`` -> zero-padded NHWC ``out``:
     ``out[n, top + i*uph, left + j*upw, c] = x[n, c, i, j]``.
 
-    Every other element of ``out`` is zero; ``up > 1`` inserts zeros between elements (the
-    transposed convolution of a strided one); negative ``top``/``left`` crop.
+    Every other element of ``out`` is zero (also the channels c >= C when ``out`` has more);
+    ``up > 1`` inserts zeros between elements (the transposed convolution of a strided one);
+    negative ``top``/``left`` crop.
     """
     cdef Py_ssize_t N = out.shape[0], Hp = out.shape[1], t
     with nogil:
@@ -364,6 +373,220 @@ def conv_fwd_rows(const real[:, :, ::1] xf, const real[:, :, :, ::1] w, const re
         else:
             for t in prange(N * C, schedule="dynamic"):
                 _fwd_rows_plane(xf, w, bias, y, t // C, t % C, groups, Wp, sh, sw, dh, dw)
+
+
+# ------------------------------------------------------------------------------ direct (groups 1)
+#
+# The register-blocked kernels of the common layers (groups 1, unit column dilation, at least
+# 16 output channels). Layouts: the input as ``xp2`` (N, Hp, Wp*C), so that the window of an
+# output column in one kernel row is one contiguous run of R = kW*C elements (taps kw, then
+# channels); weights ``wk`` (kH, R, Cw) with output channels innermost, zero-padded to Cw, a
+# multiple of 16, so that every channel block below is full.
+
+
+cdef inline int _direct_block(const real[:, :, ::1] xp2, const real[:, :, ::1] wk,
+                              const real[::1] bias, real[:, :, :, :] y, Py_ssize_t n,
+                              Py_ssize_t oh, Py_ssize_t c0, Py_ssize_t w0, Py_ssize_t cs,
+                              Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t row0,
+                              Py_ssize_t col0, Py_ssize_t nw, Py_ssize_t nc) except -1 nogil:
+    # nw output columns x nc output channels, both literals at every call site (4 x 64,
+    # 8 x 32, 16 x 16): after inlining, the block has a compile-time shape, the co loop is
+    # vectorized, the j loops unroll, and the nw*nc accumulators stay in registers over the
+    # whole run of every kernel row (one broadcast input per column times nc weights).
+    cdef Py_ssize_t KH = wk.shape[0], R = wk.shape[1], C_out = y.shape[1]
+    cdef Py_ssize_t kh, r, j, co, ih, xb, step = sw * cs, ncw = _min(nc, C_out - c0)
+    cdef real acc[OWB * COB]
+    cdef real xs[DWB]
+    cdef real wv
+    for j in range(nw):
+        for co in range(nc):
+            acc[j * nc + co] = 0
+    for kh in range(KH):
+        ih = row0 + oh * sh + kh * dh
+        xb = col0 + w0 * step
+        for r in range(R):
+            for j in range(nw):
+                xs[j] = xp2[n, ih, xb + j * step + r]
+            for co in range(nc):
+                wv = wk[kh, r, c0 + co]
+                for j in range(nw):
+                    acc[j * nc + co] += xs[j] * wv
+    for co in range(ncw):
+        for j in range(nw):
+            y[n, c0 + co, oh, w0 + j] = acc[j * nc + co] + bias[c0 + co]
+    return 0
+
+
+cdef int _direct_row(const real[:, :, ::1] xp2, const real[:, :, ::1] wk,
+                     const real[::1] bias, real[:, :, :, :] y, Py_ssize_t n, Py_ssize_t oh,
+                     Py_ssize_t cs, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh,
+                     Py_ssize_t row0, Py_ssize_t col0) except -1 nogil:
+    cdef Py_ssize_t Cw = wk.shape[2], Wo = y.shape[3], c0 = 0, nc, w0, nw
+    while c0 < Cw:
+        nc = 64 if Cw - c0 >= 64 else (32 if Cw - c0 >= 32 else 16)
+        # Column blocks; the last one is shifted left to end at W_out (it recomputes a few
+        # columns with the same result) rather than leaving single columns.
+        nw = 4 if nc == 64 else (8 if nc == 32 else 16)
+        if Wo < nw:
+            nw = 1
+        w0 = 0
+        while w0 < Wo:
+            if w0 + nw > Wo:
+                w0 = Wo - nw
+            if nw == 1:
+                _direct_block(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0,
+                              1, 16)
+                if nc > 16:
+                    _direct_block(xp2, wk, bias, y, n, oh, c0 + 16, w0, cs, sh, sw, dh, row0,
+                                  col0, 1, 16)
+                if nc > 32:
+                    _direct_block(xp2, wk, bias, y, n, oh, c0 + 32, w0, cs, sh, sw, dh, row0,
+                                  col0, 1, 16)
+                    _direct_block(xp2, wk, bias, y, n, oh, c0 + 48, w0, cs, sh, sw, dh, row0,
+                                  col0, 1, 16)
+            elif nc == 64:
+                _direct_block(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0,
+                              4, 64)
+            elif nc == 32:
+                _direct_block(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0,
+                              8, 32)
+            else:
+                _direct_block(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0,
+                              16, 16)
+            w0 += nw
+        c0 += nc
+    return 0
+
+
+def conv_fwd_direct(const real[:, :, ::1] xp2, const real[:, :, ::1] wk, const real[::1] bias,
+                    real[:, :, :, :] y, Py_ssize_t cs, Py_ssize_t sh, Py_ssize_t sw,
+                    Py_ssize_t dh, Py_ssize_t row0=0, Py_ssize_t col0=0, bint serial=False):
+    """``y[n, co, oh, ow] = bias[co] + sum over kh, r of
+    xp2[n, row0 + oh*sh + kh*dh, col0 + ow*sw*cs + r] * wk[kh, r, co]`` for co < C_out.
+
+    ``xp2`` (N, Hp, Wp*cs): a zero-padded NHWC input of cs channels, rows flattened; ``wk``
+    (kH, R, Cw): R = kW*cs, output channels innermost, zero-padded to Cw (a multiple of 16,
+    >= C_out); ``bias`` (Cw,). ``y`` (N, C_out, H_out, W_out) may have any strides (a stride
+    phase of a larger array: grad-input of a strided convolution).
+
+    Loop order: one task per (image, output row), owning y[n, :, oh, :]; channel blocks (the
+    weight slab stays in cache), column blocks, then the register block accumulates over the
+    kernel rows and the contiguous run of each.
+    """
+    cdef Py_ssize_t N = y.shape[0], Ho = y.shape[2], t
+    with nogil:
+        if serial:  # see _serial_after_fork in cython_cpu
+            for t in range(N * Ho):
+                _direct_row(xp2, wk, bias, y, t // Ho, t % Ho, cs, sh, sw, dh, row0, col0)
+        else:
+            for t in prange(N * Ho, schedule="dynamic"):
+                _direct_row(xp2, wk, bias, y, t // Ho, t % Ho, cs, sh, sw, dh, row0, col0)
+
+
+cdef inline int _dwd_block6(const real[::1] x1, const real[:, ::1] dyt,
+                            const int64_t[::1] xbase, real[:, :, :, ::1] part, Py_ssize_t t,
+                            Py_ssize_t kh, Py_ssize_t c0, Py_ssize_t r0, Py_ssize_t koff,
+                            Py_ssize_t m0, Py_ssize_t m1) except -1 nogil:
+    # RB32 (= 6, unrolled by hand: GCC otherwise vectorized the pixel loop with gathers) run
+    # rows x COB output channels, accumulated in registers over the pixels m0..m1: per pixel
+    # 6 broadcast inputs times COB contiguous dy values.
+    cdef Py_ssize_t m, co, xb
+    cdef real acc[RB32 * COB]
+    cdef real x0, x1_, x2, x3, x4, x5, dv
+    for co in range(RB32 * COB):
+        acc[co] = 0
+    for m in range(m0, m1):
+        xb = xbase[m] + koff + r0
+        x0 = x1[xb]
+        x1_ = x1[xb + 1]
+        x2 = x1[xb + 2]
+        x3 = x1[xb + 3]
+        x4 = x1[xb + 4]
+        x5 = x1[xb + 5]
+        for co in range(COB):
+            dv = dyt[m, c0 + co]
+            acc[co] += x0 * dv
+            acc[COB + co] += x1_ * dv
+            acc[2 * COB + co] += x2 * dv
+            acc[3 * COB + co] += x3 * dv
+            acc[4 * COB + co] += x4 * dv
+            acc[5 * COB + co] += x5 * dv
+    for m in range(RB32):
+        for co in range(COB):
+            part[t, kh, r0 + m, c0 + co] += acc[m * COB + co]
+    return 0
+
+
+cdef inline int _dwd_block1(const real[::1] x1, const real[:, ::1] dyt,
+                            const int64_t[::1] xbase, real[:, :, :, ::1] part, Py_ssize_t t,
+                            Py_ssize_t kh, Py_ssize_t c0, Py_ssize_t r, Py_ssize_t koff,
+                            Py_ssize_t m0, Py_ssize_t m1) except -1 nogil:
+    # One run row x COB channels (the tail of the run; every row in float64, where six rows of
+    # 64 doubles would not fit in registers).
+    cdef Py_ssize_t m, co
+    cdef real acc[COB]
+    cdef real xv
+    for co in range(COB):
+        acc[co] = 0
+    for m in range(m0, m1):
+        xv = x1[xbase[m] + koff + r]
+        for co in range(COB):
+            acc[co] += xv * dyt[m, c0 + co]
+    for co in range(COB):
+        part[t, kh, r, c0 + co] += acc[co]
+    return 0
+
+
+cdef int _dwd_task(const real[::1] x1, const real[:, ::1] dyt, const int64_t[::1] xbase,
+                   real[:, :, :, ::1] part, Py_ssize_t task, Py_ssize_t xw,
+                   Py_ssize_t dh) except -1 nogil:
+    cdef Py_ssize_t T = part.shape[0], KH = part.shape[1], R = part.shape[2]
+    cdef Py_ssize_t ncb = part.shape[3] // COB, M = dyt.shape[0]
+    cdef Py_ssize_t t = task // (KH * ncb), kh = (task // ncb) % KH, c0 = (task % ncb) * COB
+    cdef Py_ssize_t koff = kh * dh * xw, me = (t + 1) * M // T, m0, m1, r0, r, co
+    cdef Py_ssize_t rb = RB32 if real is float else R + 1
+    for r in range(R):
+        for co in range(COB):
+            part[t, kh, r, c0 + co] = 0
+    m0 = t * M // T
+    while m0 < me:
+        m1 = _min(m0 + MCHUNK, me)
+        r0 = 0
+        while r0 + rb <= R:
+            _dwd_block6(x1, dyt, xbase, part, t, kh, c0, r0, koff, m0, m1)
+            r0 += rb
+        while r0 < R:  # the last, partial block of run rows: one row at a time
+            _dwd_block1(x1, dyt, xbase, part, t, kh, c0, r0, koff, m0, m1)
+            r0 += 1
+        m0 = m1
+    return 0
+
+
+def conv_grad_weight_direct(const real[::1] x1, const real[:, ::1] dyt,
+                            const int64_t[::1] xbase, real[:, :, :, ::1] part, Py_ssize_t xw,
+                            Py_ssize_t dh, bint serial=False):
+    """Partial weight gradients ``part[t]`` (kH, R, Cp) = sum over the pixels m of chunk t of
+    ``x1[xbase[m] + kh*dh*xw + r] * dyt[m, co]``.
+
+    ``x1``: the zero-padded NHWC input, flat, whose rows are xw = Wp*C_in long; ``xbase[m]``
+    the offset of output pixel m's run (R = kW*C_in) in kernel row 0; ``dyt`` (M, Cp): dy in
+    NHWC, channels zero-padded to Cp, a multiple of COB. Chunk t covers the pixels
+    [t*M//T, (t+1)*M//T); the caller adds the T partial sums in order, so the result does not
+    depend on the thread count.
+
+    Loop order: one task per (chunk, kernel row, block of COB channels), owning
+    part[t, kh, :, block]; slabs of MCHUNK pixels (that dy slab stays in L2 while every block
+    of run rows uses it), blocks of RB32 run rows, then the pixels: RB32 broadcast inputs
+    times COB contiguous dy values into RB32 x COB register accumulators.
+    """
+    cdef Py_ssize_t tasks = part.shape[0] * part.shape[1] * (part.shape[3] // COB), t
+    with nogil:
+        if serial:  # see _serial_after_fork in cython_cpu
+            for t in range(tasks):
+                _dwd_task(x1, dyt, xbase, part, t, xw, dh)
+        else:
+            for t in prange(tasks, schedule="dynamic"):
+                _dwd_task(x1, dyt, xbase, part, t, xw, dh)
 
 
 # ------------------------------------------------------------------------------ backward

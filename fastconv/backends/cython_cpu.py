@@ -21,6 +21,7 @@ allocates outputs and picks an algorithm:
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -59,6 +60,8 @@ _PW = 64  # outputs per block of the flat NCHW kernel (PW in the .pyx)
 _VL = 16  # lanes of the flat grad-weight kernel (VL in the .pyx)
 #: Input channels per group below which a stride-1 grad-weight uses the flat kernel.
 FLAT_WEIGHT_MAX_CIN = 8
+#: Fixed number of pixel chunks of the direct grad-weight (partial sums added in order).
+WEIGHT_CHUNKS = 8
 
 
 def unavailable_reason() -> str | None:
@@ -116,6 +119,14 @@ def _direct(x, w, bias, groups, out_hw, top, left, up, stride, dilation):
         _k.conv_fwd_flat(xf, w, bias, yf, groups, wp, dh, dw, serial=_serial_after_fork)
         y = yf[:, :, : out_hw[0] * wp].reshape(n, c_out, out_hw[0], wp)[..., : out_hw[1]]
         return np.ascontiguousarray(y), "direct-nchw-flat"
+    if groups == 1 and dw == 1 and not few:
+        y = np.empty((n, c_out, *out_hw), x.dtype)
+        xp = _padded_nhwc(x, top, left, up, hp, wp)
+        cw = _round_up(c_out, 16)
+        _k.conv_fwd_direct(xp.reshape(n, hp, wp * c_in_g), _direct_weights(w, cw),
+                           _padded_vector(bias, cw), y, c_in_g, sh, sw, dh,
+                           serial=_serial_after_fork)
+        return y, "direct-blocked"
     y = np.empty((n, c_out, *out_hw), x.dtype)
     if few:
         xf = _padded_flat(x, top, left, up, hp, wp, hp * wp)
@@ -125,6 +136,24 @@ def _direct(x, w, bias, groups, out_hw, top, left, up, stride, dilation):
     _k.conv_fwd_nhwc(xp, _weights_gkkio(w, groups), bias, y, sh, sw, dh, dw,
                      serial=_serial_after_fork)
     return y, "direct-nhwc"
+
+
+def _round_up(c, unit):
+    return -(-c // unit) * unit
+
+
+def _direct_weights(w, cw):
+    """OIHW (C_out, C, kH, kW) -> (kH, kW*C, cw), output channels innermost, zero-padded."""
+    c_out, c, kh, kw = w.shape
+    wk = np.zeros((kh, kw * c, cw), w.dtype)
+    wk[:, :, :c_out] = w.transpose(2, 3, 1, 0).reshape(kh, kw * c, c_out)
+    return wk
+
+
+def _padded_vector(v, length):
+    out = np.zeros(length, v.dtype)
+    out[: v.shape[0]] = v
+    return out
 
 
 def _weights_gkkio(w, groups):
@@ -151,7 +180,11 @@ def conv2d_backward(dy, x, w, p, needs):
     c_out, c_in_g, kh, kw = w.shape
     g = p.groups
     (sh, sw), (dh, dwl) = p.stride, p.dilation
-    if "input" in needs:
+    if "input" in needs and g == 1 and p.stride != (1, 1):
+        dx = _grad_input_phases(dy, w, p)
+        if dx is not None:
+            algos.append("input=direct-phases")
+    if "input" in needs and dx is None:
         # dx = conv(zero-insert(dy, stride), flip(w)^T), stride 1, same dilation.
         wf = w[:, :, ::-1, ::-1].reshape(g, c_out // g, c_in_g, kh, kw)
         wf = np.ascontiguousarray(wf.transpose(0, 2, 1, 3, 4)).reshape(g * c_in_g, c_out // g,
@@ -169,6 +202,9 @@ def conv2d_backward(dy, x, w, p, needs):
         dw = np.empty(w.shape, x.dtype)
         _k.conv_grad_weight_flat(xf, dyf, dw, g, wp, dh, dwl, serial=_serial_after_fork)
         algos.append("weight=flat-lanes")
+    elif "weight" in needs and g == 1 and dwl == 1:
+        dw = _grad_weight_direct(dy, x, w, p)
+        algos.append("weight=direct-blocked")
     elif "weight" in needs:
         ho, wo = p.out_hw
         hp = (ho - 1) * sh + dh * (kh - 1) + 1
@@ -184,6 +220,85 @@ def conv2d_backward(dy, x, w, p, needs):
         _k.conv_grad_bias(dy, db, serial=_serial_after_fork)
     record_algorithm("conv2d_backward", "cython:" + ",".join(algos or ["bias"]))
     return dx, dw, db
+
+
+def _grad_input_phases(dy, w, p):
+    """dx of a strided convolution (groups 1) as one direct forward per stride phase.
+
+    Along one axis, dx[i] = sum over taps k and outputs o with o*s + k*d = i + pad of
+    dy[o] * w[k]. The rows i = s*a + r - pad of phase r receive only the taps with
+    k*d = r (mod s): a stride-1 correlation of dy with those taps reversed, at a dilation of
+    d / gcd(d, s). Each phase is one :func:`_k.conv_fwd_direct` call writing straight into
+    its rows and columns of dx (a strided view), reading one padded copy of dy shared by all
+    phases (phase (top_h, top_w) starts at row th0 - top_h, column tw0 - top_w). Returns
+    None where that does not apply: a column step other than 1, or a phase that would need
+    dy cropped at the top or left.
+    """
+    n, c_out, ho, wo = dy.shape
+    _, c_in, kh, kw = w.shape
+    axes = []
+    for size, k, s, d, pad in zip(p.in_hw, (kh, kw), p.stride, p.dilation, p.padding):
+        phases = []
+        for r in range(s):
+            a0 = -(-(pad - r) // s)  # first a with s*a + r - pad >= 0
+            a1 = (size - 1 + pad - r) // s  # last a with s*a + r - pad < size
+            if a1 < a0:
+                continue
+            taps = [t for t in range(k) if (t * d - r) % s == 0]
+            top = (taps[-1] * d - r) // s - a0 if taps else 0
+            if top < 0:
+                return None
+            phases.append((r, a0, a1 - a0 + 1, taps, top, d // math.gcd(d, s)))
+        axes.append(phases)
+    if any(ph[5] != 1 for ph in axes[1] if ph[3]):
+        return None
+    live = [(a, b) for a in axes[0] for b in axes[1] if a[3] and b[3]]
+    covered = all(ph[3] for ax in axes for ph in ax)
+    dx = (np.empty if covered else np.zeros)((n, c_in, *p.in_hw), dy.dtype)
+    if not live:
+        return dx
+    th0 = max(a[4] for a, _ in live)
+    tw0 = max(b[4] for _, b in live)
+    hp = max(th0 - a[4] + a[2] + a[5] * (len(a[3]) - 1) for a, _ in live)
+    wp = max(tw0 - b[4] + b[2] + len(b[3]) - 1 for _, b in live)
+    dyp = _padded_nhwc(dy, th0, tw0, (1, 1), hp, wp).reshape(n, hp, wp * c_out)
+    cw = _round_up(c_in, 16)
+    zeros = np.zeros(cw, dy.dtype)
+    (sh, sw), (ph, pw) = p.stride, p.padding
+    for (rh, ah, nh, tap_h, top_h, step_h), (rw, aw, nw, tap_w, top_w, _) in live:
+        sub = w[:, :, tap_h[::-1]][:, :, :, tap_w[::-1]]  # (C_out, C_in, th, tw), reversed
+        i0, j0 = sh * ah + rh - ph, sw * aw + rw - pw
+        view = dx[:, :, i0: i0 + sh * (nh - 1) + 1: sh, j0: j0 + sw * (nw - 1) + 1: sw]
+        _k.conv_fwd_direct(dyp, _direct_weights(sub.transpose(1, 0, 2, 3), cw), zeros, view,
+                           c_out, 1, 1, step_h, th0 - top_h, (tw0 - top_w) * c_out,
+                           serial=_serial_after_fork)
+    return dx
+
+
+def _grad_weight_direct(dy, x, w, p):
+    """dw (groups 1, unit column dilation) through :func:`_k.conv_grad_weight_direct`: partial
+    sums over WEIGHT_CHUNKS fixed pixel chunks, added in order (thread-count independent)."""
+    n, c_in = x.shape[:2]
+    c_out, _, kh, kw = w.shape
+    ho, wo = p.out_hw
+    (sh, sw), dh = p.stride, p.dilation[0]
+    hp = (ho - 1) * sh + dh * (kh - 1) + 1
+    wp = (wo - 1) * sw + kw
+    xp = _padded_nhwc(x, *p.padding, (1, 1), hp, wp)
+    cp = _round_up(c_out, 64)
+    dyt = np.empty((n, ho, wo, cp), dy.dtype)
+    _k.pad_nhwc(dy, dyt, 0, 0, 1, 1, serial=_serial_after_fork)
+    xbase = ((np.arange(n)[:, None, None] * hp + np.arange(ho)[None, :, None] * sh) * (wp * c_in)
+             + np.arange(wo)[None, None, :] * (sw * c_in)).ravel()
+    m = n * ho * wo
+    part = np.empty((min(m, WEIGHT_CHUNKS), kh, kw * c_in, cp), x.dtype)
+    _k.conv_grad_weight_direct(xp.reshape(-1), dyt.reshape(m, cp), xbase, part, wp * c_in, dh,
+                               serial=_serial_after_fork)
+    total = part[0].copy()
+    for t in range(1, part.shape[0]):
+        total += part[t]
+    return np.ascontiguousarray(
+        total.reshape(kh, kw, c_in, cp)[..., :c_out].transpose(3, 2, 0, 1))
 
 
 # ------------------------------------------------------------------------------ pool
