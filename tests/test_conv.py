@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import assert_close, check_conv, reference_conv, to_host
+from helpers import SLOW_BACKENDS, assert_close, check_conv, reference_conv, to_host
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -215,6 +215,39 @@ def test_nan_propagates_to_exactly_the_touched_outputs(backend, rng, stride, pad
                         y.shape[2:])
     np.testing.assert_array_equal(np.isnan(y), expected)
     assert np.isfinite(y[~expected]).all()
+
+
+@pytest.mark.parametrize("x_shape, w_shape, padding, bad_at", [
+    # few channels (plane kernels): the last column, read by one tap column only
+    ((2, 6, 14, 14), (16, 6, 5, 5), 0, (0, 0, 3, 13)),
+    ((2, 1, 12, 12), (8, 1, 3, 3), 0, (1, 0, 5, 0)),
+    ((2, 1, 12, 12), (8, 1, 5, 5), 2, (1, 0, 11, 10)),
+    # many channels (register-blocked NHWC kernels)
+    ((2, 32, 9, 9), (64, 32, 3, 3), 0, (1, 31, 4, 8)),
+    ((1, 3, 8, 11), (4, 3, 3, 3), 1, (0, 2, 0, 10)),  # generic
+])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_and_inf_in_x_reach_exactly_the_gradients_pytorch_gives(backend, rng, x_shape,
+                                                                      w_shape, padding, bad_at,
+                                                                      bad):
+    """A NaN or inf in x makes NaN/inf exactly the dw entries PyTorch's does (no kernel may
+    multiply it by a zero from a padded or dropped position), and never touches dx."""
+    if backend in SLOW_BACKENDS:  # Python loops / the simulator: the same case on 4 channels
+        x_shape, w_shape = (*x_shape[:1], min(x_shape[1], 4), *x_shape[2:]), \
+            (min(w_shape[0], 4), min(w_shape[1], 4), *w_shape[2:])
+        bad_at = (bad_at[0], min(bad_at[1], 3), *bad_at[2:])
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    x[bad_at] = bad
+    y_shape = to_host(fc.conv2d(x, w, padding=padding, backend="numpy")).shape
+    dy = rng.uniform(0.5, 1.5, y_shape).astype(np.float32)  # no zero: every product is bad
+    _, rdx, rdw, rdb = reference_conv(x, w, None, dy, 1, padding, 1, 1, backend)
+    dx, dw, db = (to_host(a) for a in fc.conv2d_backward(dy, x, w, padding=padding,
+                                                          backend=backend))
+    np.testing.assert_array_equal(np.isfinite(dw), np.isfinite(rdw))
+    np.testing.assert_array_equal(np.isnan(dw), np.isnan(rdw))
+    assert not np.isfinite(rdw).all()  # the case does reach dw
+    assert np.isfinite(dx).all() and np.isfinite(db).all()
 
 
 def test_empty_batch_every_function(backend, rng):

@@ -177,18 +177,25 @@ def conv2d_backward(dy, x, w, p, needs):
         run(conv.conv_grad_input_generic, dyt, wr, dxp, *p.stride, *p.dilation)
         dx = run(conv.crop_nhwc_to_nchw, dxp, np.empty_like(x), p.padding[0], p.padding[1])
     if "weight" in needs or "bias" in needs:
-        xp = _padded_input(conv, run, x, p)
-        chunks = min(n, WEIGHT_CHUNKS)
-        part = np.zeros((chunks, *wr.shape), x.dtype)
-        partb = np.zeros((chunks, w.shape[0]), x.dtype)
-        run(conv.conv_grad_weight_generic, xp, dyt, part, partb, *p.stride, *p.dilation)
-        if "weight" in needs:
-            dwr = _sum_chunks(part)
-            dw = np.ascontiguousarray(dwr.transpose(0, 4, 3, 1, 2)).reshape(w.shape)
-        if "bias" in needs:
-            db = _sum_chunks(partb)
+        dw, db = _grad_weight_generic(conv, run, dyt, x, w, p)
+        dw = dw if "weight" in needs else None
+        db = db if "bias" in needs else None
     record_algorithm("conv2d_backward", "numba:generic")
     return dx, dw, db
+
+
+def _grad_weight_generic(conv, run, dyt, x, w, p):
+    """(dw, db) by the generic kernel, from dy in NHWC (``dyt``): it visits only the real
+    output positions, so a NaN or inf in x reaches exactly the weights PyTorch's would."""
+    n = x.shape[0]
+    xp = _padded_input(conv, run, x, p)
+    wr = _weight_gkkio(w, p.groups)
+    chunks = min(n, WEIGHT_CHUNKS)
+    part = np.zeros((chunks, *wr.shape), x.dtype)
+    partb = np.zeros((chunks, w.shape[0]), x.dtype)
+    run(conv.conv_grad_weight_generic, xp, dyt, part, partb, *p.stride, *p.dilation)
+    dw = np.ascontiguousarray(_sum_chunks(part).transpose(0, 4, 3, 1, 2)).reshape(w.shape)
+    return dw, _sum_chunks(partb)
 
 
 def _grad_input_plane(plane, run, dy, w, x_shape, p):
@@ -226,7 +233,14 @@ def _conv2d_backward_plane(run, dy, x, w, p, needs):
             run(conv.conv_grad_input_generic, dyt, _weight_gkkio(w, 1), dxp, 1, 1, dh, dw_)
             run(conv.crop_nhwc_to_nchw, dxp, dx, pt, pl)
             algos.append("input:generic")
-    if "weight" in needs:
+    if "weight" in needs and not np.isfinite(x).all():
+        # The plane dot products also run over the dropped columns, where dy is 0: 0 * inf or
+        # NaN there would reach weights PyTorch keeps finite. Rare input, exact path.
+        conv = _kernels()[0]
+        dyt = run(conv.nchw_to_nhwc, dy, np.empty((n, ho, wo, c_out), dy.dtype))
+        dwt = _grad_weight_generic(conv, run, dyt, x, w, p)[0]
+        algos.append("weight:generic")
+    elif "weight" in needs:
         xp = _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dw_)
         wp = xp.shape[3]
         dyq = run(plane.pad_plane, dy, np.empty((n, c_out, ho, wp), dy.dtype), 0, 0)
