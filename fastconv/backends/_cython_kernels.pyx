@@ -61,6 +61,8 @@ cdef enum:
     DWB = 16    # the most output columns per register block (direct forward)
     RB32 = 6    # run rows per grad-weight register block, float32 (24 zmm accumulators)
     MCHUNK = 256  # output pixels per grad-weight slab (64 KiB of dy: stays in L2)
+    PACC = 384  # accumulators of the plane forward block (48 x 8 is the largest)
+    PCBMAX = 8  # output channels per plane forward block, at most
 
 
 cdef inline Py_ssize_t _min(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -328,6 +330,95 @@ def conv_fwd_flat(const real[:, :, ::1] xf, const real[:, :, :, ::1] w, const re
         else:
             for t in prange(N * groups, schedule="dynamic"):
                 _fwd_flat_task(xf, w, bias, yf, t // groups, t % groups, groups, Wp, dh, dw)
+
+
+cdef inline int _plane_block(const real[:, :, ::1] xf, const real[:, :, :, ::1] wt,
+                             const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                             Py_ssize_t q0, Py_ssize_t cb, Py_ssize_t Wp, Py_ssize_t dh,
+                             Py_ssize_t dw, Py_ssize_t lanes, Py_ssize_t pcb) except -1 nogil:
+    # lanes consecutive positions of the padded-pitch grid x pcb output channels (literals:
+    # float32 48 x 8 or 128 x 2, float64 half the lanes), accumulated in registers over every
+    # tap (c_in, kh, kw): per tap, lanes contiguous inputs times pcb broadcast weights.
+    cdef Py_ssize_t CI = xf.shape[1], KH = wt.shape[1], KW = wt.shape[2]
+    cdef Py_ssize_t C_out = y.shape[1], Ho = y.shape[2], Wo = y.shape[3]
+    cdef Py_ssize_t ci, kh, kw, co, j, xo, oh, oh1, a, b, src
+    cdef real acc[PACC]
+    cdef real wv[PCBMAX]
+    cdef real xv, bv
+    for j in range(lanes * pcb):
+        acc[j] = 0
+    for ci in range(CI):
+        for kh in range(KH):
+            for kw in range(KW):
+                xo = q0 + kh * dh * Wp + kw * dw
+                for co in range(pcb):
+                    wv[co] = wt[ci, kh, kw, cb + co]
+                for j in range(lanes):
+                    xv = xf[n, ci, xo + j]
+                    for co in range(pcb):
+                        acc[co * lanes + j] += xv * wv[co]
+    # Row segments of the block into the NCHW output (the padded-pitch columns >= W_out drop).
+    oh1 = _min((q0 + lanes - 1) // Wp, Ho - 1)
+    for co in range(_min(pcb, C_out - cb)):
+        bv = bias[cb + co]
+        for oh in range(q0 // Wp, oh1 + 1):
+            a = q0 - oh * Wp if q0 > oh * Wp else 0
+            b = _min(Wo, q0 + lanes - oh * Wp)
+            src = co * lanes + oh * Wp - q0
+            for j in range(a, b):
+                y[n, cb + co, oh, j] = acc[src + j] + bv
+    return 0
+
+
+cdef int _plane_task(const real[:, :, ::1] xf, const real[:, :, :, ::1] wt,
+                     const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t t, Py_ssize_t Wp,
+                     Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
+    cdef bint many = y.shape[1] >= 8
+    cdef Py_ssize_t pcb = 8 if many else 2, Ho = y.shape[2], i, cb
+    cdef Py_ssize_t lanes = (48 if many else 128) if real is float else (24 if many else 64)
+    cdef Py_ssize_t nq = _ceil_div(Ho * Wp, lanes), n = t // nq, q0 = (t % nq) * lanes
+    for i in range(wt.shape[3] // pcb):
+        cb = i * pcb
+        if real is float:
+            if many:
+                _plane_block(xf, wt, bias, y, n, q0, cb, Wp, dh, dw, 48, 8)
+            else:
+                _plane_block(xf, wt, bias, y, n, q0, cb, Wp, dh, dw, 128, 2)
+        else:
+            if many:
+                _plane_block(xf, wt, bias, y, n, q0, cb, Wp, dh, dw, 24, 8)
+            else:
+                _plane_block(xf, wt, bias, y, n, q0, cb, Wp, dh, dw, 64, 2)
+    return 0
+
+
+def conv_fwd_plane(const real[:, :, ::1] xf, const real[:, :, :, ::1] wt, const real[::1] bias,
+                   real[:, :, :, ::1] y, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw,
+                   bint serial=False):
+    """Stride-1, groups-1 convolution for few channels: padded planes ``xf`` (N, C_in, L) of
+    pitch Wp (see :func:`pad_flat`; L >= H_out*Wp + 128 + the kernel reach), ``wt``
+    (C_in, kH, kW, Cp) with output channels innermost, zero-padded to a multiple of 8 (of 2
+    below 8 output channels), ``bias`` (Cp,) -> NCHW ``y`` (N, C_out, H_out, W_out).
+
+    Output (oh, ow) sits at grid position q = oh*Wp + ow and reads q + kh*dh*Wp + kw*dw: every
+    tap is a constant shift, so blocks of consecutive q vectorize whatever the channel counts.
+    Loop order: one task per (image, block of q), owning those pixels of every channel;
+    channel blocks, then the taps, the innermost loop over contiguous q.
+    """
+    cdef Py_ssize_t Ho = y.shape[2], t, tasks, lanes
+    cdef bint many = y.shape[1] >= 8
+    if real is float:
+        lanes = 48 if many else 128
+    else:
+        lanes = 24 if many else 64
+    tasks = y.shape[0] * _ceil_div(Ho * Wp, lanes)
+    with nogil:
+        if serial:  # see _serial_after_fork in cython_cpu
+            for t in range(tasks):
+                _plane_task(xf, wt, bias, y, t, Wp, dh, dw)
+        else:
+            for t in prange(tasks, schedule="dynamic"):
+                _plane_task(xf, wt, bias, y, t, Wp, dh, dw)
 
 
 cdef int _fwd_rows_plane(const real[:, :, ::1] xf, const real[:, :, :, ::1] w,
@@ -741,7 +832,8 @@ def conv_grad_weight_flat(const real[:, :, ::1] xf, const real[:, :, ::1] dyf,
                           Py_ssize_t dh, Py_ssize_t dw, bint serial=False):
     """Stride-1 weight gradient for few input channels: OIHW ``dwo`` from padded planes ``xf``
     (N, C_in, L) and ``dyf`` (N, C_out, Lo), both of pitch Wp (dy zero outside its H_out x
-    W_out, see :func:`pad_flat`).
+    W_out, see :func:`pad_flat`). The products over the grid's dropped columns are 0 * x: the
+    caller uses this kernel only for a finite x.
 
     Loop order: one task per (output channel, input channel), which owns dwo[co, ci]; for
     blocks of TAPB taps it walks every image's grid in VL-wide vectors, one partial sum per
@@ -757,18 +849,27 @@ def conv_grad_weight_flat(const real[:, :, ::1] xf, const real[:, :, ::1] dyf,
                 _dw_flat_task(xf, dyf, dwo, t, groups, Wp, dh, dw)
 
 
-cdef int _db_channel(const real[:, :, :, ::1] dy, real[::1] db, Py_ssize_t c) except -1 nogil:
-    cdef Py_ssize_t N = dy.shape[0], H = dy.shape[2], W = dy.shape[3], n, i, j
+cdef int _db_channel(const real[:, :, ::1] dy, real[::1] db, Py_ssize_t c) except -1 nogil:
+    # VL lane partial sums over each contiguous plane (a single running sum would be one
+    # dependent add per element), the lanes added in order at the end.
+    cdef Py_ssize_t N = dy.shape[0], P = dy.shape[2], n, i, v, pv = P - P % VL
+    cdef real lanes[VL]
     cdef real s = 0
+    for v in range(VL):
+        lanes[v] = 0
     for n in range(N):
-        for i in range(H):
-            for j in range(W):
-                s += dy[n, c, i, j]
+        for i in range(pv // VL):
+            for v in range(VL):
+                lanes[v] += dy[n, c, i * VL + v]
+        for i in range(pv, P):
+            lanes[i - pv] += dy[n, c, i]
+    for v in range(VL):
+        s += lanes[v]
     db[c] = s
 
 
-def conv_grad_bias(const real[:, :, :, ::1] dy, real[::1] db, bint serial=False):
-    """``db[c] = sum(dy[:, c])``; one task per channel."""
+def conv_grad_bias(const real[:, :, ::1] dy, real[::1] db, bint serial=False):
+    """``db[c] = sum(dy[:, c])`` for ``dy`` (N, C, H*W); one task per channel."""
     cdef Py_ssize_t c
     with nogil:
         if serial:  # see _serial_after_fork in cython_cpu

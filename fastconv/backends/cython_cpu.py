@@ -56,6 +56,8 @@ OPENMP: bool = bool(getattr(_k, "OPENMP", False))
 
 #: Output channels per group below which the forward uses the NCHW kernels.
 NCHW_MAX_COUT = 16
+#: Input channels below which a stride-1, groups-1 forward uses the padded-plane kernel.
+PLANE_MAX_CIN = 8
 _PW = 64  # outputs per block of the flat NCHW kernel (PW in the .pyx)
 _VL = 16  # lanes of the flat grad-weight kernel (VL in the .pyx)
 #: Input channels per group below which a stride-1 grad-weight uses the flat kernel.
@@ -108,6 +110,19 @@ def _direct(x, w, bias, groups, out_hw, top, left, up, stride, dilation):
     wp = (out_hw[1] - 1) * sw + dw * (kw - 1) + 1
     if bias is None:
         bias = np.zeros(c_out, x.dtype)
+    if groups == 1 and sh == sw == 1 and up == (1, 1) and (c_in_g < PLANE_MAX_CIN
+                                                           or c_out < NCHW_MAX_COUT):
+        y = np.empty((n, c_out, *out_hw), x.dtype)
+        # Slack after the planes: the last block of (at most 128) grid positions reads its taps
+        # inside the buffer.
+        xf = _padded_flat(x, top, left, up, hp, wp,
+                          max(hp * wp, out_hw[0] * wp + 128 + dh * (kh - 1) * wp + dw * (kw - 1)))
+        cp = _round_up(c_out, 8 if c_out >= 8 else 2)
+        wt = np.zeros((c_in_g, kh, kw, cp), x.dtype)
+        wt[..., :c_out] = w.transpose(1, 2, 3, 0)
+        _k.conv_fwd_plane(xf, wt, _padded_vector(bias, cp), y, wp, dh, dw,
+                          serial=_serial_after_fork)
+        return y, "plane"
     few = c_out // groups < NCHW_MAX_COUT or c_in_g == 1
     if few and sh == sw == 1:
         # Outputs on the padded-pitch grid, in blocks of PW; slack so the last block's taps
@@ -193,7 +208,11 @@ def conv2d_backward(dy, x, w, p, needs):
         left = dwl * (kw - 1) - p.padding[1]
         dx, algo = _direct(dy, wf, None, g, p.in_hw, top, left, (sh, sw), (1, 1), p.dilation)
         algos.append(f"input={algo}")
-    if "weight" in needs and p.stride == (1, 1) and c_in_g < FLAT_WEIGHT_MAX_CIN:
+    # The flat kernel also multiplies x by the zero dy of the grid's dropped columns: an inf or
+    # NaN in x must not reach weights PyTorch keeps finite, so such input takes the exact
+    # kernels (they visit only real outputs).
+    if ("weight" in needs and p.stride == (1, 1) and c_in_g < FLAT_WEIGHT_MAX_CIN
+            and np.isfinite(x).all()):
         ho, wo = p.out_hw
         hp, wp = ho + dh * (kh - 1), wo + dwl * (kw - 1)
         lo = -(-ho * wp // _VL) * _VL
@@ -217,7 +236,7 @@ def conv2d_backward(dy, x, w, p, needs):
         algos.append("weight=gemm-nhwc")
     if "bias" in needs:
         db = np.empty(c_out, dy.dtype)
-        _k.conv_grad_bias(dy, db, serial=_serial_after_fork)
+        _k.conv_grad_bias(dy.reshape(dy.shape[0], c_out, -1), db, serial=_serial_after_fork)
     record_algorithm("conv2d_backward", "cython:" + ",".join(algos or ["bias"]))
     return dx, dw, db
 
