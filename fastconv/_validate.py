@@ -329,7 +329,8 @@ def max_pool2d_backward_args(dy, idx, input_shape):
     plane = shape[2] * shape[3]
     if isinstance(idx, np.ndarray):
         idx = np.ascontiguousarray(idx, dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= plane):
+        # One pass: as uint64 a negative index is >= 2**63, so the maximum catches both ends.
+        if idx.size and idx.view(np.uint64).max() >= plane:
             raise ValueError(
                 f"idx has values in [{idx.min()}, {idx.max()}], expected [0, {plane}) "
                 f"for input planes of {shape[2]}x{shape[3]}"
