@@ -81,6 +81,17 @@ def test_pool_nan_and_ties_match_torch(rng):
     check_pool("cython", rng, None, 3, stride=1, padding=1, x=x)
 
 
+@pytest.mark.parametrize("width", [26, 24, 27])
+def test_pool_2x2_blocks_nan_and_ties_match_torch(rng, width):
+    """The 2x2 stride-2 kernel runs rows in vectorized blocks of 8 outputs (the last one
+    shifted back): ties, NaN and -inf in every block position, odd widths (a dropped column)."""
+    x = rng.integers(-2, 3, (2, 3, 6, width)).astype(np.float32)  # many ties
+    x[0, 0, 0, ::5] = np.nan
+    x[1, 2, 3, 7::3] = np.nan
+    x[0, 1] = -np.inf
+    check_pool("cython", rng, None, 2, x=x)
+
+
 def test_openmp_flag_is_bool():
     assert isinstance(_kernels().OPENMP, bool)
     assert _kernels().unavailable_reason() is None

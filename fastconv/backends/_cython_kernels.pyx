@@ -63,6 +63,7 @@ cdef enum:
     MCHUNK = 256  # output pixels per grad-weight slab (64 KiB of dy: stays in L2)
     PACC = 384  # accumulators of the plane forward block (48 x 8 is the largest)
     PCBMAX = 8  # output channels per plane forward block, at most
+    PB = 8      # outputs per block of the 2x2 stride-2 max-pool
 
 
 cdef inline Py_ssize_t _min(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -1019,13 +1020,70 @@ cdef int _pool_plane(const real[:, :, :, ::1] x, real[:, :, :, ::1] y,
     return 0
 
 
+cdef inline int _pool_k2s2_run(const real[:, :, :, ::1] x, real[:, :, :, ::1] y,
+                               int64_t[:, :, :, ::1] idx, Py_ssize_t n, Py_ssize_t c,
+                               Py_ssize_t oh, Py_ssize_t ow0, Py_ssize_t nw) except -1 nogil:
+    # nw outputs of row oh from ow0 (PB, a literal, at the main call site: the loop vectorizes
+    # completely, with no scalar tail whose data-dependent branches mispredict). The four taps
+    # in row-major order with the rule of _pool_one, as selects.
+    cdef Py_ssize_t W = x.shape[3], r = 2 * oh, ow, col
+    cdef real m, v
+    cdef Py_ssize_t best
+    cdef bint take
+    for ow in range(ow0, ow0 + nw):
+        col = 2 * ow
+        m = x[n, c, r, col]
+        best = r * W + col
+        v = x[n, c, r, col + 1]
+        take = (v > m) | (v != v)
+        m = v if take else m
+        best = r * W + col + 1 if take else best
+        v = x[n, c, r + 1, col]
+        take = (v > m) | (v != v)
+        m = v if take else m
+        best = (r + 1) * W + col if take else best
+        v = x[n, c, r + 1, col + 1]
+        take = (v > m) | (v != v)
+        m = v if take else m
+        best = (r + 1) * W + col + 1 if take else best
+        y[n, c, oh, ow] = m
+        idx[n, c, oh, ow] = best
+    return 0
+
+
+cdef int _pool_plane_k2s2(const real[:, :, :, ::1] x, real[:, :, :, ::1] y,
+                          int64_t[:, :, :, ::1] idx, Py_ssize_t n,
+                          Py_ssize_t c) except -1 nogil:
+    # 2x2 windows, stride 2, no padding, every window inside the input. Rows in blocks of PB
+    # outputs, the last block shifted left to end at W_out (it recomputes a few outputs, with
+    # the same result).
+    cdef Py_ssize_t Ho = y.shape[2], Wo = y.shape[3], oh, ow0
+    for oh in range(Ho):
+        if Wo < PB:
+            _pool_k2s2_run(x, y, idx, n, c, oh, 0, Wo)
+            continue
+        ow0 = 0
+        while ow0 < Wo:
+            _pool_k2s2_run(x, y, idx, n, c, oh, _min(ow0, Wo - PB), PB)
+            ow0 += PB
+    return 0
+
+
 def max_pool_fwd(const real[:, :, :, ::1] x, real[:, :, :, ::1] y, int64_t[:, :, :, ::1] idx,
                  Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
                  Py_ssize_t pw, Py_ssize_t dh, Py_ssize_t dw, bint serial=False):
     """Max-pool NCHW ``x`` into ``y`` with int64 flat indices ``idx``; one task per plane."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], t
+    cdef bint k2s2 = (kh == kw == sh == sw == 2 and ph == pw == 0 and dh == dw == 1
+                      and 2 * y.shape[2] <= x.shape[2] and 2 * y.shape[3] <= x.shape[3])
     with nogil:
-        if serial:  # see _serial_after_fork in cython_cpu
+        if k2s2 and serial:
+            for t in range(N * C):
+                _pool_plane_k2s2(x, y, idx, t // C, t % C)
+        elif k2s2:
+            for t in prange(N * C, schedule="static"):
+                _pool_plane_k2s2(x, y, idx, t // C, t % C)
+        elif serial:  # see _serial_after_fork in cython_cpu
             for t in range(N * C):
                 _pool_plane(x, y, idx, t // C, t % C, kh, kw, sh, sw, ph, pw, dh, dw)
         else:
