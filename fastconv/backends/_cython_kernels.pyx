@@ -57,7 +57,8 @@ cdef enum:
     ROWB = 256  # output columns per row chunk (strided NCHW forward, max-pool)
     PW = 64     # consecutive outputs per register block (stride-1 NCHW forward)
     VL = 16     # lanes of the partial sums (stride-1 grad-weight for few input channels)
-    TAPB = 32   # kernel taps per pass (stride-1 grad-weight for few input channels)
+    FCB = 4     # output channels per register block (stride-1 grad-weight, few channels)
+    FTB = 4     # kernel taps per register block (same kernel; both unrolled by hand)
     DWB = 16    # the most output columns per register block (direct forward)
     RB32 = 6    # run rows per grad-weight register block, float32 (24 zmm accumulators)
     MCHUNK = 256  # output pixels per grad-weight slab (64 KiB of dy: stays in L2)
@@ -121,6 +122,8 @@ cdef int _pad_flat_plane(const real[:, :, :, ::1] x, real[:, :, ::1] out, Py_ssi
     j0 = 0 if left >= 0 else _ceil_div(-left, upw)
     j1 = 0 if Wp - 1 - left < 0 else _min(W, (Wp - 1 - left) // upw + 1)
     memset(&out[n, c, 0], 0, L * sizeof(real))
+    if c >= x.shape[1]:  # zero channels past x's
+        return 0
     for r in range(Hp):
         if r < top or (r - top) % uph != 0 or (r - top) // uph >= H:
             continue
@@ -132,8 +135,8 @@ cdef int _pad_flat_plane(const real[:, :, :, ::1] x, real[:, :, ::1] out, Py_ssi
 
 def pad_flat(const real[:, :, :, ::1] x, real[:, :, ::1] out, Py_ssize_t top, Py_ssize_t left,
              Py_ssize_t uph, Py_ssize_t upw, Py_ssize_t Hp, Py_ssize_t Wp, bint serial=False):
-    """NCHW ``x`` -> zero-padded planes ``out`` (N, C, L) of Hp rows of pitch Wp (L >= Hp*Wp,
-    zero slack after), with the placement rule of :func:`pad_nhwc`."""
+    """NCHW ``x`` -> zero-padded planes ``out`` (N, C', L) of Hp rows of pitch Wp (L >= Hp*Wp,
+    zero slack after; planes c >= C all zero), with the placement rule of :func:`pad_nhwc`."""
     cdef Py_ssize_t N = out.shape[0], C = out.shape[1], t
     with nogil:
         if serial:  # see _serial_after_fork in cython_cpu
@@ -797,34 +800,76 @@ def conv_grad_weight(const real[:, :, :, ::1] xp, const real[:, :, :, ::1] dyn,
                 _dw_task(xp, dyn, dwt, t, sh, sw, dh, dw)
 
 
+cdef inline int _dw_flat_block(const real[:, :, ::1] xf, const real[:, :, ::1] dyf,
+                               real[:, :, :, ::1] dwo, Py_ssize_t co0, Py_ssize_t co1,
+                               Py_ssize_t cx, Py_ssize_t ci, Py_ssize_t t0, Py_ssize_t Wp,
+                               Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
+    # 4 output channels x 4 taps from tap t0 (unrolled by hand), VL lanes each: 16 vector
+    # accumulators that stay in registers over every image's grid (per VL positions: 4 dy
+    # vectors, 4 shifted x vectors, 16 FMAs). Taps past the last compute on offset 0 and are
+    # dropped; so are the channels co >= co1 (zero padding, or the next group's).
+    cdef Py_ssize_t KW = dwo.shape[3], T = dwo.shape[2] * KW
+    cdef Py_ssize_t N = dyf.shape[0], Lo = dyf.shape[2], n, pb, p0, v, a, b, tap
+    cdef Py_ssize_t o[4]
+    cdef Py_ssize_t o0, o1, o2, o3
+    cdef real acc[16 * VL]
+    cdef real d0, d1, d2, d3, x0, x1, x2, x3, s
+    for b in range(4):
+        tap = t0 + b
+        o[b] = (tap // KW) * dh * Wp + (tap % KW) * dw if tap < T else 0
+    o0, o1, o2, o3 = o[0], o[1], o[2], o[3]
+    for v in range(16 * VL):
+        acc[v] = 0
+    for n in range(N):
+        for pb in range(Lo // VL):
+            p0 = pb * VL
+            for v in range(VL):
+                d0 = dyf[n, co0, p0 + v]
+                d1 = dyf[n, co0 + 1, p0 + v]
+                d2 = dyf[n, co0 + 2, p0 + v]
+                d3 = dyf[n, co0 + 3, p0 + v]
+                x0 = xf[n, cx, p0 + o0 + v]
+                x1 = xf[n, cx, p0 + o1 + v]
+                x2 = xf[n, cx, p0 + o2 + v]
+                x3 = xf[n, cx, p0 + o3 + v]
+                acc[v] += d0 * x0
+                acc[VL + v] += d0 * x1
+                acc[2 * VL + v] += d0 * x2
+                acc[3 * VL + v] += d0 * x3
+                acc[4 * VL + v] += d1 * x0
+                acc[5 * VL + v] += d1 * x1
+                acc[6 * VL + v] += d1 * x2
+                acc[7 * VL + v] += d1 * x3
+                acc[8 * VL + v] += d2 * x0
+                acc[9 * VL + v] += d2 * x1
+                acc[10 * VL + v] += d2 * x2
+                acc[11 * VL + v] += d2 * x3
+                acc[12 * VL + v] += d3 * x0
+                acc[13 * VL + v] += d3 * x1
+                acc[14 * VL + v] += d3 * x2
+                acc[15 * VL + v] += d3 * x3
+    for a in range(4):
+        if co0 + a >= co1:
+            break
+        for b in range(4):
+            tap = t0 + b
+            if tap >= T:
+                break
+            s = 0
+            for v in range(VL):
+                s += acc[(a * 4 + b) * VL + v]
+            dwo[co0 + a, ci, tap // KW, tap % KW] = s
+    return 0
+
+
 cdef int _dw_flat_task(const real[:, :, ::1] xf, const real[:, :, ::1] dyf,
                        real[:, :, :, ::1] dwo, Py_ssize_t t, Py_ssize_t G, Py_ssize_t Wp,
                        Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
-    cdef Py_ssize_t CIG = dwo.shape[1], KH = dwo.shape[2], KW = dwo.shape[3]
-    cdef Py_ssize_t COG = dwo.shape[0] // G, N = dyf.shape[0], Lo = dyf.shape[2]
-    cdef Py_ssize_t co = t // CIG, ci = t % CIG, cx = (co // COG) * CIG + ci
-    cdef Py_ssize_t T = KH * KW, tb, t0, nt, tt, n, pb, p0, v
-    cdef Py_ssize_t offs[TAPB]
-    cdef real acc[TAPB * VL]
-    cdef real dv, s
-    for tb in range(_ceil_div(T, TAPB)):
-        t0 = tb * TAPB
-        nt = _min(TAPB, T - t0)
-        for tt in range(nt):
-            offs[tt] = ((t0 + tt) // KW) * dh * Wp + ((t0 + tt) % KW) * dw
-            for v in range(VL):
-                acc[tt * VL + v] = 0
-        for n in range(N):
-            for pb in range(Lo // VL):
-                p0 = pb * VL
-                for tt in range(nt):
-                    for v in range(VL):
-                        acc[tt * VL + v] += dyf[n, co, p0 + v] * xf[n, cx, p0 + offs[tt] + v]
-        for tt in range(nt):
-            s = 0
-            for v in range(VL):
-                s += acc[tt * VL + v]
-            dwo[co, ci, (t0 + tt) // KW, (t0 + tt) % KW] = s
+    cdef Py_ssize_t CIG = dwo.shape[1], T = dwo.shape[2] * dwo.shape[3]
+    cdef Py_ssize_t COG = dwo.shape[0] // G, nb = _ceil_div(COG, FCB)
+    cdef Py_ssize_t g = t // (nb * CIG), co0 = g * COG + (t // CIG % nb) * FCB, ci = t % CIG, tb
+    for tb in range(_ceil_div(T, FTB)):
+        _dw_flat_block(xf, dyf, dwo, co0, (g + 1) * COG, g * CIG + ci, ci, tb * FTB, Wp, dh, dw)
     return 0
 
 
@@ -836,11 +881,16 @@ def conv_grad_weight_flat(const real[:, :, ::1] xf, const real[:, :, ::1] dyf,
     W_out, see :func:`pad_flat`). The products over the grid's dropped columns are 0 * x: the
     caller uses this kernel only for a finite x.
 
-    Loop order: one task per (output channel, input channel), which owns dwo[co, ci]; for
-    blocks of TAPB taps it walks every image's grid in VL-wide vectors, one partial sum per
-    lane and tap (the innermost loop over VL contiguous elements), then adds the lanes.
+    ``dyf`` has (groups - 1)*C_out/groups + C_out/groups rounded up to a multiple of FCB
+    channels: the last block of a group reads up to FCB - 1 channels past it (zeros, or the
+    next group's), whose results are dropped.
+
+    Loop order: one task per (group, block of FCB output channels, input channel), owning
+    dwo[block, ci]; blocks of FTB taps, each walking every image's grid in VL-wide vectors with
+    one partial sum per lane, channel and tap in registers; the lanes are added in order.
     """
-    cdef Py_ssize_t tasks = dwo.shape[0] * dwo.shape[1], t
+    cdef Py_ssize_t G = groups, COG = dwo.shape[0] // groups
+    cdef Py_ssize_t tasks = G * _ceil_div(COG, FCB) * dwo.shape[1], t
     with nogil:
         if serial:  # see _serial_after_fork in cython_cpu
             for t in range(tasks):

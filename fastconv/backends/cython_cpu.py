@@ -60,6 +60,7 @@ NCHW_MAX_COUT = 16
 PLANE_MAX_CIN = 8
 _PW = 64  # outputs per block of the flat NCHW kernel (PW in the .pyx)
 _VL = 16  # lanes of the flat grad-weight kernel (VL in the .pyx)
+_FCB = 4  # output channels per block of the flat grad-weight kernel (FCB in the .pyx)
 #: Input channels per group below which a stride-1 grad-weight uses the flat kernel.
 FLAT_WEIGHT_MAX_CIN = 8
 #: Fixed number of pixel chunks of the direct grad-weight (partial sums added in order).
@@ -217,10 +218,13 @@ def conv2d_backward(dy, x, w, p, needs):
         hp, wp = ho + dh * (kh - 1), wo + dwl * (kw - 1)
         lo = -(-ho * wp // _VL) * _VL
         xf = _padded_flat(x, *p.padding, (1, 1), hp, wp, lo + dh * (kh - 1) * wp + dwl * (kw - 1))
-        dyf = _padded_flat(dy, 0, 0, (1, 1), ho, wp, lo)
+        # zero channels after the last group's: its last block of _FCB channels reads them
+        cog = c_out // g
+        dyf = np.empty((dy.shape[0], (g - 1) * cog + _round_up(cog, _FCB), lo), dy.dtype)
+        _k.pad_flat(dy, dyf, 0, 0, 1, 1, ho, wp, serial=_serial_after_fork)
         dw = np.empty(w.shape, x.dtype)
         _k.conv_grad_weight_flat(xf, dyf, dw, g, wp, dh, dwl, serial=_serial_after_fork)
-        algos.append("weight=flat-lanes")
+        algos.append("weight=flat-blocked")
     elif "weight" in needs and g == 1 and dwl == 1:
         dw = _grad_weight_direct(dy, x, w, p)
         algos.append("weight=direct-blocked")
