@@ -485,7 +485,7 @@ cdef inline int _direct_block(const real[:, :, ::1] xp2, const real[:, :, ::1] w
                               Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t row0,
                               Py_ssize_t col0, Py_ssize_t nw, Py_ssize_t nc) except -1 nogil:
     # nw output columns x nc output channels, both literals at every call site (4 x 64,
-    # 8 x 32, 16 x 16): after inlining, the block has a compile-time shape, the co loop is
+    # 8 x 32, 16 / 10 / 8 x 16): after inlining, the block has a compile-time shape, the co loop is
     # vectorized, the j loops unroll, and the nw*nc accumulators stay in registers over the
     # whole run of every kernel row (one broadcast input per column times nc weights).
     cdef Py_ssize_t KH = wk.shape[0], R = wk.shape[1], C_out = y.shape[1]
@@ -522,7 +522,9 @@ cdef int _direct_row(const real[:, :, ::1] xp2, const real[:, :, ::1] wk,
         # Column blocks; the last one is shifted left to end at W_out (it recomputes a few
         # columns with the same result) rather than leaving single columns.
         nw = 4 if nc == 64 else (8 if nc == 32 else 16)
-        if Wo < nw:
+        if nc == 16 and 8 <= Wo < 16:
+            nw = 10 if Wo >= 10 else 8  # narrow rows (e.g. 10: one exact block)
+        elif Wo < nw:
             nw = 1
         w0 = 0
         while w0 < Wo:
@@ -545,9 +547,15 @@ cdef int _direct_row(const real[:, :, ::1] xp2, const real[:, :, ::1] wk,
             elif nc == 32:
                 _direct_block(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0,
                               8, 32)
-            else:
+            elif nw == 16:
                 _direct_block(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0,
                               16, 16)
+            elif nw == 10:
+                _direct_block(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0,
+                              10, 16)
+            else:
+                _direct_block(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0,
+                              8, 16)
             w0 += nw
         c0 += nc
     return 0

@@ -56,8 +56,9 @@ OPENMP: bool = bool(getattr(_k, "OPENMP", False))
 
 #: Output channels per group below which the forward uses the NCHW kernels.
 NCHW_MAX_COUT = 16
-#: Input channels below which a stride-1, groups-1 forward uses the padded-plane kernel.
-PLANE_MAX_CIN = 8
+#: Input channels below which a stride-1, groups-1 forward uses the padded-plane kernel
+#: (it also serves every layer with fewer than NCHW_MAX_COUT output channels).
+PLANE_MAX_CIN = 2
 _PW = 64  # outputs per block of the flat NCHW kernel (PW in the .pyx)
 _VL = 16  # lanes of the flat grad-weight kernel (VL in the .pyx)
 _FCB = 4  # output channels per block of the flat grad-weight kernel (FCB in the .pyx)
@@ -113,6 +114,8 @@ def _direct(x, w, bias, groups, out_hw, top, left, up, stride, dilation):
         bias = np.zeros(c_out, x.dtype)
     if groups == 1 and sh == sw == 1 and up == (1, 1) and (c_in_g < PLANE_MAX_CIN
                                                            or c_out < NCHW_MAX_COUT):
+        # (A run of several input channels makes the direct kernel faster from 16 output
+        # channels on: D forward 0.32 vs 0.42 ms, it computes no dropped grid columns.)
         y = np.empty((n, c_out, *out_hw), x.dtype)
         # Slack after the planes: the last block of (at most 128) grid positions reads its taps
         # inside the buffer.
