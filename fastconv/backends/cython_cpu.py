@@ -64,6 +64,9 @@ _VL = 16  # lanes of the flat grad-weight kernel (VL in the .pyx)
 _FCB = 4  # output channels per block of the flat grad-weight kernel (FCB in the .pyx)
 #: Input channels per group below which a stride-1 grad-weight uses the flat kernel.
 FLAT_WEIGHT_MAX_CIN = 8
+#: Layout passes (padding, transposes) and the bias gradient over fewer elements than this
+#: run serially.
+SERIAL_MAX_ELEMENTS = 1 << 18
 #: Fixed number of pixel chunks of the direct grad-weight (partial sums added in order).
 WEIGHT_CHUNKS = 8
 
@@ -87,15 +90,22 @@ def unavailable_reason() -> str | None:
 # ------------------------------------------------------------------------------ helpers
 
 
+def _serial(*arrays) -> bool:
+    """Whether a layout pass over ``arrays`` runs serially: after a fork, or when they are
+    small (starting and joining a parallel region costs more than copying them, much more when
+    the other cores are busy and a worker waits to be scheduled)."""
+    return _serial_after_fork or sum(a.size for a in arrays) < SERIAL_MAX_ELEMENTS
+
+
 def _padded_nhwc(x, top, left, up, hp, wp):
     out = np.empty((x.shape[0], hp, wp, x.shape[1]), x.dtype)
-    _k.pad_nhwc(x, out, top, left, *up, serial=_serial_after_fork)
+    _k.pad_nhwc(x, out, top, left, *up, serial=_serial(x, out))
     return out
 
 
 def _padded_flat(x, top, left, up, hp, wp, length):
     out = np.empty((x.shape[0], x.shape[1], length), x.dtype)
-    _k.pad_flat(x, out, top, left, *up, hp, wp, serial=_serial_after_fork)
+    _k.pad_flat(x, out, top, left, *up, hp, wp, serial=_serial(x, out))
     return out
 
 
@@ -224,7 +234,7 @@ def conv2d_backward(dy, x, w, p, needs):
         # zero channels after the last group's: its last block of _FCB channels reads them
         cog = c_out // g
         dyf = np.empty((dy.shape[0], (g - 1) * cog + _round_up(cog, _FCB), lo), dy.dtype)
-        _k.pad_flat(dy, dyf, 0, 0, 1, 1, ho, wp, serial=_serial_after_fork)
+        _k.pad_flat(dy, dyf, 0, 0, 1, 1, ho, wp, serial=_serial(dy, dyf))
         dw = np.empty(w.shape, x.dtype)
         _k.conv_grad_weight_flat(xf, dyf, dw, g, wp, dh, dwl, serial=_serial_after_fork)
         algos.append("weight=flat-blocked")
@@ -243,7 +253,7 @@ def conv2d_backward(dy, x, w, p, needs):
         algos.append("weight=gemm-nhwc")
     if "bias" in needs:
         db = np.empty(c_out, dy.dtype)
-        _k.conv_grad_bias(dy.reshape(dy.shape[0], c_out, -1), db, serial=_serial_after_fork)
+        _k.conv_grad_bias(dy.reshape(dy.shape[0], c_out, -1), db, serial=_serial(dy))
     record_algorithm("conv2d_backward", "cython:" + ",".join(algos or ["bias"]))
     return dx, dw, db
 
@@ -313,7 +323,7 @@ def _grad_weight_direct(dy, x, w, p):
     xp = _padded_nhwc(x, *p.padding, (1, 1), hp, wp)
     cp = _round_up(c_out, 64)
     dyt = np.empty((n, ho, wo, cp), dy.dtype)
-    _k.pad_nhwc(dy, dyt, 0, 0, 1, 1, serial=_serial_after_fork)
+    _k.pad_nhwc(dy, dyt, 0, 0, 1, 1, serial=_serial(dy, dyt))
     xbase = ((np.arange(n)[:, None, None] * hp + np.arange(ho)[None, :, None] * sh) * (wp * c_in)
              + np.arange(wo)[None, None, :] * (sw * c_in)).ravel()
     m = n * ho * wo
