@@ -623,20 +623,140 @@ cdef inline int _dwd_block6(const real[::1] x1, const real[:, ::1] dyt,
 cdef inline int _dwd_block1(const real[::1] x1, const real[:, ::1] dyt,
                             const int64_t[::1] xbase, real[:, :, :, ::1] part, Py_ssize_t t,
                             Py_ssize_t kh, Py_ssize_t c0, Py_ssize_t r, Py_ssize_t koff,
-                            Py_ssize_t m0, Py_ssize_t m1) except -1 nogil:
-    # One run row x COB channels (the tail of the run; every row in float64, where six rows of
-    # 64 doubles would not fit in registers).
+                            Py_ssize_t m0, Py_ssize_t m1, Py_ssize_t nc) except -1 nogil:
+    # One run row x nc (a literal, COB or 16) channels (the tail of the run; every row in
+    # float64, where six rows of 64 doubles would not fit in registers).
     cdef Py_ssize_t m, co
     cdef real acc[COB]
     cdef real xv
-    for co in range(COB):
+    for co in range(nc):
         acc[co] = 0
     for m in range(m0, m1):
         xv = x1[xbase[m] + koff + r]
-        for co in range(COB):
+        for co in range(nc):
             acc[co] += xv * dyt[m, c0 + co]
-    for co in range(COB):
+    for co in range(nc):
         part[t, kh, r, c0 + co] += acc[co]
+    return 0
+
+
+# Grad-weight register blocks for layers with at most 16 output channels (_dwd_task with
+# Cp = 16): nr run rows x 16 channels accumulated over the pixels m0..m1, per pixel one dy
+# vector times nr broadcast inputs (24 rows: 24 zmm accumulators; 12 for the rest of the run;
+# single rows last). Unrolled by hand: GCC turned a loop over the rows into shuffles.
+
+
+cdef inline int _dwd16_24(const real[::1] x1, const real[:, ::1] dyt,
+                          const int64_t[::1] xbase, real[:, :, :, ::1] part, Py_ssize_t t,
+                          Py_ssize_t kh, Py_ssize_t r0, Py_ssize_t koff, Py_ssize_t m0,
+                          Py_ssize_t m1, Py_ssize_t skip) except -1 nogil:
+    # 24 run rows from r0 (unrolled by hand) x 16 output channels; the first skip rows are
+    # not added (a block shifted back over rows already done).
+    cdef Py_ssize_t m, i, co, xb
+    cdef real acc[24 * 16]
+    cdef real v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15, v16, v17, v18, v19, v20, v21, v22, v23, dv
+    for i in range(24 * 16):
+        acc[i] = 0
+    for m in range(m0, m1):
+        xb = xbase[m] + koff + r0
+        v0 = x1[xb + 0]
+        v1 = x1[xb + 1]
+        v2 = x1[xb + 2]
+        v3 = x1[xb + 3]
+        v4 = x1[xb + 4]
+        v5 = x1[xb + 5]
+        v6 = x1[xb + 6]
+        v7 = x1[xb + 7]
+        v8 = x1[xb + 8]
+        v9 = x1[xb + 9]
+        v10 = x1[xb + 10]
+        v11 = x1[xb + 11]
+        v12 = x1[xb + 12]
+        v13 = x1[xb + 13]
+        v14 = x1[xb + 14]
+        v15 = x1[xb + 15]
+        v16 = x1[xb + 16]
+        v17 = x1[xb + 17]
+        v18 = x1[xb + 18]
+        v19 = x1[xb + 19]
+        v20 = x1[xb + 20]
+        v21 = x1[xb + 21]
+        v22 = x1[xb + 22]
+        v23 = x1[xb + 23]
+        for co in range(16):
+            dv = dyt[m, co]
+            acc[0 + co] += v0 * dv
+            acc[16 + co] += v1 * dv
+            acc[32 + co] += v2 * dv
+            acc[48 + co] += v3 * dv
+            acc[64 + co] += v4 * dv
+            acc[80 + co] += v5 * dv
+            acc[96 + co] += v6 * dv
+            acc[112 + co] += v7 * dv
+            acc[128 + co] += v8 * dv
+            acc[144 + co] += v9 * dv
+            acc[160 + co] += v10 * dv
+            acc[176 + co] += v11 * dv
+            acc[192 + co] += v12 * dv
+            acc[208 + co] += v13 * dv
+            acc[224 + co] += v14 * dv
+            acc[240 + co] += v15 * dv
+            acc[256 + co] += v16 * dv
+            acc[272 + co] += v17 * dv
+            acc[288 + co] += v18 * dv
+            acc[304 + co] += v19 * dv
+            acc[320 + co] += v20 * dv
+            acc[336 + co] += v21 * dv
+            acc[352 + co] += v22 * dv
+            acc[368 + co] += v23 * dv
+    for i in range(skip, 24):
+        for co in range(16):
+            part[t, kh, r0 + i, co] += acc[i * 16 + co]
+    return 0
+
+
+cdef inline int _dwd16_12(const real[::1] x1, const real[:, ::1] dyt,
+                          const int64_t[::1] xbase, real[:, :, :, ::1] part, Py_ssize_t t,
+                          Py_ssize_t kh, Py_ssize_t r0, Py_ssize_t koff, Py_ssize_t m0,
+                          Py_ssize_t m1, Py_ssize_t skip) except -1 nogil:
+    # 12 run rows from r0 (unrolled by hand) x 16 output channels; the first skip rows are
+    # not added (a block shifted back over rows already done).
+    cdef Py_ssize_t m, i, co, xb
+    cdef real acc[12 * 16]
+    cdef real v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, dv
+    for i in range(12 * 16):
+        acc[i] = 0
+    for m in range(m0, m1):
+        xb = xbase[m] + koff + r0
+        v0 = x1[xb + 0]
+        v1 = x1[xb + 1]
+        v2 = x1[xb + 2]
+        v3 = x1[xb + 3]
+        v4 = x1[xb + 4]
+        v5 = x1[xb + 5]
+        v6 = x1[xb + 6]
+        v7 = x1[xb + 7]
+        v8 = x1[xb + 8]
+        v9 = x1[xb + 9]
+        v10 = x1[xb + 10]
+        v11 = x1[xb + 11]
+        for co in range(16):
+            dv = dyt[m, co]
+            acc[0 + co] += v0 * dv
+            acc[16 + co] += v1 * dv
+            acc[32 + co] += v2 * dv
+            acc[48 + co] += v3 * dv
+            acc[64 + co] += v4 * dv
+            acc[80 + co] += v5 * dv
+            acc[96 + co] += v6 * dv
+            acc[112 + co] += v7 * dv
+            acc[128 + co] += v8 * dv
+            acc[144 + co] += v9 * dv
+            acc[160 + co] += v10 * dv
+            acc[176 + co] += v11 * dv
+    for i in range(skip, 12):
+        for co in range(16):
+            part[t, kh, r0 + i, co] += acc[i * 16 + co]
     return 0
 
 
@@ -644,14 +764,30 @@ cdef int _dwd_task(const real[::1] x1, const real[:, ::1] dyt, const int64_t[::1
                    real[:, :, :, ::1] part, Py_ssize_t task, Py_ssize_t xw,
                    Py_ssize_t dh) except -1 nogil:
     cdef Py_ssize_t T = part.shape[0], KH = part.shape[1], R = part.shape[2]
-    cdef Py_ssize_t ncb = part.shape[3] // COB, M = dyt.shape[0]
+    cdef Py_ssize_t ncb = _ceil_div(part.shape[3], COB), M = dyt.shape[0]
     cdef Py_ssize_t t = task // (KH * ncb), kh = (task // ncb) % KH, c0 = (task % ncb) * COB
     cdef Py_ssize_t koff = kh * dh * xw, me = (t + 1) * M // T, m0, m1, r0, r, co
     cdef Py_ssize_t rb = RB32 if real is float else R + 1
     for r in range(R):
-        for co in range(COB):
+        for co in range(_min(COB, part.shape[3] - c0)):
             part[t, kh, r, c0 + co] = 0
     m0 = t * M // T
+    while m0 < me and part.shape[3] == 16:  # 16 channels: 24-, 6- and 1-row blocks
+        m1 = _min(m0 + MCHUNK, me)
+        r0 = 0
+        while r0 + 24 <= R:
+            _dwd16_24(x1, dyt, xbase, part, t, kh, r0, koff, m0, m1, 0)
+            r0 += 24
+        while r0 + 12 <= R:
+            _dwd16_12(x1, dyt, xbase, part, t, kh, r0, koff, m0, m1, 0)
+            r0 += 12
+        if r0 < R and R >= 12:  # the last rows: a 12-row block shifted back
+            _dwd16_12(x1, dyt, xbase, part, t, kh, R - 12, koff, m0, m1, r0 - (R - 12))
+        elif r0 < R:  # a run shorter than 12: one row at a time
+            while r0 < R:
+                _dwd_block1(x1, dyt, xbase, part, t, kh, 0, r0, koff, m0, m1, 16)
+                r0 += 1
+        m0 = m1
     while m0 < me:
         m1 = _min(m0 + MCHUNK, me)
         r0 = 0
@@ -659,7 +795,7 @@ cdef int _dwd_task(const real[::1] x1, const real[:, ::1] dyt, const int64_t[::1
             _dwd_block6(x1, dyt, xbase, part, t, kh, c0, r0, koff, m0, m1)
             r0 += rb
         while r0 < R:  # the last, partial block of run rows: one row at a time
-            _dwd_block1(x1, dyt, xbase, part, t, kh, c0, r0, koff, m0, m1)
+            _dwd_block1(x1, dyt, xbase, part, t, kh, c0, r0, koff, m0, m1, COB)
             r0 += 1
         m0 = m1
     return 0
@@ -675,14 +811,15 @@ def conv_grad_weight_direct(const real[::1] x1, const real[:, ::1] dyt,
     the offset of output pixel m's run (R = kW*C_in) in kernel row 0; ``dyt`` (M, Cp): dy in
     NHWC, channels zero-padded to Cp, a multiple of COB. Chunk t covers the pixels
     [t*M//T, (t+1)*M//T); the caller adds the T partial sums in order, so the result does not
-    depend on the thread count.
+    depend on the thread count. Cp is 16 (layers with at most 16 output channels) or a multiple
+    of COB.
 
     Loop order: one task per (chunk, kernel row, block of COB channels), owning
     part[t, kh, :, block]; slabs of MCHUNK pixels (that dy slab stays in L2 while every block
     of run rows uses it), blocks of RB32 run rows, then the pixels: RB32 broadcast inputs
     times COB contiguous dy values into RB32 x COB register accumulators.
     """
-    cdef Py_ssize_t tasks = part.shape[0] * part.shape[1] * (part.shape[3] // COB), t
+    cdef Py_ssize_t tasks = part.shape[0] * part.shape[1] * _ceil_div(part.shape[3], COB), t
     with nogil:
         if serial:  # see _serial_after_fork in cython_cpu
             for t in range(tasks):
