@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .._splitmix import GOLDEN, MIX1, MIX2
 from ._numba_options import PARALLEL, U
 
 TASKS = 16  # slices per call: enough to balance 2-16 threads, few enough to amortize
@@ -39,16 +40,9 @@ def relu_backward(grad, y, out):
     return out
 
 
-# splitmix64 (Steele, Lea & Flood 2014) of a counter: the dropout mask of element i is a pure
-# function of (seed, i), so the draws run in parallel, in any order, and equal the NumPy version
-# in ``fastconv.nn.layers``.
-GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-MIX2 = np.uint64(0x94D049BB133111EB)
-
-
 @njit(inline="always")
 def _splitmix_hi32(seed, i):
+    """Element i of ``fastconv._splitmix.hi32(seed, n)``."""
     z = seed + (np.uint64(i) + np.uint64(1)) * GOLDEN
     z = (z ^ (z >> np.uint64(30))) * MIX1
     z = (z ^ (z >> np.uint64(27))) * MIX2
@@ -83,7 +77,3 @@ def dropout_backward(grad, keep, scale, out):
             out[U(i)] = grad[U(i)] * (scale if keep[U(i)] else zero)
     return out
 
-
-def dtype_scalar(dtype, value):
-    """``value`` as a NumPy scalar of ``dtype`` (so each kernel compiles once per dtype)."""
-    return np.dtype(dtype).type(value)

@@ -18,7 +18,7 @@ import numpy as np
 
 import fastconv as fc
 
-from .. import _dispatch, _validate
+from .. import _dispatch, _splitmix, _validate
 from . import init as _init
 
 
@@ -38,30 +38,6 @@ def _elementwise_kernels(backend, x):
     from ..backends import _numba_elementwise, _numba_threading
 
     return _numba_elementwise, _numba_threading.run
-
-
-def _splitmix_hi32(seed, n: int, block: int = 1 << 15):
-    """The high 32 bits of splitmix64(seed + (i + 1) * golden) for i < n, as uint64: the NumPy
-    twin of ``backends._numba_elementwise.dropout_forward``'s draws (uint64 arithmetic wraps).
-    Computed in blocks that stay in cache, in place."""
-    golden, mix1, mix2 = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9),
-                          np.uint64(0x94D049BB133111EB))
-    out = np.empty(n, np.uint64)
-    t = np.empty(min(n, block), np.uint64)
-    for start in range(0, n, block):
-        z = out[start:start + block]
-        tz = t[:z.size]
-        z[:] = np.arange(start + 1, start + 1 + z.size, dtype=np.uint64)
-        z *= golden
-        z += seed
-        for shift, mix in ((30, mix1), (27, mix2)):
-            np.right_shift(z, np.uint64(shift), out=tz)
-            z ^= tz
-            z *= mix
-        np.right_shift(z, np.uint64(31), out=tz)
-        z ^= tz
-        z >>= np.uint64(32)
-    return out
 
 
 class Layer:
@@ -350,13 +326,13 @@ class Dropout(Layer):
             self._cache = None
             return x
         scale = x.dtype.type(1.0 / (1.0 - self.p))
-        # One draw from the generator per call seeds a counter-based stream (splitmix64 of the
-        # element index): the compiled kernel and NumPy give the same mask from the same seed.
+        # One draw from the generator per call seeds a counter-based stream (``_splitmix``): the
+        # compiled kernel and NumPy give the same mask from the same seed.
         seed = np.uint64(self.rng.bit_generator.random_raw())
         threshold = self._threshold()
         compiled = _elementwise_kernels(self.backend, x)
         if compiled is None:
-            keep = (_splitmix_hi32(seed, x.size) >= threshold).reshape(x.shape)
+            keep = (_splitmix.hi32(seed, x.size) >= threshold).reshape(x.shape)
             with np.errstate(invalid="ignore"):  # inf * 0 = NaN, as in PyTorch
                 y = x * np.where(keep, scale, x.dtype.type(0))
         else:
