@@ -53,6 +53,7 @@ CONV_CASES = [
     ((1, 3, 8, 7), (20, 3, 3, 3), dict(stride=3, dilation=(1, 2))),
     ((2, 3, 5, 15), (16, 3, 3, 3), dict()),  # 10-column blocks, the last one shifted
     ((2, 5, 7, 8), (16, 5, 3, 3), dict(padding=1)),  # 16-channel grad-weight, 12 + 3 run rows
+    ((1, 2, 4, 20), (16, 2, 3, 3), dict()),  # NCHW direct forward, 16-column blocks, x unpadded
 ]
 
 

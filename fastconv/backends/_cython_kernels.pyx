@@ -586,6 +586,77 @@ def conv_fwd_direct(const real[:, :, ::1] xp2, const real[:, :, ::1] wk, const r
                 _direct_row(xp2, wk, bias, y, t // Ho, t % Ho, cs, sh, sw, dh, row0, col0)
 
 
+cdef inline int _dnchw_block(const real[:, :, :, ::1] xn, const real[:, :, ::1] wk,
+                             const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                             Py_ssize_t oh, Py_ssize_t w0, Py_ssize_t sh, Py_ssize_t sw,
+                             Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t nw) except -1 nogil:
+    # nw (a literal: 16, 10, 8 or 1) output columns x 16 output channels, as _direct_block but
+    # reading the NCHW input: the run is (c_in, kw), every tap nw broadcast inputs of one row.
+    cdef Py_ssize_t KH = wk.shape[0], C = xn.shape[1], KW = wk.shape[1] // C
+    cdef Py_ssize_t C_out = y.shape[1], kh, ci, kw, j, co, ih, iw
+    cdef real acc[16 * 16]
+    cdef real xs[16]
+    cdef real wv
+    for j in range(nw * 16):
+        acc[j] = 0
+    for kh in range(KH):
+        ih = oh * sh + kh * dh
+        for ci in range(C):
+            for kw in range(KW):
+                iw = w0 * sw + kw * dw
+                for j in range(nw):
+                    xs[j] = xn[n, ci, ih, iw + j * sw]
+                for co in range(16):
+                    wv = wk[kh, ci * KW + kw, co]
+                    for j in range(nw):
+                        acc[j * 16 + co] += xs[j] * wv
+    for co in range(C_out):
+        for j in range(nw):
+            y[n, co, oh, w0 + j] = acc[j * 16 + co] + bias[co]
+    return 0
+
+
+cdef int _dnchw_row(const real[:, :, :, ::1] xn, const real[:, :, ::1] wk,
+                    const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n, Py_ssize_t oh,
+                    Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
+    cdef Py_ssize_t Wo = y.shape[3], w0 = 0
+    cdef Py_ssize_t nw = 16 if Wo >= 16 else (10 if Wo >= 10 else (8 if Wo >= 8 else 1))
+    while w0 < Wo:  # the last block shifted left to end at W_out
+        if w0 + nw > Wo:
+            w0 = Wo - nw
+        if nw == 16:
+            _dnchw_block(xn, wk, bias, y, n, oh, w0, sh, sw, dh, dw, 16)
+        elif nw == 10:
+            _dnchw_block(xn, wk, bias, y, n, oh, w0, sh, sw, dh, dw, 10)
+        elif nw == 8:
+            _dnchw_block(xn, wk, bias, y, n, oh, w0, sh, sw, dh, dw, 8)
+        else:
+            _dnchw_block(xn, wk, bias, y, n, oh, w0, sh, sw, dh, dw, 1)
+        w0 += nw
+    return 0
+
+
+def conv_fwd_direct_nchw(const real[:, :, :, ::1] xn, const real[:, :, ::1] wk,
+                         const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t sh,
+                         Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, bint serial=False):
+    """:func:`conv_fwd_direct` for at most 16 output channels reading the NCHW input ``xn``
+    (N, C_in, Hp, Wp) itself, zero-padded (or x as it is when nothing is padded): no NHWC
+    copy, which costs as much as the convolution for few channels. ``wk`` (kH, C_in*kW, 16):
+    the run is (c_in, kw); ``bias`` (16,).
+
+    Loop order: one task per (image, output row), owning y[n, :, oh, :]; column blocks, then
+    the register block over the kernel rows, input channels and taps.
+    """
+    cdef Py_ssize_t N = y.shape[0], Ho = y.shape[2], t
+    with nogil:
+        if serial:  # see _serial_after_fork in cython_cpu
+            for t in range(N * Ho):
+                _dnchw_row(xn, wk, bias, y, t // Ho, t % Ho, sh, sw, dh, dw)
+        else:
+            for t in prange(N * Ho, schedule="dynamic"):
+                _dnchw_row(xn, wk, bias, y, t // Ho, t % Ho, sh, sw, dh, dw)
+
+
 cdef inline int _dwd_block6(const real[::1] x1, const real[:, ::1] dyt,
                             const int64_t[::1] xbase, real[:, :, :, ::1] part, Py_ssize_t t,
                             Py_ssize_t kh, Py_ssize_t c0, Py_ssize_t r0, Py_ssize_t koff,
@@ -654,7 +725,8 @@ cdef inline int _dwd16_24(const real[::1] x1, const real[:, ::1] dyt,
     # not added (a block shifted back over rows already done).
     cdef Py_ssize_t m, i, co, xb
     cdef real acc[24 * 16]
-    cdef real v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15, v16, v17, v18, v19, v20, v21, v22, v23, dv
+    cdef real v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11
+    cdef real v12, v13, v14, v15, v16, v17, v18, v19, v20, v21, v22, v23, dv
     for i in range(24 * 16):
         acc[i] = 0
     for m in range(m0, m1):

@@ -59,6 +59,8 @@ NCHW_MAX_COUT = 16
 #: Input channels below which a stride-1, groups-1 forward uses the padded-plane kernel
 #: (it also serves every layer with fewer than NCHW_MAX_COUT output channels).
 PLANE_MAX_CIN = 2
+#: Input channels below which a layer with 16 or fewer output channels reads NCHW directly.
+NCHW_DIRECT_MAX_CIN = 8
 _PW = 64  # outputs per block of the flat NCHW kernel (PW in the .pyx)
 _VL = 16  # lanes of the flat grad-weight kernel (VL in the .pyx)
 _FCB = 4  # output channels per block of the flat grad-weight kernel (FCB in the .pyx)
@@ -148,6 +150,18 @@ def _direct(x, w, bias, groups, out_hw, top, left, up, stride, dilation):
         _k.conv_fwd_flat(xf, w, bias, yf, groups, wp, dh, dw, serial=_serial_after_fork)
         y = yf[:, :, : out_hw[0] * wp].reshape(n, c_out, out_hw[0], wp)[..., : out_hw[1]]
         return np.ascontiguousarray(y), "direct-nchw-flat"
+    if (groups == 1 and up == (1, 1) and c_out <= 16
+            and PLANE_MAX_CIN <= c_in_g < NCHW_DIRECT_MAX_CIN):
+        y = np.empty((n, c_out, *out_hw), x.dtype)
+        if top == left == 0 and hp <= x.shape[2] and wp <= x.shape[3]:
+            xn = x  # nothing to pad: the windows read x itself
+        else:
+            xn = _padded_flat(x, top, left, up, hp, wp, hp * wp).reshape(n, c_in_g, hp, wp)
+        wk = np.zeros((kh, c_in_g * kw, 16), x.dtype)
+        wk[:, :, :c_out] = w.transpose(2, 1, 3, 0).reshape(kh, c_in_g * kw, c_out)
+        _k.conv_fwd_direct_nchw(xn, wk, _padded_vector(bias, 16), y, sh, sw, dh, dw,
+                                serial=_serial_after_fork)
+        return y, "direct-nchw"
     if groups == 1 and dw == 1 and not few:
         y = np.empty((n, c_out, *out_hw), x.dtype)
         xp = _padded_nhwc(x, top, left, up, hp, wp)
