@@ -7,9 +7,14 @@ Same options as ``fastconv train`` (``--help``): --backend, --epochs, --batch-si
 Ctrl-C writes a checkpoint and exits with status 130; --resume continues exactly.
 """
 
+import os
 import sys
 
-from fastconv._train_cli import main
+# Before NumPy loads OpenBLAS: its idle threads then sleep at once instead of spinning beside
+# the conv kernels, so the dense layers can use every core (see fastconv/nn/_blas.py).
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+from fastconv._train_cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

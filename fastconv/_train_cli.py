@@ -19,6 +19,7 @@ Ctrl-C: the current batch finishes, a checkpoint is written and the program exit
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -76,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write PNG pictures (curves, filters, feature maps, confusion) to DIR")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for the numba backend (numba.set_num_threads)")
-    p.add_argument("--blas-threads", type=int, default=1,
-                   help="OpenBLAS threads for the dense layers (default: %(default)s; 0 = leave "
-                        "as is); see fastconv/nn/_blas.py for why one")
+    p.add_argument("--blas-threads", type=int, default=None,
+                   help="OpenBLAS threads for the dense layers (default: as many as the kernels "
+                        "when OPENBLAS_THREAD_TIMEOUT lets idle BLAS threads sleep, else 1; "
+                        "0 = leave as is); see fastconv/nn/_blas.py")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -130,11 +132,25 @@ def _select_backend(args):
             numba.set_num_threads(args.threads)
         else:
             print(f"note: --threads applies to the numba backend only (using {name})")
-    if args.blas_threads:
-        from .nn._blas import limit_blas_threads
+    from .nn import _blas
 
-        limit_blas_threads(args.blas_threads)
+    args.kernel_threads = _kernel_threads(name, args.threads)
+    if args.blas_threads is None:
+        args.blas_threads = _blas.default_threads(args.kernel_threads)
+    if args.blas_threads:
+        _blas.limit_blas_threads(args.blas_threads)
     return name
+
+
+def _kernel_threads(backend: str, requested) -> int:
+    """The threads the conv kernels of ``backend`` run on."""
+    if requested:
+        return requested
+    if backend == "numba":
+        import numba
+
+        return numba.get_num_threads()
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _make_optimizer(args):
@@ -239,8 +255,9 @@ def _run(args) -> int:
     hist = pos["history"]
 
     print(f"fastconv train: {args.model} net, {model.num_params():,} parameters, backend "
-          f"{backend}, {n} training / {len(x_test)} test images, batch {bs}, {optimizer!r}",
-          flush=True)
+          f"{backend} ({args.kernel_threads} threads, OpenBLAS threads "
+          f"{args.blas_threads or 'unchanged'}), {n} training / {len(x_test)} test images, "
+          f"batch {bs}, {optimizer!r}", flush=True)
     loss_fn = nn.SoftmaxCrossEntropy()
     with _Stop() as stop:
         for epoch in range(pos["epoch"], args.epochs):

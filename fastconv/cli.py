@@ -1,12 +1,19 @@
 """The ``fastconv`` command: ``fastconv info | train | bench``.
 
-Each subcommand lives in its own module and is imported only when run.
+Each subcommand lives in its own module and is imported only when run. ``train`` first
+re-executes itself (same process id, so Ctrl-C still reaches it) with
+``OPENBLAS_THREAD_TIMEOUT=4`` unless that is set: OpenBLAS reads it when NumPy loads, which
+``import fastconv`` has already done, and without it idle BLAS threads spin and starve the conv
+kernels (see ``fastconv/nn/_blas.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+TRAIN_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
 
 
 def main(argv=None) -> int:
@@ -21,6 +28,11 @@ def main(argv=None) -> int:
     if args.command == "info":
         from ._info import main as run
     elif args.command == "train":
+        if os.name == "posix" and not set(TRAIN_ENV) <= set(os.environ):
+            cmd = [sys.executable, "-m", "fastconv.cli", "train", *rest]
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execve(sys.executable, cmd, {**TRAIN_ENV, **os.environ})  # does not return
         from ._train_cli import main as run
     else:
         from ._bench_cli import main as run
