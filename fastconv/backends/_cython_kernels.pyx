@@ -336,39 +336,151 @@ def conv_fwd_flat(const real[:, :, ::1] xf, const real[:, :, :, ::1] w, const re
                 _fwd_flat_task(xf, w, bias, yf, t // groups, t % groups, groups, Wp, dh, dw)
 
 
-cdef inline int _plane_block(const real[:, :, ::1] xf, const real[:, :, :, ::1] wt,
-                             const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
-                             Py_ssize_t q0, Py_ssize_t cb, Py_ssize_t Wp, Py_ssize_t dh,
-                             Py_ssize_t dw, Py_ssize_t lanes, Py_ssize_t pcb) except -1 nogil:
-    # lanes consecutive positions of the padded-pitch grid x pcb output channels (literals:
-    # float32 48 x 8 or 128 x 2, float64 half the lanes), accumulated in registers over every
-    # tap (c_in, kh, kw): per tap, lanes contiguous inputs times pcb broadcast weights.
+# Register blocks of the plane forward: lanes consecutive positions of the padded-pitch grid
+# x pcb output channels (float32 48 x 8 or 128 x 2, float64 half the lanes), accumulated in
+# registers over every tap (c_in, kh, kw): per tap, lanes contiguous inputs times pcb broadcast
+# weights. One function per shape (see _direct_block_4x64).
+
+
+cdef inline int _plane_block_48x8(const real[:, :, ::1] xf, const real[:, :, :, ::1] wt,
+                                  const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                                  Py_ssize_t q0, Py_ssize_t cb, Py_ssize_t Wp, Py_ssize_t dh,
+                                  Py_ssize_t dw) except -1 nogil:
+    # 48 grid positions x 8 output channels (see above).
     cdef Py_ssize_t CI = xf.shape[1], KH = wt.shape[1], KW = wt.shape[2]
     cdef Py_ssize_t C_out = y.shape[1], Ho = y.shape[2], Wo = y.shape[3]
     cdef Py_ssize_t ci, kh, kw, co, j, xo, oh, oh1, a, b, src
     cdef real acc[PACC]
     cdef real wv[PCBMAX]
     cdef real xv, bv
-    for j in range(lanes * pcb):
+    for j in range(48 * 8):
         acc[j] = 0
     for ci in range(CI):
         for kh in range(KH):
             for kw in range(KW):
                 xo = q0 + kh * dh * Wp + kw * dw
-                for co in range(pcb):
+                for co in range(8):
                     wv[co] = wt[ci, kh, kw, cb + co]
-                for j in range(lanes):
+                for j in range(48):
                     xv = xf[n, ci, xo + j]
-                    for co in range(pcb):
-                        acc[co * lanes + j] += xv * wv[co]
+                    for co in range(8):
+                        acc[co * 48 + j] += xv * wv[co]
     # Row segments of the block into the NCHW output (the padded-pitch columns >= W_out drop).
-    oh1 = _min((q0 + lanes - 1) // Wp, Ho - 1)
-    for co in range(_min(pcb, C_out - cb)):
+    oh1 = _min((q0 + 48 - 1) // Wp, Ho - 1)
+    for co in range(_min(8, C_out - cb)):
         bv = bias[cb + co]
         for oh in range(q0 // Wp, oh1 + 1):
             a = q0 - oh * Wp if q0 > oh * Wp else 0
-            b = _min(Wo, q0 + lanes - oh * Wp)
-            src = co * lanes + oh * Wp - q0
+            b = _min(Wo, q0 + 48 - oh * Wp)
+            src = co * 48 + oh * Wp - q0
+            for j in range(a, b):
+                y[n, cb + co, oh, j] = acc[src + j] + bv
+    return 0
+
+
+cdef inline int _plane_block_128x2(const real[:, :, ::1] xf, const real[:, :, :, ::1] wt,
+                                   const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                                   Py_ssize_t q0, Py_ssize_t cb, Py_ssize_t Wp, Py_ssize_t dh,
+                                   Py_ssize_t dw) except -1 nogil:
+    # 128 grid positions x 2 output channels (see above).
+    cdef Py_ssize_t CI = xf.shape[1], KH = wt.shape[1], KW = wt.shape[2]
+    cdef Py_ssize_t C_out = y.shape[1], Ho = y.shape[2], Wo = y.shape[3]
+    cdef Py_ssize_t ci, kh, kw, co, j, xo, oh, oh1, a, b, src
+    cdef real acc[PACC]
+    cdef real wv[PCBMAX]
+    cdef real xv, bv
+    for j in range(128 * 2):
+        acc[j] = 0
+    for ci in range(CI):
+        for kh in range(KH):
+            for kw in range(KW):
+                xo = q0 + kh * dh * Wp + kw * dw
+                for co in range(2):
+                    wv[co] = wt[ci, kh, kw, cb + co]
+                for j in range(128):
+                    xv = xf[n, ci, xo + j]
+                    for co in range(2):
+                        acc[co * 128 + j] += xv * wv[co]
+    # Row segments of the block into the NCHW output (the padded-pitch columns >= W_out drop).
+    oh1 = _min((q0 + 128 - 1) // Wp, Ho - 1)
+    for co in range(_min(2, C_out - cb)):
+        bv = bias[cb + co]
+        for oh in range(q0 // Wp, oh1 + 1):
+            a = q0 - oh * Wp if q0 > oh * Wp else 0
+            b = _min(Wo, q0 + 128 - oh * Wp)
+            src = co * 128 + oh * Wp - q0
+            for j in range(a, b):
+                y[n, cb + co, oh, j] = acc[src + j] + bv
+    return 0
+
+
+cdef inline int _plane_block_24x8(const real[:, :, ::1] xf, const real[:, :, :, ::1] wt,
+                                  const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                                  Py_ssize_t q0, Py_ssize_t cb, Py_ssize_t Wp, Py_ssize_t dh,
+                                  Py_ssize_t dw) except -1 nogil:
+    # 24 grid positions x 8 output channels (see above).
+    cdef Py_ssize_t CI = xf.shape[1], KH = wt.shape[1], KW = wt.shape[2]
+    cdef Py_ssize_t C_out = y.shape[1], Ho = y.shape[2], Wo = y.shape[3]
+    cdef Py_ssize_t ci, kh, kw, co, j, xo, oh, oh1, a, b, src
+    cdef real acc[PACC]
+    cdef real wv[PCBMAX]
+    cdef real xv, bv
+    for j in range(24 * 8):
+        acc[j] = 0
+    for ci in range(CI):
+        for kh in range(KH):
+            for kw in range(KW):
+                xo = q0 + kh * dh * Wp + kw * dw
+                for co in range(8):
+                    wv[co] = wt[ci, kh, kw, cb + co]
+                for j in range(24):
+                    xv = xf[n, ci, xo + j]
+                    for co in range(8):
+                        acc[co * 24 + j] += xv * wv[co]
+    # Row segments of the block into the NCHW output (the padded-pitch columns >= W_out drop).
+    oh1 = _min((q0 + 24 - 1) // Wp, Ho - 1)
+    for co in range(_min(8, C_out - cb)):
+        bv = bias[cb + co]
+        for oh in range(q0 // Wp, oh1 + 1):
+            a = q0 - oh * Wp if q0 > oh * Wp else 0
+            b = _min(Wo, q0 + 24 - oh * Wp)
+            src = co * 24 + oh * Wp - q0
+            for j in range(a, b):
+                y[n, cb + co, oh, j] = acc[src + j] + bv
+    return 0
+
+
+cdef inline int _plane_block_64x2(const real[:, :, ::1] xf, const real[:, :, :, ::1] wt,
+                                  const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                                  Py_ssize_t q0, Py_ssize_t cb, Py_ssize_t Wp, Py_ssize_t dh,
+                                  Py_ssize_t dw) except -1 nogil:
+    # 64 grid positions x 2 output channels (see above).
+    cdef Py_ssize_t CI = xf.shape[1], KH = wt.shape[1], KW = wt.shape[2]
+    cdef Py_ssize_t C_out = y.shape[1], Ho = y.shape[2], Wo = y.shape[3]
+    cdef Py_ssize_t ci, kh, kw, co, j, xo, oh, oh1, a, b, src
+    cdef real acc[PACC]
+    cdef real wv[PCBMAX]
+    cdef real xv, bv
+    for j in range(64 * 2):
+        acc[j] = 0
+    for ci in range(CI):
+        for kh in range(KH):
+            for kw in range(KW):
+                xo = q0 + kh * dh * Wp + kw * dw
+                for co in range(2):
+                    wv[co] = wt[ci, kh, kw, cb + co]
+                for j in range(64):
+                    xv = xf[n, ci, xo + j]
+                    for co in range(2):
+                        acc[co * 64 + j] += xv * wv[co]
+    # Row segments of the block into the NCHW output (the padded-pitch columns >= W_out drop).
+    oh1 = _min((q0 + 64 - 1) // Wp, Ho - 1)
+    for co in range(_min(2, C_out - cb)):
+        bv = bias[cb + co]
+        for oh in range(q0 // Wp, oh1 + 1):
+            a = q0 - oh * Wp if q0 > oh * Wp else 0
+            b = _min(Wo, q0 + 64 - oh * Wp)
+            src = co * 64 + oh * Wp - q0
             for j in range(a, b):
                 y[n, cb + co, oh, j] = acc[src + j] + bv
     return 0
@@ -385,14 +497,14 @@ cdef int _plane_task(const real[:, :, ::1] xf, const real[:, :, :, ::1] wt,
         cb = i * pcb
         if real is float:
             if many:
-                _plane_block(xf, wt, bias, y, n, q0, cb, Wp, dh, dw, 48, 8)
+                _plane_block_48x8(xf, wt, bias, y, n, q0, cb, Wp, dh, dw)
             else:
-                _plane_block(xf, wt, bias, y, n, q0, cb, Wp, dh, dw, 128, 2)
+                _plane_block_128x2(xf, wt, bias, y, n, q0, cb, Wp, dh, dw)
         else:
             if many:
-                _plane_block(xf, wt, bias, y, n, q0, cb, Wp, dh, dw, 24, 8)
+                _plane_block_24x8(xf, wt, bias, y, n, q0, cb, Wp, dh, dw)
             else:
-                _plane_block(xf, wt, bias, y, n, q0, cb, Wp, dh, dw, 64, 2)
+                _plane_block_64x2(xf, wt, bias, y, n, q0, cb, Wp, dh, dw)
     return 0
 
 
@@ -479,36 +591,192 @@ def conv_fwd_rows(const real[:, :, ::1] xf, const real[:, :, :, ::1] w, const re
 # multiple of 16, so that every channel block below is full.
 
 
-cdef inline int _direct_block(const real[:, :, ::1] xp2, const real[:, :, ::1] wk,
-                              const real[::1] bias, real[:, :, :, :] y, Py_ssize_t n,
-                              Py_ssize_t oh, Py_ssize_t c0, Py_ssize_t w0, Py_ssize_t cs,
-                              Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t row0,
-                              Py_ssize_t col0, Py_ssize_t nw, Py_ssize_t nc) except -1 nogil:
-    # nw output columns x nc output channels, both literals at every call site (4 x 64,
-    # 8 x 32, 16 / 10 / 8 x 16): after inlining, the block has a compile-time shape, the co loop is
-    # vectorized, the j loops unroll, and the nw*nc accumulators stay in registers over the
-    # whole run of every kernel row (one broadcast input per column times nc weights).
+# Register blocks of the direct forward: nw output columns x nc output channels (4 x 64,
+# 8 x 32, 16 / 10 / 8 / 1 x 16). The block has a compile-time shape, the co loop is vectorized,
+# the j loops unroll, and the nw*nc accumulators stay in registers over the whole run of every
+# kernel row (one broadcast input per column times nc weights). One function per shape
+# (literal sizes in the body, not arguments): with the sizes as arguments of one shared
+# function, GCC's constant propagation gave up at six shapes and left one of them in scalar
+# code with the accumulators in memory (B grad-input 19 -> 280 ms).
+
+
+cdef inline int _direct_block_4x64(const real[:, :, ::1] xp2, const real[:, :, ::1] wk,
+                                   const real[::1] bias, real[:, :, :, :] y, Py_ssize_t n,
+                                   Py_ssize_t oh, Py_ssize_t c0, Py_ssize_t w0, Py_ssize_t cs,
+                                   Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t row0,
+                                   Py_ssize_t col0) except -1 nogil:
+    # 4 output columns x 64 output channels (see above).
     cdef Py_ssize_t KH = wk.shape[0], R = wk.shape[1], C_out = y.shape[1]
-    cdef Py_ssize_t kh, r, j, co, ih, xb, step = sw * cs, ncw = _min(nc, C_out - c0)
+    cdef Py_ssize_t kh, r, j, co, ih, xb, step = sw * cs, ncw = _min(64, C_out - c0)
     cdef real acc[OWB * COB]
     cdef real xs[DWB]
     cdef real wv
-    for j in range(nw):
-        for co in range(nc):
-            acc[j * nc + co] = 0
+    for j in range(4):
+        for co in range(64):
+            acc[j * 64 + co] = 0
     for kh in range(KH):
         ih = row0 + oh * sh + kh * dh
         xb = col0 + w0 * step
         for r in range(R):
-            for j in range(nw):
+            for j in range(4):
                 xs[j] = xp2[n, ih, xb + j * step + r]
-            for co in range(nc):
+            for co in range(64):
                 wv = wk[kh, r, c0 + co]
-                for j in range(nw):
-                    acc[j * nc + co] += xs[j] * wv
+                for j in range(4):
+                    acc[j * 64 + co] += xs[j] * wv
     for co in range(ncw):
-        for j in range(nw):
-            y[n, c0 + co, oh, w0 + j] = acc[j * nc + co] + bias[c0 + co]
+        for j in range(4):
+            y[n, c0 + co, oh, w0 + j] = acc[j * 64 + co] + bias[c0 + co]
+    return 0
+
+
+cdef inline int _direct_block_8x32(const real[:, :, ::1] xp2, const real[:, :, ::1] wk,
+                                   const real[::1] bias, real[:, :, :, :] y, Py_ssize_t n,
+                                   Py_ssize_t oh, Py_ssize_t c0, Py_ssize_t w0, Py_ssize_t cs,
+                                   Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t row0,
+                                   Py_ssize_t col0) except -1 nogil:
+    # 8 output columns x 32 output channels (see above).
+    cdef Py_ssize_t KH = wk.shape[0], R = wk.shape[1], C_out = y.shape[1]
+    cdef Py_ssize_t kh, r, j, co, ih, xb, step = sw * cs, ncw = _min(32, C_out - c0)
+    cdef real acc[OWB * COB]
+    cdef real xs[DWB]
+    cdef real wv
+    for j in range(8):
+        for co in range(32):
+            acc[j * 32 + co] = 0
+    for kh in range(KH):
+        ih = row0 + oh * sh + kh * dh
+        xb = col0 + w0 * step
+        for r in range(R):
+            for j in range(8):
+                xs[j] = xp2[n, ih, xb + j * step + r]
+            for co in range(32):
+                wv = wk[kh, r, c0 + co]
+                for j in range(8):
+                    acc[j * 32 + co] += xs[j] * wv
+    for co in range(ncw):
+        for j in range(8):
+            y[n, c0 + co, oh, w0 + j] = acc[j * 32 + co] + bias[c0 + co]
+    return 0
+
+
+cdef inline int _direct_block_16x16(const real[:, :, ::1] xp2, const real[:, :, ::1] wk,
+                                    const real[::1] bias, real[:, :, :, :] y, Py_ssize_t n,
+                                    Py_ssize_t oh, Py_ssize_t c0, Py_ssize_t w0, Py_ssize_t cs,
+                                    Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t row0,
+                                    Py_ssize_t col0) except -1 nogil:
+    # 16 output columns x 16 output channels (see above).
+    cdef Py_ssize_t KH = wk.shape[0], R = wk.shape[1], C_out = y.shape[1]
+    cdef Py_ssize_t kh, r, j, co, ih, xb, step = sw * cs, ncw = _min(16, C_out - c0)
+    cdef real acc[OWB * COB]
+    cdef real xs[DWB]
+    cdef real wv
+    for j in range(16):
+        for co in range(16):
+            acc[j * 16 + co] = 0
+    for kh in range(KH):
+        ih = row0 + oh * sh + kh * dh
+        xb = col0 + w0 * step
+        for r in range(R):
+            for j in range(16):
+                xs[j] = xp2[n, ih, xb + j * step + r]
+            for co in range(16):
+                wv = wk[kh, r, c0 + co]
+                for j in range(16):
+                    acc[j * 16 + co] += xs[j] * wv
+    for co in range(ncw):
+        for j in range(16):
+            y[n, c0 + co, oh, w0 + j] = acc[j * 16 + co] + bias[c0 + co]
+    return 0
+
+
+cdef inline int _direct_block_10x16(const real[:, :, ::1] xp2, const real[:, :, ::1] wk,
+                                    const real[::1] bias, real[:, :, :, :] y, Py_ssize_t n,
+                                    Py_ssize_t oh, Py_ssize_t c0, Py_ssize_t w0, Py_ssize_t cs,
+                                    Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t row0,
+                                    Py_ssize_t col0) except -1 nogil:
+    # 10 output columns x 16 output channels (see above).
+    cdef Py_ssize_t KH = wk.shape[0], R = wk.shape[1], C_out = y.shape[1]
+    cdef Py_ssize_t kh, r, j, co, ih, xb, step = sw * cs, ncw = _min(16, C_out - c0)
+    cdef real acc[OWB * COB]
+    cdef real xs[DWB]
+    cdef real wv
+    for j in range(10):
+        for co in range(16):
+            acc[j * 16 + co] = 0
+    for kh in range(KH):
+        ih = row0 + oh * sh + kh * dh
+        xb = col0 + w0 * step
+        for r in range(R):
+            for j in range(10):
+                xs[j] = xp2[n, ih, xb + j * step + r]
+            for co in range(16):
+                wv = wk[kh, r, c0 + co]
+                for j in range(10):
+                    acc[j * 16 + co] += xs[j] * wv
+    for co in range(ncw):
+        for j in range(10):
+            y[n, c0 + co, oh, w0 + j] = acc[j * 16 + co] + bias[c0 + co]
+    return 0
+
+
+cdef inline int _direct_block_8x16(const real[:, :, ::1] xp2, const real[:, :, ::1] wk,
+                                   const real[::1] bias, real[:, :, :, :] y, Py_ssize_t n,
+                                   Py_ssize_t oh, Py_ssize_t c0, Py_ssize_t w0, Py_ssize_t cs,
+                                   Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t row0,
+                                   Py_ssize_t col0) except -1 nogil:
+    # 8 output columns x 16 output channels (see above).
+    cdef Py_ssize_t KH = wk.shape[0], R = wk.shape[1], C_out = y.shape[1]
+    cdef Py_ssize_t kh, r, j, co, ih, xb, step = sw * cs, ncw = _min(16, C_out - c0)
+    cdef real acc[OWB * COB]
+    cdef real xs[DWB]
+    cdef real wv
+    for j in range(8):
+        for co in range(16):
+            acc[j * 16 + co] = 0
+    for kh in range(KH):
+        ih = row0 + oh * sh + kh * dh
+        xb = col0 + w0 * step
+        for r in range(R):
+            for j in range(8):
+                xs[j] = xp2[n, ih, xb + j * step + r]
+            for co in range(16):
+                wv = wk[kh, r, c0 + co]
+                for j in range(8):
+                    acc[j * 16 + co] += xs[j] * wv
+    for co in range(ncw):
+        for j in range(8):
+            y[n, c0 + co, oh, w0 + j] = acc[j * 16 + co] + bias[c0 + co]
+    return 0
+
+
+cdef inline int _direct_block_1x16(const real[:, :, ::1] xp2, const real[:, :, ::1] wk,
+                                   const real[::1] bias, real[:, :, :, :] y, Py_ssize_t n,
+                                   Py_ssize_t oh, Py_ssize_t c0, Py_ssize_t w0, Py_ssize_t cs,
+                                   Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t row0,
+                                   Py_ssize_t col0) except -1 nogil:
+    # 1 output columns x 16 output channels (see above).
+    cdef Py_ssize_t KH = wk.shape[0], R = wk.shape[1], C_out = y.shape[1]
+    cdef Py_ssize_t kh, r, j, co, ih, xb, step = sw * cs, ncw = _min(16, C_out - c0)
+    cdef real acc[OWB * COB]
+    cdef real xs[DWB]
+    cdef real wv
+    for j in range(1):
+        for co in range(16):
+            acc[j * 16 + co] = 0
+    for kh in range(KH):
+        ih = row0 + oh * sh + kh * dh
+        xb = col0 + w0 * step
+        for r in range(R):
+            for j in range(1):
+                xs[j] = xp2[n, ih, xb + j * step + r]
+            for co in range(16):
+                wv = wk[kh, r, c0 + co]
+                for j in range(1):
+                    acc[j * 16 + co] += xs[j] * wv
+    for co in range(ncw):
+        for j in range(1):
+            y[n, c0 + co, oh, w0 + j] = acc[j * 16 + co] + bias[c0 + co]
     return 0
 
 
@@ -531,31 +799,25 @@ cdef int _direct_row(const real[:, :, ::1] xp2, const real[:, :, ::1] wk,
             if w0 + nw > Wo:
                 w0 = Wo - nw
             if nw == 1:
-                _direct_block(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0,
-                              1, 16)
+                _direct_block_1x16(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0)
                 if nc > 16:
-                    _direct_block(xp2, wk, bias, y, n, oh, c0 + 16, w0, cs, sh, sw, dh, row0,
-                                  col0, 1, 16)
+                    _direct_block_1x16(xp2, wk, bias, y, n, oh, c0 + 16, w0, cs, sh, sw, dh, row0,
+                                       col0)
                 if nc > 32:
-                    _direct_block(xp2, wk, bias, y, n, oh, c0 + 32, w0, cs, sh, sw, dh, row0,
-                                  col0, 1, 16)
-                    _direct_block(xp2, wk, bias, y, n, oh, c0 + 48, w0, cs, sh, sw, dh, row0,
-                                  col0, 1, 16)
+                    _direct_block_1x16(xp2, wk, bias, y, n, oh, c0 + 32, w0, cs, sh, sw, dh, row0,
+                                       col0)
+                    _direct_block_1x16(xp2, wk, bias, y, n, oh, c0 + 48, w0, cs, sh, sw, dh, row0,
+                                       col0)
             elif nc == 64:
-                _direct_block(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0,
-                              4, 64)
+                _direct_block_4x64(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0)
             elif nc == 32:
-                _direct_block(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0,
-                              8, 32)
+                _direct_block_8x32(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0)
             elif nw == 16:
-                _direct_block(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0,
-                              16, 16)
+                _direct_block_16x16(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0)
             elif nw == 10:
-                _direct_block(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0,
-                              10, 16)
+                _direct_block_10x16(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0)
             else:
-                _direct_block(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0,
-                              8, 16)
+                _direct_block_8x16(xp2, wk, bias, y, n, oh, c0, w0, cs, sh, sw, dh, row0, col0)
             w0 += nw
         c0 += nc
     return 0
@@ -586,32 +848,123 @@ def conv_fwd_direct(const real[:, :, ::1] xp2, const real[:, :, ::1] wk, const r
                 _direct_row(xp2, wk, bias, y, t // Ho, t % Ho, cs, sh, sw, dh, row0, col0)
 
 
-cdef inline int _dnchw_block(const real[:, :, :, ::1] xn, const real[:, :, ::1] wk,
-                             const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
-                             Py_ssize_t oh, Py_ssize_t w0, Py_ssize_t sh, Py_ssize_t sw,
-                             Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t nw) except -1 nogil:
-    # nw (a literal: 16, 10, 8 or 1) output columns x 16 output channels, as _direct_block but
-    # reading the NCHW input: the run is (c_in, kw), every tap nw broadcast inputs of one row.
+# Register blocks of the NCHW direct forward: nw (16, 10, 8 or 1) output columns x 16 output
+# channels, as _direct_block_* but reading the NCHW input: the run is (c_in, kw), every tap nw
+# broadcast inputs of one row. One function per width (see _direct_block_4x64).
+
+
+cdef inline int _dnchw_block_16(const real[:, :, :, ::1] xn, const real[:, :, ::1] wk,
+                                const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                                Py_ssize_t oh, Py_ssize_t w0, Py_ssize_t sh, Py_ssize_t sw,
+                                Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
+    # 16 output columns x 16 output channels (see above).
     cdef Py_ssize_t KH = wk.shape[0], C = xn.shape[1], KW = wk.shape[1] // C
     cdef Py_ssize_t C_out = y.shape[1], kh, ci, kw, j, co, ih, iw
     cdef real acc[16 * 16]
     cdef real xs[16]
     cdef real wv
-    for j in range(nw * 16):
+    for j in range(16 * 16):
         acc[j] = 0
     for kh in range(KH):
         ih = oh * sh + kh * dh
         for ci in range(C):
             for kw in range(KW):
                 iw = w0 * sw + kw * dw
-                for j in range(nw):
+                for j in range(16):
                     xs[j] = xn[n, ci, ih, iw + j * sw]
                 for co in range(16):
                     wv = wk[kh, ci * KW + kw, co]
-                    for j in range(nw):
+                    for j in range(16):
                         acc[j * 16 + co] += xs[j] * wv
     for co in range(C_out):
-        for j in range(nw):
+        for j in range(16):
+            y[n, co, oh, w0 + j] = acc[j * 16 + co] + bias[co]
+    return 0
+
+
+cdef inline int _dnchw_block_10(const real[:, :, :, ::1] xn, const real[:, :, ::1] wk,
+                                const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                                Py_ssize_t oh, Py_ssize_t w0, Py_ssize_t sh, Py_ssize_t sw,
+                                Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
+    # 10 output columns x 16 output channels (see above).
+    cdef Py_ssize_t KH = wk.shape[0], C = xn.shape[1], KW = wk.shape[1] // C
+    cdef Py_ssize_t C_out = y.shape[1], kh, ci, kw, j, co, ih, iw
+    cdef real acc[16 * 16]
+    cdef real xs[16]
+    cdef real wv
+    for j in range(10 * 16):
+        acc[j] = 0
+    for kh in range(KH):
+        ih = oh * sh + kh * dh
+        for ci in range(C):
+            for kw in range(KW):
+                iw = w0 * sw + kw * dw
+                for j in range(10):
+                    xs[j] = xn[n, ci, ih, iw + j * sw]
+                for co in range(16):
+                    wv = wk[kh, ci * KW + kw, co]
+                    for j in range(10):
+                        acc[j * 16 + co] += xs[j] * wv
+    for co in range(C_out):
+        for j in range(10):
+            y[n, co, oh, w0 + j] = acc[j * 16 + co] + bias[co]
+    return 0
+
+
+cdef inline int _dnchw_block_8(const real[:, :, :, ::1] xn, const real[:, :, ::1] wk,
+                               const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                               Py_ssize_t oh, Py_ssize_t w0, Py_ssize_t sh, Py_ssize_t sw,
+                               Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
+    # 8 output columns x 16 output channels (see above).
+    cdef Py_ssize_t KH = wk.shape[0], C = xn.shape[1], KW = wk.shape[1] // C
+    cdef Py_ssize_t C_out = y.shape[1], kh, ci, kw, j, co, ih, iw
+    cdef real acc[16 * 16]
+    cdef real xs[16]
+    cdef real wv
+    for j in range(8 * 16):
+        acc[j] = 0
+    for kh in range(KH):
+        ih = oh * sh + kh * dh
+        for ci in range(C):
+            for kw in range(KW):
+                iw = w0 * sw + kw * dw
+                for j in range(8):
+                    xs[j] = xn[n, ci, ih, iw + j * sw]
+                for co in range(16):
+                    wv = wk[kh, ci * KW + kw, co]
+                    for j in range(8):
+                        acc[j * 16 + co] += xs[j] * wv
+    for co in range(C_out):
+        for j in range(8):
+            y[n, co, oh, w0 + j] = acc[j * 16 + co] + bias[co]
+    return 0
+
+
+cdef inline int _dnchw_block_1(const real[:, :, :, ::1] xn, const real[:, :, ::1] wk,
+                               const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                               Py_ssize_t oh, Py_ssize_t w0, Py_ssize_t sh, Py_ssize_t sw,
+                               Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
+    # 1 output columns x 16 output channels (see above).
+    cdef Py_ssize_t KH = wk.shape[0], C = xn.shape[1], KW = wk.shape[1] // C
+    cdef Py_ssize_t C_out = y.shape[1], kh, ci, kw, j, co, ih, iw
+    cdef real acc[16 * 16]
+    cdef real xs[16]
+    cdef real wv
+    for j in range(1 * 16):
+        acc[j] = 0
+    for kh in range(KH):
+        ih = oh * sh + kh * dh
+        for ci in range(C):
+            for kw in range(KW):
+                iw = w0 * sw + kw * dw
+                for j in range(1):
+                    xs[j] = xn[n, ci, ih, iw + j * sw]
+                for co in range(16):
+                    wv = wk[kh, ci * KW + kw, co]
+                    for j in range(1):
+                        acc[j * 16 + co] += xs[j] * wv
+    for co in range(C_out):
+        for j in range(1):
             y[n, co, oh, w0 + j] = acc[j * 16 + co] + bias[co]
     return 0
 
@@ -625,13 +978,13 @@ cdef int _dnchw_row(const real[:, :, :, ::1] xn, const real[:, :, ::1] wk,
         if w0 + nw > Wo:
             w0 = Wo - nw
         if nw == 16:
-            _dnchw_block(xn, wk, bias, y, n, oh, w0, sh, sw, dh, dw, 16)
+            _dnchw_block_16(xn, wk, bias, y, n, oh, w0, sh, sw, dh, dw)
         elif nw == 10:
-            _dnchw_block(xn, wk, bias, y, n, oh, w0, sh, sw, dh, dw, 10)
+            _dnchw_block_10(xn, wk, bias, y, n, oh, w0, sh, sw, dh, dw)
         elif nw == 8:
-            _dnchw_block(xn, wk, bias, y, n, oh, w0, sh, sw, dh, dw, 8)
+            _dnchw_block_8(xn, wk, bias, y, n, oh, w0, sh, sw, dh, dw)
         else:
-            _dnchw_block(xn, wk, bias, y, n, oh, w0, sh, sw, dh, dw, 1)
+            _dnchw_block_1(xn, wk, bias, y, n, oh, w0, sh, sw, dh, dw)
         w0 += nw
     return 0
 
