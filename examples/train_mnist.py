@@ -14,7 +14,7 @@ import sys
 # the conv kernels, so the dense layers can use every core (see fastconv/nn/_blas.py).
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from fastconv._train_cli import main  # noqa: E402
+from fastconv.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["train", *sys.argv[1:]]))

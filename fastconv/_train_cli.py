@@ -209,9 +209,6 @@ def _run(args) -> int:
         backend = _select_backend(args)
     except (ValueError, _dispatch.BackendUnavailableError) as e:
         return _fail(e)
-    from ._malloc import keep_freed_memory
-
-    keep_freed_memory()  # every step allocates the same large arrays again (see _malloc)
     try:
         (x_train, y_train), (x_test, y_test) = load_mnist(
             args.data_dir, download=not args.no_download, progress=not args.no_progress)

@@ -4,7 +4,8 @@ Each subcommand lives in its own module and is imported only when run. ``train``
 re-executes itself (same process id, so Ctrl-C still reaches it) with
 ``OPENBLAS_THREAD_TIMEOUT=4`` unless that is set: OpenBLAS reads it when NumPy loads, which
 ``import fastconv`` has already done, and without it idle BLAS threads spin and starve the conv
-kernels (see ``fastconv/nn/_blas.py``).
+kernels (see ``fastconv/nn/_blas.py``); then it keeps freed memory in the heap
+(``fastconv/_malloc.py``). Both are process-wide, so the library itself never does either.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def main(argv=None) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os.execve(sys.executable, cmd, {**TRAIN_ENV, **os.environ})  # does not return
+        from ._malloc import keep_freed_memory
+
+        keep_freed_memory()  # every step allocates the same large arrays again (see _malloc)
         from ._train_cli import main as run
     else:
         from ._bench_cli import main as run
