@@ -54,6 +54,7 @@ CONV_CASES = [
     ((2, 3, 5, 15), (16, 3, 3, 3), dict()),  # 10-column blocks, the last one shifted
     ((2, 5, 7, 8), (16, 5, 3, 3), dict(padding=1)),  # 16-channel grad-weight, 12 + 3 run rows
     ((1, 2, 4, 20), (16, 2, 3, 3), dict()),  # NCHW direct forward, 16-column blocks, x unpadded
+    ((2, 3, 14, 14), (6, 3, 5, 5), dict()),  # 208-position plane blocks; grad-input at pitch W
 ]
 
 

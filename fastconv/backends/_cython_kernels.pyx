@@ -62,7 +62,7 @@ cdef enum:
     DWB = 16    # the most output columns per register block (direct forward)
     RB32 = 6    # run rows per grad-weight register block, float32 (24 zmm accumulators)
     MCHUNK = 256  # output pixels per grad-weight slab (64 KiB of dy: stays in L2)
-    PACC = 384  # accumulators of the plane forward block (48 x 8 is the largest)
+    PACC = 416  # accumulators of the plane forward block (208 x 2 is the largest)
     PCBMAX = 8  # output channels per plane forward block, at most
     PB = 8      # outputs per block of the 2x2 stride-2 max-pool
 
@@ -337,7 +337,7 @@ def conv_fwd_flat(const real[:, :, ::1] xf, const real[:, :, :, ::1] w, const re
 
 
 # Register blocks of the plane forward: lanes consecutive positions of the padded-pitch grid
-# x pcb output channels (float32 48 x 8 or 128 x 2, float64 half the lanes), accumulated in
+# x pcb output channels (float32 48 x 8, 128 x 2 or 208 x 2, float64 half the lanes), in
 # registers over every tap (c_in, kh, kw): per tap, lanes contiguous inputs times pcb broadcast
 # weights. One function per shape (see _direct_block_4x64).
 
@@ -409,6 +409,78 @@ cdef inline int _plane_block_128x2(const real[:, :, ::1] xf, const real[:, :, :,
             a = q0 - oh * Wp if q0 > oh * Wp else 0
             b = _min(Wo, q0 + 128 - oh * Wp)
             src = co * 128 + oh * Wp - q0
+            for j in range(a, b):
+                y[n, cb + co, oh, j] = acc[src + j] + bv
+    return 0
+
+
+cdef inline int _plane_block_208x2(const real[:, :, ::1] xf, const real[:, :, :, ::1] wt,
+                                   const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                                   Py_ssize_t q0, Py_ssize_t cb, Py_ssize_t Wp, Py_ssize_t dh,
+                                   Py_ssize_t dw) except -1 nogil:
+    # 208 grid positions x 2 output channels (see above).
+    cdef Py_ssize_t CI = xf.shape[1], KH = wt.shape[1], KW = wt.shape[2]
+    cdef Py_ssize_t C_out = y.shape[1], Ho = y.shape[2], Wo = y.shape[3]
+    cdef Py_ssize_t ci, kh, kw, co, j, xo, oh, oh1, a, b, src
+    cdef real acc[PACC]
+    cdef real wv[PCBMAX]
+    cdef real xv, bv
+    for j in range(208 * 2):
+        acc[j] = 0
+    for ci in range(CI):
+        for kh in range(KH):
+            for kw in range(KW):
+                xo = q0 + kh * dh * Wp + kw * dw
+                for co in range(2):
+                    wv[co] = wt[ci, kh, kw, cb + co]
+                for j in range(208):
+                    xv = xf[n, ci, xo + j]
+                    for co in range(2):
+                        acc[co * 208 + j] += xv * wv[co]
+    # Row segments of the block into the NCHW output (the padded-pitch columns >= W_out drop).
+    oh1 = _min((q0 + 208 - 1) // Wp, Ho - 1)
+    for co in range(_min(2, C_out - cb)):
+        bv = bias[cb + co]
+        for oh in range(q0 // Wp, oh1 + 1):
+            a = q0 - oh * Wp if q0 > oh * Wp else 0
+            b = _min(Wo, q0 + 208 - oh * Wp)
+            src = co * 208 + oh * Wp - q0
+            for j in range(a, b):
+                y[n, cb + co, oh, j] = acc[src + j] + bv
+    return 0
+
+
+cdef inline int _plane_block_104x2(const real[:, :, ::1] xf, const real[:, :, :, ::1] wt,
+                                   const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                                   Py_ssize_t q0, Py_ssize_t cb, Py_ssize_t Wp, Py_ssize_t dh,
+                                   Py_ssize_t dw) except -1 nogil:
+    # 104 grid positions x 2 output channels (see above).
+    cdef Py_ssize_t CI = xf.shape[1], KH = wt.shape[1], KW = wt.shape[2]
+    cdef Py_ssize_t C_out = y.shape[1], Ho = y.shape[2], Wo = y.shape[3]
+    cdef Py_ssize_t ci, kh, kw, co, j, xo, oh, oh1, a, b, src
+    cdef real acc[PACC]
+    cdef real wv[PCBMAX]
+    cdef real xv, bv
+    for j in range(104 * 2):
+        acc[j] = 0
+    for ci in range(CI):
+        for kh in range(KH):
+            for kw in range(KW):
+                xo = q0 + kh * dh * Wp + kw * dw
+                for co in range(2):
+                    wv[co] = wt[ci, kh, kw, cb + co]
+                for j in range(104):
+                    xv = xf[n, ci, xo + j]
+                    for co in range(2):
+                        acc[co * 104 + j] += xv * wv[co]
+    # Row segments of the block into the NCHW output (the padded-pitch columns >= W_out drop).
+    oh1 = _min((q0 + 104 - 1) // Wp, Ho - 1)
+    for co in range(_min(2, C_out - cb)):
+        bv = bias[cb + co]
+        for oh in range(q0 // Wp, oh1 + 1):
+            a = q0 - oh * Wp if q0 > oh * Wp else 0
+            b = _min(Wo, q0 + 104 - oh * Wp)
+            src = co * 104 + oh * Wp - q0
             for j in range(a, b):
                 y[n, cb + co, oh, j] = acc[src + j] + bv
     return 0
@@ -488,21 +560,24 @@ cdef inline int _plane_block_64x2(const real[:, :, ::1] xf, const real[:, :, :, 
 
 cdef int _plane_task(const real[:, :, ::1] xf, const real[:, :, :, ::1] wt,
                      const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t t, Py_ssize_t Wp,
-                     Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
+                     Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t lanes) except -1 nogil:
     cdef bint many = y.shape[1] >= 8
     cdef Py_ssize_t pcb = 8 if many else 2, Ho = y.shape[2], i, cb
-    cdef Py_ssize_t lanes = (48 if many else 128) if real is float else (24 if many else 64)
     cdef Py_ssize_t nq = _ceil_div(Ho * Wp, lanes), n = t // nq, q0 = (t % nq) * lanes
     for i in range(wt.shape[3] // pcb):
         cb = i * pcb
         if real is float:
             if many:
                 _plane_block_48x8(xf, wt, bias, y, n, q0, cb, Wp, dh, dw)
+            elif lanes == 208:
+                _plane_block_208x2(xf, wt, bias, y, n, q0, cb, Wp, dh, dw)
             else:
                 _plane_block_128x2(xf, wt, bias, y, n, q0, cb, Wp, dh, dw)
         else:
             if many:
                 _plane_block_24x8(xf, wt, bias, y, n, q0, cb, Wp, dh, dw)
+            elif lanes == 104:
+                _plane_block_104x2(xf, wt, bias, y, n, q0, cb, Wp, dh, dw)
             else:
                 _plane_block_64x2(xf, wt, bias, y, n, q0, cb, Wp, dh, dw)
     return 0
@@ -512,7 +587,7 @@ def conv_fwd_plane(const real[:, :, ::1] xf, const real[:, :, :, ::1] wt, const 
                    real[:, :, :, ::1] y, Py_ssize_t Wp, Py_ssize_t dh, Py_ssize_t dw,
                    bint serial=False):
     """Stride-1, groups-1 convolution for few channels: padded planes ``xf`` (N, C_in, L) of
-    pitch Wp (see :func:`pad_flat`; L >= H_out*Wp + 128 + the kernel reach), ``wt``
+    pitch Wp (see :func:`pad_flat`; L >= H_out*Wp + 256 + the kernel reach), ``wt``
     (C_in, kH, kW, Cp) with output channels innermost, zero-padded to a multiple of 8 (of 2
     below 8 output channels), ``bias`` (Cp,) -> NCHW ``y`` (N, C_out, H_out, W_out).
 
@@ -521,20 +596,24 @@ def conv_fwd_plane(const real[:, :, ::1] xf, const real[:, :, :, ::1] wt, const 
     Loop order: one task per (image, block of q), owning those pixels of every channel;
     channel blocks, then the taps, the innermost loop over contiguous q.
     """
-    cdef Py_ssize_t Ho = y.shape[2], t, tasks, lanes
+    cdef Py_ssize_t G = y.shape[2] * Wp, t, tasks, lanes, wide
     cdef bint many = y.shape[1] >= 8
     if real is float:
-        lanes = 48 if many else 128
+        lanes, wide = (48 if many else 128), 208
     else:
-        lanes = 24 if many else 64
-    tasks = y.shape[0] * _ceil_div(Ho * Wp, lanes)
+        lanes, wide = (24 if many else 64), 104
+    # Below 8 channels, the wider block where it leaves fewer unused positions in the last
+    # block of the grid (D's grad-input: 196 positions, 208 instead of 256).
+    if not many and _ceil_div(G, wide) * wide < _ceil_div(G, lanes) * lanes:
+        lanes = wide
+    tasks = y.shape[0] * _ceil_div(G, lanes)
     with nogil:
         if serial:  # see _serial_after_fork in cython_cpu
             for t in range(tasks):
-                _plane_task(xf, wt, bias, y, t, Wp, dh, dw)
+                _plane_task(xf, wt, bias, y, t, Wp, dh, dw, lanes)
         else:
             for t in prange(tasks, schedule="dynamic"):
-                _plane_task(xf, wt, bias, y, t, Wp, dh, dw)
+                _plane_task(xf, wt, bias, y, t, Wp, dh, dw, lanes)
 
 
 cdef int _fwd_rows_plane(const real[:, :, ::1] xf, const real[:, :, :, ::1] w,

@@ -111,7 +111,7 @@ def _padded_flat(x, top, left, up, hp, wp, length):
     return out
 
 
-def _direct(x, w, bias, groups, out_hw, top, left, up, stride, dilation):
+def _direct(x, w, bias, groups, out_hw, top, left, up, stride, dilation, wrap=False):
     """``y = conv(pad(x), w) + bias`` with the padding/zero-insertion of :func:`_k.pad_nhwc`.
 
     ``w`` is OIHW; the input ``x`` is NCHW; returns NCHW (N, C_out, *out_hw) and the name of the
@@ -129,10 +129,15 @@ def _direct(x, w, bias, groups, out_hw, top, left, up, stride, dilation):
         # (A run of several input channels makes the direct kernel faster from 16 output
         # channels on: D forward 0.32 vs 0.42 ms, it computes no dropped grid columns.)
         y = np.empty((n, c_out, *out_hw), x.dtype)
-        # Slack after the planes: the last block of (at most 128) grid positions reads its taps
+        if wrap:
+            # The grid pitch is the output width (no dropped columns): a window running past
+            # the end of its row reads the next row's left padding, zeros (the caller checked
+            # left >= dw*(kW-1) and that the row fits).
+            wp = out_hw[1]
+        # Slack after the planes: the last block of (at most 208) grid positions reads its taps
         # inside the buffer.
         xf = _padded_flat(x, top, left, up, hp, wp,
-                          max(hp * wp, out_hw[0] * wp + 128 + dh * (kh - 1) * wp + dw * (kw - 1)))
+                          max(hp * wp, out_hw[0] * wp + 256 + dh * (kh - 1) * wp + dw * (kw - 1)))
         cp = _round_up(c_out, 8 if c_out >= 8 else 2)
         wt = np.zeros((c_in_g, kh, kw, cp), x.dtype)
         wt[..., :c_out] = w.transpose(1, 2, 3, 0)
@@ -234,7 +239,11 @@ def conv2d_backward(dy, x, w, p, needs):
                                                                        kh, kw)
         top = dh * (kh - 1) - p.padding[0]
         left = dwl * (kw - 1) - p.padding[1]
-        dx, algo = _direct(dy, wf, None, g, p.in_hw, top, left, (sh, sw), (1, 1), p.dilation)
+        # No column padding in the forward: dy's rows and their left padding tile a pitch of
+        # W exactly (the plane kernel then computes no dropped columns: D 252 -> 196 positions).
+        wrap = p.stride == (1, 1) and p.padding[1] == 0 and p.pad_bottom_right()[1] == 0
+        dx, algo = _direct(dy, wf, None, g, p.in_hw, top, left, (sh, sw), (1, 1), p.dilation,
+                           wrap)
         algos.append(f"input={algo}")
     # The flat kernel also multiplies x by the zero dy of the grid's dropped columns: an inf or
     # NaN in x must not reach weights PyTorch keeps finite, so such input takes the exact
