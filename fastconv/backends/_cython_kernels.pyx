@@ -1048,6 +1048,96 @@ cdef inline int _dnchw_block_1(const real[:, :, :, ::1] xn, const real[:, :, ::1
     return 0
 
 
+cdef inline int _dnchw_block_16s1(const real[:, :, :, ::1] xn, const real[:, :, ::1] wk,
+                                  const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                                  Py_ssize_t oh, Py_ssize_t w0, Py_ssize_t sh,
+                                  Py_ssize_t dh) except -1 nogil:
+    # 16 output columns x 16 output channels, column stride and dilation 1 (constant
+    # offsets of the broadcast inputs).
+    cdef Py_ssize_t KH = wk.shape[0], C = xn.shape[1], KW = wk.shape[1] // C
+    cdef Py_ssize_t C_out = y.shape[1], kh, ci, kw, j, co, ih, iw
+    cdef real acc[16 * 16]
+    cdef real xs[16]
+    cdef real wv
+    for j in range(16 * 16):
+        acc[j] = 0
+    for kh in range(KH):
+        ih = oh * sh + kh * dh
+        for ci in range(C):
+            for kw in range(KW):
+                iw = w0 + kw
+                for j in range(16):
+                    xs[j] = xn[n, ci, ih, iw + j]
+                for co in range(16):
+                    wv = wk[kh, ci * KW + kw, co]
+                    for j in range(16):
+                        acc[j * 16 + co] += xs[j] * wv
+    for co in range(C_out):
+        for j in range(16):
+            y[n, co, oh, w0 + j] = acc[j * 16 + co] + bias[co]
+    return 0
+
+
+cdef inline int _dnchw_block_10s1(const real[:, :, :, ::1] xn, const real[:, :, ::1] wk,
+                                  const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                                  Py_ssize_t oh, Py_ssize_t w0, Py_ssize_t sh,
+                                  Py_ssize_t dh) except -1 nogil:
+    # 10 output columns x 16 output channels, column stride and dilation 1 (constant
+    # offsets of the broadcast inputs).
+    cdef Py_ssize_t KH = wk.shape[0], C = xn.shape[1], KW = wk.shape[1] // C
+    cdef Py_ssize_t C_out = y.shape[1], kh, ci, kw, j, co, ih, iw
+    cdef real acc[16 * 16]
+    cdef real xs[16]
+    cdef real wv
+    for j in range(10 * 16):
+        acc[j] = 0
+    for kh in range(KH):
+        ih = oh * sh + kh * dh
+        for ci in range(C):
+            for kw in range(KW):
+                iw = w0 + kw
+                for j in range(10):
+                    xs[j] = xn[n, ci, ih, iw + j]
+                for co in range(16):
+                    wv = wk[kh, ci * KW + kw, co]
+                    for j in range(10):
+                        acc[j * 16 + co] += xs[j] * wv
+    for co in range(C_out):
+        for j in range(10):
+            y[n, co, oh, w0 + j] = acc[j * 16 + co] + bias[co]
+    return 0
+
+
+cdef inline int _dnchw_block_8s1(const real[:, :, :, ::1] xn, const real[:, :, ::1] wk,
+                                 const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n,
+                                 Py_ssize_t oh, Py_ssize_t w0, Py_ssize_t sh,
+                                 Py_ssize_t dh) except -1 nogil:
+    # 8 output columns x 16 output channels, column stride and dilation 1 (constant
+    # offsets of the broadcast inputs).
+    cdef Py_ssize_t KH = wk.shape[0], C = xn.shape[1], KW = wk.shape[1] // C
+    cdef Py_ssize_t C_out = y.shape[1], kh, ci, kw, j, co, ih, iw
+    cdef real acc[16 * 16]
+    cdef real xs[16]
+    cdef real wv
+    for j in range(8 * 16):
+        acc[j] = 0
+    for kh in range(KH):
+        ih = oh * sh + kh * dh
+        for ci in range(C):
+            for kw in range(KW):
+                iw = w0 + kw
+                for j in range(8):
+                    xs[j] = xn[n, ci, ih, iw + j]
+                for co in range(16):
+                    wv = wk[kh, ci * KW + kw, co]
+                    for j in range(8):
+                        acc[j * 16 + co] += xs[j] * wv
+    for co in range(C_out):
+        for j in range(8):
+            y[n, co, oh, w0 + j] = acc[j * 16 + co] + bias[co]
+    return 0
+
+
 cdef int _dnchw_row(const real[:, :, :, ::1] xn, const real[:, :, ::1] wk,
                     const real[::1] bias, real[:, :, :, ::1] y, Py_ssize_t n, Py_ssize_t oh,
                     Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
@@ -1056,7 +1146,13 @@ cdef int _dnchw_row(const real[:, :, :, ::1] xn, const real[:, :, ::1] wk,
     while w0 < Wo:  # the last block shifted left to end at W_out
         if w0 + nw > Wo:
             w0 = Wo - nw
-        if nw == 16:
+        if nw == 16 and sw == dw == 1:
+            _dnchw_block_16s1(xn, wk, bias, y, n, oh, w0, sh, dh)
+        elif nw == 10 and sw == dw == 1:
+            _dnchw_block_10s1(xn, wk, bias, y, n, oh, w0, sh, dh)
+        elif nw == 8 and sw == dw == 1:
+            _dnchw_block_8s1(xn, wk, bias, y, n, oh, w0, sh, dh)
+        elif nw == 16:
             _dnchw_block_16(xn, wk, bias, y, n, oh, w0, sh, sw, dh, dw)
         elif nw == 10:
             _dnchw_block_10(xn, wk, bias, y, n, oh, w0, sh, sw, dh, dw)
