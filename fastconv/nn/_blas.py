@@ -6,7 +6,7 @@ they sleep. Beside the compiled conv backends, which already use every core, tha
 their threads: on the 2-core machine this was developed on, 2-thread OpenBLAS made training
 2-12x slower (74-995 ms for the MNIST net's (64 x 9216) @ (9216 x 128) product while numba kernels
 ran, against 1.8 ms on one thread). With ``OPENBLAS_THREAD_TIMEOUT=4`` (2**4 cycles: sleep at
-once) the workers yield the cores, and 2 threads do the dense layers of that net 1.4-1.7x faster
+once) the workers yield the cores, and 2 threads do the dense layers of that net 1.6-1.75x faster
 than one (1.10 / 0.81 / 0.79 ms against 1.79 / 1.41 / 1.38 ms for forward, dW and dx).
 
 OpenBLAS reads that variable once, when it loads (with NumPy), so it cannot be changed later:
