@@ -82,15 +82,21 @@ cdef int _pad_nhwc_row(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ss
                         Py_ssize_t r, Py_ssize_t top, Py_ssize_t left, Py_ssize_t uph,
                         Py_ssize_t upw) except -1 nogil:
     cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3], Wp = out.shape[2]
-    cdef Py_ssize_t i, j, j0, j1, c
+    cdef Py_ssize_t i, j, j0, j1, c, c0
     memset(&out[n, r, 0, 0], 0, Wp * out.shape[3] * sizeof(real))
     if r < top or (r - top) % uph != 0 or (r - top) // uph >= H:
         return 0
     i = (r - top) // uph
     j0 = 0 if left >= 0 else _ceil_div(-left, upw)
     j1 = 0 if Wp - 1 - left < 0 else _min(W, (Wp - 1 - left) // upw + 1)
-    # Reads run along contiguous rows of x; the written row (Wp*C) stays in L1.
-    for c in range(C):
+    # Blocks of 16 channels: per column, one contiguous 16-channel write, its 16 reads from 16
+    # rows of x that stay in L1 across the columns (c outer, j inner wrote one cache line per
+    # element when C is large).
+    for c0 in range(0, C - C % 16, 16):
+        for j in range(j0, j1):
+            for c in range(16):
+                out[n, r, left + j * upw, c0 + c] = x[n, c0 + c, i, j]
+    for c in range(C - C % 16, C):
         for j in range(j0, j1):
             out[n, r, left + j * upw, c] = x[n, c, i, j]
 
