@@ -12,10 +12,11 @@
 # weight block, an (n, c) plane), so results are race-free and do not depend on the thread
 # count or schedule. Kernels with one task per output row or plane hand them out one image at
 # a time (chunksize): neighbouring rows share cache lines of the NCHW output, and two threads
-# writing them in turn made B's forward 1.5x slower on 2 threads. Each task calls a ``nogil`` helper whose local accumulator arrays live on
-# that thread's stack. Helpers are ``except -1`` (not ``noexcept``) so that in the debug build an
-# IndexError propagates out of the ``prange`` instead of being printed and ignored; in the
-# release build nothing can raise and the check is one compare per call.
+# writing them in turn made B's forward 1.5x slower on 2 threads. Each task calls a ``nogil``
+# helper whose local accumulator arrays live on that thread's stack. Helpers are ``except -1``
+# (not ``noexcept``) so that in the debug build an IndexError propagates out of the ``prange``
+# instead of being printed and ignored; in the release build nothing can raise and the check
+# is one compare per call.
 
 cimport cython
 from cython.parallel cimport prange
@@ -604,7 +605,7 @@ def conv_fwd_plane(const real[:, :, ::1] xf, const real[:, :, :, ::1] wt, const 
     Loop order: one task per (image, block of q), owning those pixels of every channel;
     channel blocks, then the taps, the innermost loop over contiguous q.
     """
-    cdef Py_ssize_t G = y.shape[2] * Wp, t, tasks, lanes, wide
+    cdef Py_ssize_t G = y.shape[2] * Wp, t, tasks, lanes, wide, chunk
     cdef bint many = y.shape[1] >= 8
     if real is float:
         lanes, wide = (48 if many else 128), 208
@@ -614,13 +615,14 @@ def conv_fwd_plane(const real[:, :, ::1] xf, const real[:, :, :, ::1] wt, const 
     # block of the grid (D's grad-input: 196 positions, 208 instead of 256).
     if not many and _ceil_div(G, wide) * wide < _ceil_div(G, lanes) * lanes:
         lanes = wide
-    tasks = y.shape[0] * _ceil_div(G, lanes)
+    chunk = _ceil_div(G, lanes)  # the tasks of one image
+    tasks = y.shape[0] * chunk
     with nogil:
         if serial:  # see _serial_after_fork in cython_cpu
             for t in range(tasks):
                 _plane_task(xf, wt, bias, y, t, Wp, dh, dw, lanes)
         else:
-            for t in prange(tasks, schedule="dynamic", chunksize=tasks // y.shape[0]):
+            for t in prange(tasks, schedule="dynamic", chunksize=chunk):
                 _plane_task(xf, wt, bias, y, t, Wp, dh, dw, lanes)
 
 
