@@ -119,7 +119,7 @@ def pad_nhwc(const real[:, :, :, ::1] x, real[:, :, :, ::1] out, Py_ssize_t top,
             for t in range(N * Hp):
                 _pad_nhwc_row(x, out, t // Hp, t % Hp, top, left, uph, upw)
         else:
-            for t in prange(N * Hp, schedule="dynamic"):
+            for t in prange(N * Hp, schedule="dynamic", chunksize=Hp):
                 _pad_nhwc_row(x, out, t // Hp, t % Hp, top, left, uph, upw)
 
 
@@ -152,7 +152,7 @@ def pad_flat(const real[:, :, :, ::1] x, real[:, :, ::1] out, Py_ssize_t top, Py
             for t in range(N * C):
                 _pad_flat_plane(x, out, t // C, t % C, top, left, uph, upw, Hp, Wp)
         else:
-            for t in prange(N * C, schedule="dynamic"):
+            for t in prange(N * C, schedule="dynamic", chunksize=C):
                 _pad_flat_plane(x, out, t // C, t % C, top, left, uph, upw, Hp, Wp)
 
 
