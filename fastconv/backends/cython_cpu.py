@@ -3,20 +3,29 @@
 A thin wrapper around ``fastconv.backends._cython_kernels`` (compiled from
 ``_cython_kernels.pyx`` at install time by ``setup.py``). Arguments arrive validated by
 ``fastconv._validate`` (the kernels run without bounds checks and trust them); this module
-only arranges layouts (zero-padded NHWC input, weights as (G, kH, kW, C_in/G, C_out/G)),
-allocates outputs and picks an algorithm:
+only arranges layouts (zero-padded NHWC or padded-pitch planes, weights with the output
+channels innermost), allocates outputs and picks an algorithm (the name recorded for
+``fastconv.last_algorithm``):
 
-* forward ``direct-nhwc``: blocks of output columns x output channels, innermost loop over
-  contiguous output channels. When a group has fewer than ``NCHW_MAX_COUT`` output channels
-  or a single input channel:
-  ``direct-nchw-flat`` (stride 1: blocks of consecutive outputs on the padded-pitch grid x up
-  to 4 channels, vectorized over outputs) or ``direct-nchw-rows`` (strided).
-* grad-input: the forward kernel on ``dy`` (zero-inserted by the stride, padded by
-  ``dilation*(k-1) - padding``) with flipped, transposed weights.
-* grad-weight: a blocked GEMM reducing over all output pixels, one task per weight block
-  (``gemm-nhwc``); for stride 1 and few input channels, per-lane partial sums over the
-  padded-pitch grid (``flat-lanes``).
-* max-pool: one task per (n, c) plane; indices exactly as PyTorch's.
+* forward, groups 1: ``plane`` (stride 1 and one input channel or fewer than
+  ``NCHW_MAX_COUT`` output channels: blocks of consecutive positions of the padded-pitch grid x
+  8 or 2 output channels, vectorized over positions); ``direct-nchw`` (2 to 7 input channels,
+  at most 16 output channels: 16/10/8 columns x 16 channels read from NCHW, no layout copy);
+  else ``direct-blocked`` (NHWC, 4 x 64 / 8 x 32 / 16 x 16 register blocks over the contiguous
+  (kW, C_in) run, unit column dilation). Groups or column dilation: ``direct-nhwc``,
+  ``direct-nchw-flat`` or ``direct-nchw-rows`` (the generic kernels).
+* grad-input: the forward kernels on ``dy`` padded by ``dilation*(k-1) - padding`` with the
+  flipped, transposed weights; strided (groups 1): one direct forward per stride phase
+  (``direct-phases``), else on the zero-inserted ``dy``.
+* grad-weight: ``direct-blocked`` (groups 1, unit column dilation: 6 run rows x 64 channels,
+  or 24/12 x 16 for at most 16 output channels, over 8 fixed pixel chunks added in order);
+  ``flat-blocked`` (stride 1, fewer than 8 input channels: 4 channels x 4 taps x 16 lanes over
+  the padded-pitch grid; finite x only); else ``gemm-nhwc``.
+* max-pool: one task per (n, c) plane (2x2 stride 2 in vectorized blocks of 8 outputs);
+  indices exactly as PyTorch's. Backward: a scatter-add per plane.
+
+Every kernel's result is independent of the thread count (each task owns its output; partial
+sums are over fixed chunks added in a fixed order).
 """
 
 from __future__ import annotations
