@@ -1382,10 +1382,10 @@ cdef int _dwd_task(const real[::1] x1, const real[:, ::1] dyt, const int64_t[::1
         for co in range(_min(COB, part.shape[3] - c0)):
             part[t, kh, r, c0 + co] = 0
     m0 = t * M // T
-    while m0 < me and part.shape[3] == 16:  # 16 channels: 24-, 6- and 1-row blocks
+    while m0 < me and part.shape[3] == 16:  # 16 channels: 24-, 12- and 1-row blocks
         m1 = _min(m0 + MCHUNK, me)
         r0 = 0
-        while r0 + 24 <= R:
+        while r0 + 24 <= R and real is float:  # (24 x 16 doubles would not fit in registers)
             _dwd16_24(x1, dyt, xbase, part, t, kh, r0, koff, m0, m1, 0)
             r0 += 24
         while r0 + 12 <= R:
