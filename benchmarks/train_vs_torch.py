@@ -188,10 +188,9 @@ def main(argv=None):
                    help="per-layer forward/backward times of one fastconv batch")
     p.add_argument("--torch-process", choices=["separate", "same"], default="separate",
                    help="run PyTorch in its own process (default) or in this one")
-    p.add_argument("--blas-threads", type=int, default=None,
-                   help="fastconv's OpenBLAS threads (default: --threads when "
-                        "OPENBLAS_THREAD_TIMEOUT lets idle BLAS threads sleep, else 1; "
-                        "0 = leave as is)")
+    p.add_argument("--blas-threads", type=int, default=1,
+                   help="OpenBLAS threads for fastconv's dense layers, as fastconv train "
+                        "(default: %(default)s; 0 = leave as is)")
     p.add_argument("--serve-torch", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_torch:
@@ -204,12 +203,10 @@ def main(argv=None):
         import numba
 
         numba.set_num_threads(args.threads)
-    from fastconv.nn import _blas
-
-    if args.blas_threads is None:
-        args.blas_threads = _blas.default_threads(args.threads)
     if args.blas_threads:
-        _blas.limit_blas_threads(args.blas_threads)
+        from fastconv.nn._blas import limit_blas_threads
+
+        limit_blas_threads(args.blas_threads)
     torch_proc = TorchProcess(args) if args.torch_process == "separate" else None
     import torch
 

@@ -7,14 +7,9 @@ Same options as ``fastconv train`` (``--help``): --backend, --epochs, --batch-si
 Ctrl-C writes a checkpoint and exits with status 130; --resume continues exactly.
 """
 
-import os
 import sys
 
-# Before NumPy loads OpenBLAS: its idle threads then sleep at once instead of spinning beside
-# the conv kernels, so the dense layers can use every core (see fastconv/nn/_blas.py).
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-
-from fastconv.cli import main  # noqa: E402
+from fastconv.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

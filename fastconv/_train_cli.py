@@ -77,10 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write PNG pictures (curves, filters, feature maps, confusion) to DIR")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for the numba backend (numba.set_num_threads)")
-    p.add_argument("--blas-threads", type=int, default=None,
-                   help="OpenBLAS threads for the dense layers (default: as many as the kernels "
-                        "when OPENBLAS_THREAD_TIMEOUT lets idle BLAS threads sleep, else 1; "
-                        "0 = leave as is); see fastconv/nn/_blas.py")
+    p.add_argument("--blas-threads", type=int, default=1,
+                   help="OpenBLAS threads for the dense layers (default: %(default)s; 0 = leave "
+                        "as is); see fastconv/nn/_blas.py for why one")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -132,13 +131,11 @@ def _select_backend(args):
             numba.set_num_threads(args.threads)
         else:
             print(f"note: --threads applies to the numba backend only (using {name})")
-    from .nn import _blas
-
     args.kernel_threads = _kernel_threads(name, args.threads)
-    if args.blas_threads is None:
-        args.blas_threads = _blas.default_threads(args.kernel_threads)
     if args.blas_threads:
-        _blas.limit_blas_threads(args.blas_threads)
+        from .nn._blas import limit_blas_threads
+
+        limit_blas_threads(args.blas_threads)
     return name
 
 

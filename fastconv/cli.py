@@ -1,20 +1,14 @@
 """The ``fastconv`` command: ``fastconv info | train | bench``.
 
-Each subcommand lives in its own module and is imported only when run. ``train`` first
-re-executes itself (same process id, so Ctrl-C still reaches it) with
-``OPENBLAS_THREAD_TIMEOUT=4`` unless that is set: OpenBLAS reads it when NumPy loads, which
-``import fastconv`` has already done, and without it idle BLAS threads spin and starve the conv
-kernels (see ``fastconv/nn/_blas.py``); then it keeps freed memory in the heap
-(``fastconv/_malloc.py``). Both are process-wide, so the library itself never does either.
+Each subcommand lives in its own module and is imported only when run. ``train`` first keeps
+freed memory in the heap (``fastconv/_malloc.py``): a process-wide setting, so the library
+itself never does it.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-TRAIN_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
 
 
 def main(argv=None) -> int:
@@ -29,11 +23,6 @@ def main(argv=None) -> int:
     if args.command == "info":
         from ._info import main as run
     elif args.command == "train":
-        if os.name == "posix" and not set(TRAIN_ENV) <= set(os.environ):
-            cmd = [sys.executable, "-m", "fastconv.cli", "train", *rest]
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.execve(sys.executable, cmd, {**TRAIN_ENV, **os.environ})  # does not return
         from ._malloc import keep_freed_memory
 
         keep_freed_memory()  # every step allocates the same large arrays again (see _malloc)
