@@ -204,13 +204,19 @@ def test_repeated_calls_do_not_grow_rss(backend, record_property):
     assert not grew, f"{backend}: RSS grew past {MAX_GROWTH / 2**20:.0f} MiB: {grew}"
 
 
-def test_the_bound_catches_a_leak_of_one_output_per_call():
-    """The detector itself: keeping one MIN_OUTPUT_BYTES result per call exceeds the bound."""
+def leak_worker() -> dict:
+    """RSS growth while keeping one MIN_OUTPUT_BYTES array per call (a deliberate leak)."""
     kept = []
     before = rss_bytes()
     for _ in range(CALLS):
         kept.append(np.ones(MIN_OUTPUT_BYTES // 8))
-    assert rss_bytes() - before > MAX_GROWTH
+    return {"growth": rss_bytes() - before}
+
+
+def test_the_bound_catches_a_leak_of_one_output_per_call():
+    """The detector itself, in a fresh process like the measurements (in this one, memory that
+    earlier tests freed would absorb the leak): one kept result per call exceeds the bound."""
+    assert _run_script(["leak"])["growth"] > MAX_GROWTH
 
 
 def test_training_epoch_peak_memory_is_sane():
@@ -249,6 +255,8 @@ def _describe(name, r) -> str:
 if __name__ == "__main__":
     if sys.argv[1] == "growth":
         print(json.dumps(growth_worker(sys.argv[2])))
+    elif sys.argv[1] == "leak":
+        print(json.dumps(leak_worker()))
     else:
         print(json.dumps(epoch_worker(sys.argv[2], int(sys.argv[3]),
                                       sys.argv[4] if len(sys.argv) > 4 else None)))
