@@ -10,7 +10,8 @@ Algorithms (the name recorded for ``fastconv.last_algorithm``):
   C_out < 32): the first layers. Vectorized over 48 consecutive output positions x 8 output
   channels (float32; 128 x 2 below 8 channels; float64 64 x 4); grad-input is the same kernel
   on padded dy with the flipped weight; grad-weight is dot products over whole padded planes,
-  in 8 fixed image chunks summed serially.
+  in 8 fixed image chunks summed serially (for an x with NaN or inf: the generic kernel, since
+  the planes' dropped columns would multiply them by 0).
 * ``numba:direct-nhwc-c64`` (``_numba_direct``): groups 1, unit column dilation, C_out >= 32.
   NHWC, a 4-column x 64-channel register block over the (kW, C_in) run. Grad-input: the plane
   kernel (stride 1 and C_in not a multiple of 64), else one direct forward call per stride
