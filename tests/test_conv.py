@@ -218,13 +218,13 @@ def test_nan_propagates_to_exactly_the_touched_outputs(backend, rng, stride, pad
 
 
 @pytest.mark.parametrize("x_shape, w_shape, padding, bad_at", [
-    # few channels (plane kernels): the last column, read by one tap column only
+    # few channels (plane / flat kernels): an edge column, read by one tap column only
     ((2, 6, 14, 14), (16, 6, 5, 5), 0, (0, 0, 3, 13)),
     ((2, 1, 12, 12), (8, 1, 3, 3), 0, (1, 0, 5, 0)),
     ((2, 1, 12, 12), (8, 1, 5, 5), 2, (1, 0, 11, 10)),
     # many channels (register-blocked NHWC kernels)
     ((2, 32, 9, 9), (64, 32, 3, 3), 0, (1, 31, 4, 8)),
-    ((1, 3, 8, 11), (4, 3, 3, 3), 1, (0, 2, 0, 10)),  # generic
+    ((1, 3, 8, 11), (4, 3, 3, 3), 1, (0, 2, 0, 10)),  # few channels, padded
 ])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nan_and_inf_in_x_reach_exactly_the_gradients_pytorch_gives(backend, rng, x_shape,
