@@ -57,6 +57,15 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
 
     # ------------------------------------------------------------------ forward
 
+    @cuda.jit(device=True)
+    def nchw_of(i, c_, h_, w_):
+        """(n, c, h, w) of flat index ``i`` into a C-contiguous (N, c_, h_, w_) array."""
+        w = i % w_
+        t = i // w_
+        h = t % h_
+        t //= h_
+        return t // c_, t % c_, h, w
+
     @cuda.jit
     def conv_forward_tiled(x, w, b, has_bias, y, sh, sw, ph, pw, dh, dw, cib, chunks, tiles_h,
                            tiles_w):
@@ -169,12 +178,7 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
         total = x.shape[0] * c_out * ho * wo
         i = cuda.grid(1)
         while i < total:
-            ow = i % wo
-            t = i // wo
-            oh = t % ho
-            t //= ho
-            co = t % c_out
-            n = t // c_out
+            n, co, oh, ow = nchw_of(i, c_out, ho, wo)
             ci0 = (co // cout_g) * cin_g
             acc = ZERO
             for cig in range(cin_g):
@@ -265,12 +269,7 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
         total = dx.shape[0] * c_in * h_ * w_
         i = cuda.grid(1)
         while i < total:
-            iw = i % w_
-            t = i // w_
-            ih = t % h_
-            t //= h_
-            ci = t % c_in
-            n = t // c_in
+            n, ci, ih, iw = nchw_of(i, c_in, h_, w_)
             g = ci // cin_g
             cig = ci - g * cin_g
             acc = ZERO
@@ -390,12 +389,7 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
         total = x.shape[0] * c_ * ho * wo
         i = cuda.grid(1)
         while i < total:
-            ow = i % wo
-            t = i // wo
-            oh = t % ho
-            t //= ho
-            ch = t % c_
-            n = t // c_
+            n, ch, oh, ow = nchw_of(i, c_, ho, wo)
             hs = oh * sh - ph
             he = min(hs + (kh - 1) * dh + 1, h_)
             while hs < 0:
@@ -424,11 +418,8 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
         total = a.shape[0] * c_ * h_ * w_
         i = cuda.grid(1)
         while i < total:
-            iw = i % w_
-            t = i // w_
-            ih = t % h_
-            t //= h_
-            a[t // c_, t % c_, ih, iw] = ZERO
+            n, ch, ih, iw = nchw_of(i, c_, h_, w_)
+            a[n, ch, ih, iw] = ZERO
             i += cuda.gridDim.x * cuda.blockDim.x
 
     @cuda.jit
@@ -445,12 +436,7 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
         total = dy.shape[0] * c_ * ho * wo
         i = cuda.grid(1)
         while i < total:
-            ow = i % wo
-            t = i // wo
-            oh = t % ho
-            t //= ho
-            ch = t % c_
-            n = t // c_
+            n, ch, oh, ow = nchw_of(i, c_, ho, wo)
             k = idx[n, ch, oh, ow]
             if k >= 0 and k < h_ * w_:
                 cuda.atomic.add(dx, (n, ch, k // w_, k % w_), dy[n, ch, oh, ow])

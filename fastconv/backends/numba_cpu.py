@@ -178,24 +178,23 @@ def conv2d_backward(dy, x, w, p, needs):
         run(conv.conv_grad_input_generic, dyt, wr, dxp, *p.stride, *p.dilation)
         dx = run(conv.crop_nhwc_to_nchw, dxp, np.empty_like(x), p.padding[0], p.padding[1])
     if "weight" in needs or "bias" in needs:
-        dw, db = _grad_weight_generic(conv, run, dyt, x, w, p)
+        dw, db = _grad_weight_generic(conv, run, dyt, x, wr, w.shape, p)
         dw = dw if "weight" in needs else None
         db = db if "bias" in needs else None
     record_algorithm("conv2d_backward", "numba:generic")
     return dx, dw, db
 
 
-def _grad_weight_generic(conv, run, dyt, x, w, p):
-    """(dw, db) by the generic kernel, from dy in NHWC (``dyt``): it visits only the real
-    output positions, so a NaN or inf in x reaches exactly the weights PyTorch's would."""
-    n = x.shape[0]
+def _grad_weight_generic(conv, run, dyt, x, wr, w_shape, p):
+    """(dw, db) by the generic kernel, from dy in NHWC (``dyt``) and the weight in its layout
+    (``wr``, from :func:`_weight_gkkio`): it visits only the real output positions, so a NaN
+    or inf in x reaches exactly the weights PyTorch's would."""
+    chunks = min(x.shape[0], WEIGHT_CHUNKS)
     xp = _padded_input(conv, run, x, p)
-    wr = _weight_gkkio(w, p.groups)
-    chunks = min(n, WEIGHT_CHUNKS)
     part = np.zeros((chunks, *wr.shape), x.dtype)
-    partb = np.zeros((chunks, w.shape[0]), x.dtype)
+    partb = np.zeros((chunks, w_shape[0]), x.dtype)
     run(conv.conv_grad_weight_generic, xp, dyt, part, partb, *p.stride, *p.dilation)
-    dw = np.ascontiguousarray(_sum_chunks(part).transpose(0, 4, 3, 1, 2)).reshape(w.shape)
+    dw = np.ascontiguousarray(_sum_chunks(part).transpose(0, 4, 3, 1, 2)).reshape(w_shape)
     return dw, _sum_chunks(partb)
 
 
@@ -239,7 +238,7 @@ def _conv2d_backward_plane(run, dy, x, w, p, needs):
         # NaN there would reach weights PyTorch keeps finite. Rare input, exact path.
         conv = _kernels()[0]
         dyt = run(conv.nchw_to_nhwc, dy, np.empty((n, ho, wo, c_out), dy.dtype))
-        dwt = _grad_weight_generic(conv, run, dyt, x, w, p)[0]
+        dwt = _grad_weight_generic(conv, run, dyt, x, _weight_gkkio(w, 1), w.shape, p)[0]
         algos.append("weight:generic")
     elif "weight" in needs:
         xp = _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dw_)
