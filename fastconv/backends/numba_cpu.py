@@ -34,7 +34,7 @@ import math
 
 import numpy as np
 
-from .._dispatch import record_algorithm
+from .._dispatch import last_algorithm, record_algorithm
 
 # Fixed number of grad-weight partial sums (images are split into this many chunks, summed
 # serially): the result is the same for every thread count.
@@ -105,6 +105,46 @@ def _direct_ok(p, c_out: int) -> bool:
     return p.groups == 1 and p.dilation[1] == 1 and c_out >= 32
 
 
+def _winograd_ok(p, dtype, c_in: int, c_out: int) -> bool:
+    """Winograd F(2x2, 3x3) (``_numba_winograd``): float32 3x3 convolutions, stride and dilation
+    1, groups 1, with enough channels that the 16 small products run at full register-block
+    width, and at least 4 tiles (7 output columns) per tile row."""
+    return (dtype == np.float32 and p.groups == 1 and p.kernel_hw == (3, 3)
+            and p.stride == (1, 1) and p.dilation == (1, 1) and c_in >= 16 and c_out >= 32
+            and _winograd_wide_enough(p.out_hw[1]))
+
+
+def _winograd_wide_enough(out_w: int) -> bool:
+    """At least one register block of tiles (TB = 4, 2 columns each) per tile row."""
+    return out_w >= 7
+
+
+def _winograd_input(wino, run, x, out_hw, pt, pl, cq=None):
+    """x (N, C, H, W) laid out for the Winograd kernels (``pad_split``): padded by (pt, pl) at
+    the top and left, to 2*TH + 2 rows and 2*TW + 2 columns for the TH x TW tiles of an output
+    of ``out_hw``; channels zero-padded to ``cq``."""
+    n, c = x.shape[:2]
+    th, tw = -(-out_hw[0] // 2), -(-out_hw[1] // 2)
+    xq = np.empty((n, 2 * th + 2, 2, tw + 1, cq or c), x.dtype)
+    return run(wino.pad_split, x, xq, pt, pl)
+
+
+def _winograd_forward(wino, run, x, w, b, y, pt, pl, xq=None):
+    """y = conv(x, w) + b (3x3, stride 1, padding (pt, pl)) by Winograd F(2x2, 3x3), from x or
+    its ``_winograd_input`` layout ``xq``. False if an input, weight or output was not finite:
+    y is then to be recomputed exactly."""
+    c_out = w.shape[0]
+    if xq is None:
+        xq = _winograd_input(wino, run, x, y.shape[2:], pt, pl)
+    paired = c_out <= wino.HALF and xq.shape[3] - 1 >= 2 * wino.TB
+    u = wino.transform_weight_paired(w) if paired else \
+        wino.transform_weight(w, _padded_channels(c_out))
+    bias = np.zeros(c_out, x.dtype) if b is None else b
+    check = np.empty(xq.shape[0] * ((xq.shape[1] - 2) // 2), x.dtype)
+    run(wino.conv_forward_winograd, xq, u, bias, y, check, paired)
+    return not np.isnan(check).any()
+
+
 # ------------------------------------------------------------------------------------ conv
 
 
@@ -131,6 +171,12 @@ def conv2d(x, w, b, p):
     run = thr.run
     c_out, c_in, kh, kw = w.shape
     y = np.empty((x.shape[0], c_out, *p.out_hw), x.dtype)
+    if _winograd_ok(p, x.dtype, c_in, c_out):
+        from . import _numba_winograd as wino
+
+        if _winograd_forward(wino, run, x, w, b, y, *p.padding):
+            record_algorithm("conv2d", "numba:winograd-f2x2")
+            return y
     if _plane_ok(p, c_in, c_out):
         from . import _numba_plane as plane
 
@@ -162,6 +208,25 @@ def conv2d_backward(dy, x, w, p, needs):
     conv, direct, _, thr = _kernels()
     run = thr.run
     c_out, c_in, kh, kw = w.shape
+    if _winograd_ok(p, x.dtype, c_in, c_out):
+        grads, algos = _conv2d_backward_winograd(run, dy, x, w, p, needs)
+        rest = [k for k in needs if grads.get(k, "missing") is None]
+        name = "numba:winograd(" + ",".join(algos) + ")"
+        if rest:  # a non-finite value, or dx of another C_in or padding: by the kernels below
+            exact = dict(zip(("input", "weight", "bias"),
+                             _conv2d_backward_exact(dy, x, w, p, rest)))
+            grads.update((k, exact[k]) for k in rest)
+            name += "+" + last_algorithm("conv2d_backward")
+        record_algorithm("conv2d_backward", name)
+        return grads.get("input"), grads.get("weight"), grads.get("bias")
+    return _conv2d_backward_exact(dy, x, w, p, needs)
+
+
+def _conv2d_backward_exact(dy, x, w, p, needs):
+    """conv2d_backward by the kernels that sum exactly the products of the definition."""
+    conv, direct, _, thr = _kernels()
+    run = thr.run
+    c_out, c_in, kh, kw = w.shape
     if _plane_ok(p, c_in, c_out):
         return _conv2d_backward_plane(run, dy, x, w, p, needs)
     if _direct_ok(p, c_out):
@@ -183,6 +248,49 @@ def conv2d_backward(dy, x, w, p, needs):
         db = db if "bias" in needs else None
     record_algorithm("conv2d_backward", "numba:generic")
     return dx, dw, db
+
+
+def _conv2d_backward_winograd(run, dy, x, w, p, needs):
+    """({name: gradient, or None where a non-finite value needs the exact kernels}, algorithms)
+    by Winograd F(2x2, 3x3) (see ``_winograd_ok``)."""
+    from . import _numba_plane as plane
+    from . import _numba_winograd as wino
+
+    n, c_in = x.shape[:2]
+    c_out = w.shape[0]
+    ho, wo = p.out_hw
+    pt, pl = p.padding
+    grads, algos = {}, []
+    cp = _padded_channels(c_out)
+    dyq = None  # dy padded by 2 - padding: the input of the dx pass, reused by the dw pass
+    if "input" in needs and max(pt, pl) <= 2 and _winograd_wide_enough(x.shape[3]):
+        # dx = dy correlated with the flipped kernel, channels swapped, padded by 2 - padding
+        dx = np.empty_like(x)
+        wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        dyq = _winograd_input(wino, run, dy, x.shape[2:], 2 - pt, 2 - pl)
+        ok = _winograd_forward(wino, run, dy, wflip, None, dx, 2 - pt, 2 - pl, dyq)
+        grads["input"] = dx if ok else None
+        algos.append("input:winograd")
+    elif "input" in needs:
+        grads["input"] = None  # by the exact kernels
+    if "weight" in needs:
+        if dyq is not None and c_out == cp:
+            dq, dr, ds = dyq, 2 - pt, 2 - pl
+        else:
+            th, tw = -(-ho // 2), -(-wo // 2)
+            dq = run(wino.pad_split, dy, np.empty((n, 2 * th, 2, tw, cp), dy.dtype), 0, 0)
+            dr = ds = 0
+        xq = _winograd_input(wino, run, x, (ho, wo), pt, pl)
+        part = np.empty((min(n * -(-ho // 2), WEIGHT_CHUNKS), 16, c_in, cp), x.dtype)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite: checked just below
+            du = _sum_chunks(run(wino.conv_grad_weight_winograd, xq, dq, dr, ds, part))
+        grads["weight"] = wino.weight_from_transformed(du, c_out) if np.isfinite(du).all() \
+            else None
+        algos.append("weight:winograd")
+    if "bias" in needs:
+        part = np.empty((min(n, WEIGHT_CHUNKS), c_out), dy.dtype)
+        grads["bias"] = _sum_chunks(run(plane.plane_sums, dy.reshape(n, c_out, ho * wo), part))
+    return grads, algos
 
 
 def _grad_weight_generic(conv, run, dyt, x, wr, w_shape, p):
