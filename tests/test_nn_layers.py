@@ -130,6 +130,38 @@ def test_parallel_relu_and_dropout_equal_the_numpy_path_bit_for_bit(rng, dtype):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.skipif(fc.backend_status()["numba"] is not None, reason="needs numba")
+@pytest.mark.parametrize("batch, n_in, n_out", [(64, 9216 // 4, 128), (70, 301, 70), (67, 190, 93)])
+def test_dense_on_numba_kernels_matches_float64_and_torch(rng, monkeypatch, batch, n_in, n_out):
+    """Beside the numba backend, large float32 Dense products run on the register-blocked
+    kernels (remainder rows, a shifted last column block, the forward's inner-dimension chunks
+    all exercised here): float64 NumPy is the reference, torch.nn.Linear the second opinion."""
+    from fastconv.nn import layers
+
+    used = []
+    real = layers._matmul_kernels
+    monkeypatch.setattr(layers, "_matmul_kernels",
+                        lambda *a: used.append(real(*a) is not None) or real(*a))
+    dense = nn.Dense(n_in, n_out, rng=3, backend="numba")
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    g = rng.standard_normal((batch, n_out)).astype(np.float32)
+    y = dense.forward(x)
+    dx = dense.backward(g.T.copy().T)  # a non-contiguous gradient is fine
+    assert used == [True, True]
+    w = dense.params["weight"].astype(F64)
+    want = (x @ w.T + dense.params["bias"], g @ w, g.T.astype(F64) @ x, g.sum(axis=0))
+    got = (y, dx, dense.grads["weight"], dense.grads["bias"])
+    for name, a, b in zip(("y", "dx", "dw", "db"), got, want):
+        assert a.dtype == np.float32, name
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * np.abs(b).max(), err_msg=name)
+    linear = torch.nn.Linear(n_in, n_out)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(dense.params["weight"]))
+        linear.bias.copy_(torch.from_numpy(dense.params["bias"]))
+    np.testing.assert_allclose(y, linear(torch.from_numpy(x)).detach().numpy(), rtol=1e-4,
+                               atol=1e-4)
+
+
 def test_relu_gradient_is_a_select_as_in_torch():
     x = np.array([-1.0, 0.0, 2.0, np.nan, 3.0], np.float32)
     g = np.array([np.nan, np.inf, 5.0, 1.0, np.nan], np.float32)

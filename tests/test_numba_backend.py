@@ -25,6 +25,7 @@ DTYPES = [np.float32, np.float64]
 
 WINO = "numba:winograd-f2x2"
 DIRECT = "numba:direct-nhwc-c64"
+POINTWISE = "numba:pointwise-gemm"
 
 # (x_shape, w_shape, kwargs, forward algorithm expected: one name, or (float32, float64))
 CONV_CASES = [
@@ -38,6 +39,10 @@ CONV_CASES = [
     ((2, 64, 11, 9), (64, 64, 3, 3), dict(padding=(1, 2)), (WINO, DIRECT)),
     ((2, 64, 10, 9), (64, 64, 3, 3), dict(padding=1), (WINO, DIRECT)),
     ((2, 48, 6, 5), (32, 48, 3, 3), dict(padding=(0, 2)), (WINO, DIRECT)),  # dx too narrow
+    # 1x1 as matrix products (float32, >= 64 pixels; backward needs C_out >= 64): remainder
+    # rows, a shifted last column block, several column blocks of dw
+    ((2, 70, 8, 9), (64, 70, 1, 1), dict(), (POINTWISE, DIRECT)),
+    ((3, 33, 5, 13), (130, 33, 1, 1), dict(), (POINTWISE, DIRECT)),
     # register-blocked direct path: tail columns, C_out padded to 64, strides, row dilation
     ((2, 8, 7, 9), (64, 8, 3, 3), dict(), "numba:direct-nhwc-c64"),
     ((2, 3, 7, 9), (64, 3, 3, 3), dict(stride=(1, 2)), "numba:direct-nhwc-c64"),

@@ -6,6 +6,16 @@ when this module is first used, never by ``import fastconv``.
 
 Algorithms (the name recorded for ``fastconv.last_algorithm``):
 
+* ``numba:pointwise-gemm`` (``_numba_gemm``): float32 1x1 convolutions, stride 1, no padding, at
+  least 64 pixels: one matrix product per image in NCHW as it is (4 output channels x 64 pixels
+  register blocks); dx the same with the weight transposed; dw the sum over images of
+  x[n] @ dy[n].T in 8 fixed image chunks (C_out >= 64, else the kernels below).
+* ``numba:winograd-f2x2`` (``_numba_winograd``): float32 3x3 convolutions, stride and dilation
+  1, groups 1, C_in >= 16, C_out >= 32, W_out >= 7: Winograd F(2x2, 3x3), 2.25x fewer
+  multiplications. dx is the same forward on padded dy with the flipped weight (padding <= 2);
+  dw is the transformed product summed over 8 fixed chunks of tile rows. Any inf, NaN or
+  overflow inside the transforms is detected and that result recomputed by the kernels below
+  (a tile mixes 16 inputs, which would spread a non-finite value).
 * ``numba:plane`` (``_numba_plane``): groups 1, stride 1, and few channels (C_in < 8 or
   C_out < 32): the first layers. Vectorized over 48 consecutive output positions x 8 output
   channels (float32; 128 x 2 below 8 channels; float64 64 x 4); grad-input is the same kernel
@@ -145,6 +155,24 @@ def _winograd_forward(wino, run, x, w, b, y, pt, pl, xq=None):
     return not np.isnan(check).any()
 
 
+def _pointwise_ok(p, dtype, out_hw) -> bool:
+    """1x1 float32 convolutions, stride 1, no padding, groups 1, with at least one 64-column
+    register block of pixels per image: a matrix product per image, in NCHW as it is
+    (``_numba_gemm``), with no layout change."""
+    return (dtype == np.float32 and p.groups == 1 and p.kernel_hw == (1, 1)
+            and p.stride == (1, 1) and p.padding == (0, 0) and out_hw[0] * out_hw[1] >= 64)
+
+
+def _pointwise(run, w2, a, bias, out_channels):
+    """(N, out_channels, H*W) = w2 @ a[n] + bias for every image of a (N, C, H*W)."""
+    from . import _numba_gemm as gemm
+
+    n = a.shape[0]
+    bias = np.zeros(out_channels, a.dtype) if bias is None else bias
+    part = np.empty((1, n, out_channels, a.shape[2]), a.dtype)
+    return run(gemm.matmul_chunks, w2, a, bias, part)[0]
+
+
 # ------------------------------------------------------------------------------------ conv
 
 
@@ -170,6 +198,11 @@ def conv2d(x, w, b, p):
     conv, direct, _, thr = _kernels()
     run = thr.run
     c_out, c_in, kh, kw = w.shape
+    if _pointwise_ok(p, x.dtype, p.out_hw):
+        n = x.shape[0]
+        y = _pointwise(run, w.reshape(c_out, c_in), x.reshape(n, c_in, -1), b, c_out)
+        record_algorithm("conv2d", "numba:pointwise-gemm")
+        return y.reshape(n, c_out, *p.out_hw)
     y = np.empty((x.shape[0], c_out, *p.out_hw), x.dtype)
     if _winograd_ok(p, x.dtype, c_in, c_out):
         from . import _numba_winograd as wino
@@ -219,7 +252,35 @@ def conv2d_backward(dy, x, w, p, needs):
             name += "+" + last_algorithm("conv2d_backward")
         record_algorithm("conv2d_backward", name)
         return grads.get("input"), grads.get("weight"), grads.get("bias")
+    if _pointwise_ok(p, x.dtype, p.out_hw) and c_out >= 64:
+        return _conv2d_backward_pointwise(run, dy, x, w, needs)
     return _conv2d_backward_exact(dy, x, w, p, needs)
+
+
+def _conv2d_backward_pointwise(run, dy, x, w, needs):
+    """conv2d_backward of a 1x1 convolution (``_pointwise_ok``, C_out >= 64) as matrix
+    products per image: dx[n] = w.T @ dy[n]; dw.T = sum over n of x[n] @ dy[n].T, in
+    WEIGHT_CHUNKS fixed image chunks added in order."""
+    from . import _numba_gemm as gemm
+    from . import _numba_plane as plane
+
+    n, c_in = x.shape[:2]
+    c_out = w.shape[0]
+    hw = dy.shape[2] * dy.shape[3]
+    dx = dw = db = None
+    if "input" in needs:
+        dx = _pointwise(run, w.reshape(c_out, c_in).T, dy.reshape(n, c_out, hw), None, c_in)
+        dx = dx.reshape(x.shape)
+    if "weight" in needs:
+        dyt = run(gemm.transpose, dy.reshape(n, c_out, hw), np.empty((n, hw, c_out), dy.dtype))
+        part = np.empty((min(n, WEIGHT_CHUNKS), c_in, c_out), x.dtype)
+        run(gemm.matmul_sum, x.reshape(n, c_in, hw), dyt, part)
+        dw = np.ascontiguousarray(_sum_chunks(part).T).reshape(w.shape)
+    if "bias" in needs:
+        part = np.empty((min(n, WEIGHT_CHUNKS), c_out), dy.dtype)
+        db = _sum_chunks(run(plane.plane_sums, dy.reshape(n, c_out, hw), part))
+    record_algorithm("conv2d_backward", "numba:pointwise-gemm")
+    return dx, dw, db
 
 
 def _conv2d_backward_exact(dy, x, w, p, needs):

@@ -254,10 +254,29 @@ class Flatten(Layer):
         return (int(np.prod(input_shape)),)
 
 
+def _matmul_kernels(backend, a, m, k, n):
+    """(``backends._numba_gemm``, run) for a float32 product (m, k) @ (k, n) beside the numba
+    backend when it is large enough for the register blocks (n >= 64) to pay, else None."""
+    if a.dtype != np.float32 or n < 64 or m * k * n < 1 << 20:
+        return None
+    if _elementwise_kernels(backend, a) is None:
+        return None
+    from ..backends import _numba_gemm, _numba_threading
+
+    return _numba_gemm, _numba_threading.run
+
+
+# Fixed number of partial products of the forward pass (its inner dimension is split so that
+# both cores work on a batch of 64): the result does not depend on the thread count.
+_FORWARD_CHUNKS = 8
+
+
 class Dense(Layer):
     """Fully connected: ``y = x @ weight.T + bias``, weight ``(out, in)`` as ``torch.nn.Linear``.
 
-    Uses NumPy's matmul (BLAS). Input ``(N, in_features)``, output ``(N, out_features)``.
+    Input ``(N, in_features)``, output ``(N, out_features)``. Beside the numba backend, large
+    float32 products run as parallel register-blocked kernels (``backends._numba_gemm``) on
+    numba's threads; otherwise NumPy's matmul (BLAS).
     """
 
     _positional = ("in_features", "out_features")
@@ -277,17 +296,46 @@ class Dense(Layer):
                 f"Dense expects input (N, {self.in_features}), got shape {tuple(x.shape)}"
             )
         self._cache = x
-        y = x @ self.params["weight"].T
-        if "bias" in self.params:
-            y += self.params["bias"]
-        return y
+        w = self.params["weight"]
+        compiled = _matmul_kernels(self.backend, x, w.shape[0], w.shape[1], x.shape[0])
+        bias = self.params.get("bias")
+        if compiled is None or w.dtype != x.dtype:
+            y = x @ w.T
+            if bias is not None:
+                y += bias
+            return y
+        # y.T = w @ x.T (+ bias): the batch is the contiguous, vectorized dimension
+        gemm, run = compiled
+        xt = run(gemm.transpose, np.ascontiguousarray(x)[None],
+                 np.empty((1, *x.shape[::-1]), x.dtype))
+        chunks = min(_FORWARD_CHUNKS, x.shape[1])
+        part = run(gemm.matmul_chunks, w, xt,
+                   np.zeros(w.shape[0], x.dtype) if bias is None else bias,
+                   np.empty((chunks, 1, w.shape[0], x.shape[0]), x.dtype))
+        yt = part[0, 0].copy()
+        for t in range(1, chunks):
+            yt += part[t, 0]
+        return np.ascontiguousarray(yt.T)
 
     def backward(self, grad, input_grad=True):
         x = self._no_cache()
-        self.grads["weight"] = grad.T @ x
+        w = self.params["weight"]
+        compiled = _matmul_kernels(self.backend, grad, w.shape[0], grad.shape[0], x.shape[1])
+        if compiled is None or not (grad.dtype == x.dtype == w.dtype):
+            self.grads["weight"] = grad.T @ x
+            dx = grad @ w if input_grad else None
+        else:
+            gemm, run = compiled
+            x = np.ascontiguousarray(x)
+            self.grads["weight"] = run(gemm.matmul_chunks, grad.T, x[None],
+                                       np.zeros(w.shape[0], x.dtype),
+                                       np.empty((1, 1, *w.shape), x.dtype))[0, 0]
+            dx = run(gemm.matmul_chunks, grad, np.ascontiguousarray(w)[None],
+                     np.zeros(x.shape[0], x.dtype),
+                     np.empty((1, 1, *x.shape), x.dtype))[0, 0] if input_grad else None
         if "bias" in self.params:
             self.grads["bias"] = grad.sum(axis=0)
-        return grad @ self.params["weight"] if input_grad else None
+        return dx
 
     def output_shape(self, input_shape):
         if tuple(input_shape) != (self.in_features,):

@@ -1,0 +1,144 @@
+"""Register-blocked float32 matrix products for ``nn.Dense`` beside the numba backend.
+
+Why not NumPy's BLAS: OpenBLAS's own threads and numba's compete for the same cores inside a
+training step (see ``fastconv.nn._blas``), so ``fastconv train`` runs BLAS on one thread. These
+kernels run on numba's threads instead, like the conv kernels around them.
+
+``matmul_chunks`` computes ``a @ b`` for a C-contiguous ``b`` (K, N), or a batch of them, and an
+any-strided ``a`` (M, K) (the numba backend's 1x1 convolutions use it too, one image per b):
+the register block is RB rows of ``a`` x CB columns of ``b`` (4 x 64: sixteen 512-bit float32
+accumulators): per step of the inner dimension, RB broadcasts of ``a`` and CB contiguous values
+of ``b``. The inner dimension may be split into a fixed number of chunks (partial products the
+caller adds in order), so the result does not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+from numba import njit, prange
+
+from ._numba_options import PARALLEL, U
+from ._numba_stack import prefer_wide_vectors, stack_array
+
+RB = 4  # rows of a per register block
+CB = 64  # columns of b per register block (N must be at least this)
+ACC = RB * CB
+TILE = 64  # transpose block
+
+
+@njit(**PARALLEL)
+def matmul_chunks(a, b, bias, part):
+    """part[t, i] (M, N) = a[:, K_t] @ b[i, K_t, :] (+ bias[:, None] in chunk 0) for every
+    matrix b[i] of the batch b (B, K, N) and the chunks K_t = [t*K//T, (t+1)*K//T) of the inner
+    dimension, T = part.shape[0]. ``a`` (M, K) any strides; ``b`` C-contiguous, N >= CB."""
+    # Loop order: one task per (chunk, matrix, block of CB columns), owning part[t, i, :,
+    # columns]. The last column block is shifted left to end at N (it recomputes some columns
+    # and writes only its own). Inside: blocks of RB rows of a, then k (the CB-column strip of
+    # b, K_t x CB, stays in L1/L2 for every row block), then the RB x CB accumulators. Rows past
+    # the last full block go one at a time.
+    m_, k_ = a.shape
+    nb, _, n_ = b.shape
+    t_ = part.shape[0]
+    nblk = (n_ + CB - 1) // CB
+    b1 = b.ravel()
+    p1 = part.ravel()
+    for task in prange(t_ * nb * nblk):
+        t = task // (nb * nblk)
+        i_b = task // nblk % nb
+        own = (task % nblk) * CB  # first column this task writes
+        j0 = min(own, n_ - CB)  # first column it computes
+        k0 = t * k_ // t_
+        k1 = (t + 1) * k_ // t_
+        bb = i_b * k_ * n_
+        pb = (t * nb + i_b) * m_ * n_
+        acc = stack_array(ACC, part.dtype)
+        for i0 in range(0, m_ - RB + 1, RB):
+            for r in range(RB):
+                start = bias[U(i0 + r)] if t == 0 else bias[0] * 0
+                for o in range(CB):
+                    acc[U(r * CB + o)] = start
+            for k in range(k0, k1):
+                for r in range(RB):
+                    av = a[U(i0 + r), U(k)]
+                    for o in range(CB):
+                        acc[U(r * CB + o)] += av * b1[U(bb + k * n_ + j0 + o)]
+            for r in range(RB):
+                for o in range(own - j0, CB):
+                    p1[U(pb + (i0 + r) * n_ + j0 + o)] = acc[U(r * CB + o)]
+        for i in range(m_ - m_ % RB, m_):
+            start = bias[U(i)] if t == 0 else bias[0] * 0
+            for o in range(CB):
+                acc[o] = start
+            for k in range(k0, k1):
+                av = a[U(i), U(k)]
+                for o in range(CB):
+                    acc[U(o)] += av * b1[U(bb + k * n_ + j0 + o)]
+            for o in range(own - j0, CB):
+                p1[U(pb + i * n_ + j0 + o)] = acc[U(o)]
+    return part
+
+
+@njit(**PARALLEL)
+def matmul_sum(a, b, part):
+    """part[t] (M, N) = sum over the matrices i of chunk t of a[i] @ b[i], for a (B, M, K) and
+    b (B, K, N), both C-contiguous, N >= CB; chunk t holds [t*B//T, (t+1)*B//T), T =
+    part.shape[0] (the caller adds part in order)."""
+    # Loop order: one task per (chunk, block of CB columns), owning part[t, :, columns] (the
+    # last block shifted left, as in matmul_chunks). Inside: blocks of RB rows, then the
+    # chunk's matrices and their k, then the RB x CB accumulators.
+    nb, m_, k_ = a.shape
+    n_ = b.shape[2]
+    t_ = part.shape[0]
+    nblk = (n_ + CB - 1) // CB
+    a1 = a.ravel()
+    b1 = b.ravel()
+    p1 = part.ravel()
+    for task in prange(t_ * nblk):
+        t = task // nblk
+        own = (task % nblk) * CB
+        j0 = min(own, n_ - CB)
+        pb = t * m_ * n_
+        acc = stack_array(ACC, part.dtype)
+        for i0 in range(0, m_, RB):
+            rows = min(RB, m_ - i0)
+            for i in range(ACC):
+                acc[i] = 0
+            for i_b in range(t * nb // t_, (t + 1) * nb // t_):
+                ab = (i_b * m_ + i0) * k_
+                bb = i_b * k_ * n_ + j0
+                if rows == RB:
+                    for k in range(k_):
+                        for r in range(RB):
+                            av = a1[U(ab + r * k_ + k)]
+                            for o in range(CB):
+                                acc[U(r * CB + o)] += av * b1[U(bb + k * n_ + o)]
+                else:  # the rows past the last full block, one at a time
+                    for r in range(rows):
+                        for k in range(k_):
+                            av = a1[U(ab + r * k_ + k)]
+                            for o in range(CB):
+                                acc[U(r * CB + o)] += av * b1[U(bb + k * n_ + o)]
+            for r in range(rows):
+                for o in range(own - j0, CB):
+                    p1[U(pb + (i0 + r) * n_ + j0 + o)] = acc[U(r * CB + o)]
+    return part
+
+
+@njit(**PARALLEL)
+def transpose(a, out):
+    """out[i] (K, M) = a[i] (M, K).T for a batch a (B, M, K), both C-contiguous."""
+    # Loop order: one task per (matrix, TILE-row strip of out); inside, TILE x TILE blocks:
+    # contiguous reads of a's rows, writes strided by M within the block (in L1).
+    prefer_wide_vectors()
+    nb, m_, k_ = a.shape
+    a1 = a.ravel()
+    o1 = out.ravel()
+    nkb = (k_ + TILE - 1) // TILE
+    for task in prange(nb * nkb):
+        base = task // nkb * m_ * k_
+        k0 = task % nkb * TILE
+        k1 = min(k0 + TILE, k_)
+        for i0 in range(0, m_, TILE):
+            for i in range(i0, min(i0 + TILE, m_)):
+                for k in range(k0, k1):
+                    o1[U(base + k * m_ + i)] = a1[U(base + i * k_ + k)]
+    return out
