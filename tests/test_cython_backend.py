@@ -64,6 +64,183 @@ def test_conv_paths_match_torch(rng, x_shape, w_shape, kw, dtype):
     check_conv("cython", rng, x_shape, w_shape, dtype=dtype, **kw)
 
 
+WINO = "cython:winograd-f2x2"
+POINTWISE = "cython:pointwise-gemm"
+
+# (x_shape, w_shape, kwargs, float32 forward algorithm, float32 backward algorithm) of the
+# float32-only algorithms (as the numba backend's): Winograd F(2x2, 3x3) with C_out padded to
+# 128, paired 32-channel blocks (C_out and, for dx, C_in <= 32), odd output sizes, asymmetric
+# padding, padding > 2 and inputs narrower than 7 columns (dx by the exact kernels), dy shared
+# between the dx and dw passes at either column parity, a grad-weight channel tail (C_in % 4);
+# 1x1 as matrix products (>= 64 pixels; backward needs C_out >= 64): remainder rows, a shifted
+# last 64-column block, several column blocks of dw, and C_out < 64 (backward: exact kernels).
+WB = "cython:winograd(input:winograd,weight:winograd)"
+WINO_CASES = [
+    ((2, 33, 7, 7), (70, 33, 3, 3), dict(padding=1), WINO, WB),
+    ((1, 32, 4, 4), (32, 32, 3, 3), dict(padding=3), WINO,
+     "cython:winograd(weight:winograd)+cython:input=direct-blocked"),
+    ((2, 16, 18, 17), (32, 16, 3, 3), dict(), WINO, WB),
+    ((2, 24, 9, 10), (48, 24, 3, 3), dict(padding=(2, 1)), WINO, WB),
+    ((2, 64, 11, 9), (64, 64, 3, 3), dict(padding=(1, 2)), WINO, WB),
+    ((2, 64, 10, 9), (64, 64, 3, 3), dict(padding=1), WINO, WB),
+    ((2, 48, 6, 5), (32, 48, 3, 3), dict(padding=(0, 2)), WINO,
+     "cython:winograd(weight:winograd)+cython:input=direct-blocked"),
+    ((3, 32, 26, 26), (64, 32, 3, 3), dict(), WINO, WB),  # shape B in small: paired dx
+    ((2, 70, 8, 9), (64, 70, 1, 1), dict(), POINTWISE, POINTWISE),
+    ((3, 33, 5, 13), (130, 33, 1, 1), dict(), POINTWISE, POINTWISE),
+    ((2, 16, 8, 8), (40, 16, 1, 1), dict(), POINTWISE, "cython:input=direct-blocked,"
+     "weight=direct-blocked"),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_shape,w_shape,kw,fwd,bwd", WINO_CASES)
+def test_winograd_and_pointwise_paths_match_torch(rng, x_shape, w_shape, kw, fwd, bwd, dtype):
+    check_conv("cython", rng, x_shape, w_shape, dtype=dtype, **kw)
+    if dtype == np.float32:
+        assert fc.last_algorithm("conv2d") == fwd
+        assert fc.last_algorithm("conv2d_backward") == bwd
+    else:  # float32 only
+        assert fc.last_algorithm("conv2d") not in (WINO, POINTWISE)
+        assert "winograd" not in fc.last_algorithm("conv2d_backward")
+
+
+def test_winograd_and_pointwise_partial_needs(rng):
+    for x_shape, w_shape in (((2, 32, 10, 10), (64, 32, 3, 3)), ((2, 32, 8, 8), (64, 32, 1, 1))):
+        x = rng.standard_normal(x_shape).astype(np.float32)
+        w = rng.standard_normal(w_shape).astype(np.float32)
+        dy = rng.standard_normal(fc.conv2d(x, w, backend="cython").shape).astype(np.float32)
+        full = fc.conv2d_backward(dy, x, w, backend="cython")
+        for need, i in (("input", 0), ("weight", 1), ("bias", 2)):
+            part = fc.conv2d_backward(dy, x, w, needs=(need,), backend="cython")
+            assert [g is None for g in part] == [j != i for j in range(3)]
+            np.testing.assert_array_equal(part[i], full[i])
+
+
+@pytest.mark.parametrize("width, algo", [(8, "cython:direct-blocked"), (10, WINO)])
+def test_nan_propagates_to_exactly_the_outputs_it_touches(rng, width, algo):
+    x = rng.standard_normal((1, 40, 8, width)).astype(np.float32)
+    w = rng.standard_normal((64, 40, 3, 3)).astype(np.float32)
+    fc.conv2d(x, w, backend="cython")
+    assert fc.last_algorithm("conv2d") == algo  # (the path a finite x takes)
+    x[0, 5, 3, 4] = np.nan
+    y = fc.conv2d(x, w, backend="cython")
+    touched = np.zeros((6, width - 2), bool)
+    touched[1:4, 2:5] = True
+    assert np.isnan(y[0][:, touched]).all()
+    assert not np.isnan(y[0][:, ~touched]).any()
+    # Winograd mixes a whole 4x4 input tile, so it noticed the NaN and ran the exact kernel
+    assert fc.last_algorithm("conv2d") == "cython:direct-blocked"
+
+
+@pytest.mark.parametrize("where", ["w", "b", "dy", "x_inf", "overflow"])
+def test_winograd_hands_non_finite_values_to_the_exact_kernels(rng, where):
+    """A tile's transforms mix its 16 inputs (and a filter's 9 taps): an inf or NaN there, or
+    an overflow inside the transforms, would reach outputs and gradients that PyTorch keeps
+    finite. Every such case must give PyTorch's result exactly where it is finite, and the
+    same non-finite pattern (as the numba backend's test of the same name)."""
+    torch = pytest.importorskip("torch")
+    x = rng.standard_normal((2, 32, 9, 10)).astype(np.float32)
+    w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+    dy = rng.standard_normal((2, 64, 9, 10)).astype(np.float32)
+    if where == "w":
+        w[3, 4, 1, 2] = np.inf
+    elif where == "b":
+        b[7] = np.nan
+    elif where == "dy":
+        dy[1, 5, 2, 3] = -np.inf
+    elif where == "x_inf":
+        x[0, 2, 4, 4] = np.inf
+    else:  # finite inputs whose tile transform overflows float32 (2e38 + 2e38), while the
+        # direct sums stay finite (small weights and dy): with padding 1, x columns 4 and 5
+        # are positions 1 and 2 of a tile, and B^T d B takes their difference
+        x[1, 0, 3, 4:6] = -2e38, 2e38
+        w *= 0.01
+        dy *= 0.1
+    pad = 0 if where == "w" else 1  # (see below)
+    dy = dy[:, :, : 9 - 2 + 2 * pad, : 10 - 2 + 2 * pad].copy()
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    ty = torch.nn.functional.conv2d(tx, tw, tb, padding=pad)
+    ty.backward(torch.tensor(dy))
+    dx, dw, db = fc.conv2d_backward(dy, x, w, padding=pad, backend="cython")
+    backward = fc.last_algorithm("conv2d_backward")
+    y = fc.conv2d(x, w, b, padding=pad, backend="cython")
+    # (a bias is added after the transforms, element by element: a NaN there needs no exact path)
+    assert fc.last_algorithm("conv2d") == (WINO if where in ("dy", "b") else
+                                           "cython:direct-blocked")
+    assert backward.startswith("cython:winograd(input:winograd,weight:winograd)")
+    assert ("+cython:" in backward) == (where != "b"), backward  # the exact kernels took over
+    checks = [("y", y, ty), ("dx", dx, tx.grad), ("dw", dw, tw.grad), ("db", db, tb.grad)]
+    if where == "w":
+        # Not dx: the cython kernels compute it as a correlation of zero-padded dy, and an inf
+        # weight times that padding is NaN where PyTorch, which skips the padding, is finite
+        # (the same holds for x's padding in y, hence pad = 0 here).
+        del checks[1]
+    for name, got, want in checks:
+        want = want.detach().numpy()
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=name)
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=name)
+        fin = np.isfinite(want)
+        np.testing.assert_allclose(got[fin], want[fin], rtol=2e-4,
+                                   atol=2e-5 * max(1, np.abs(want[fin]).max()), err_msg=name)
+
+
+def _new_algorithm_results(fc_, np_):
+    """y, dx, dw, db of a Winograd layer (8 grad-weight chunks, paired dx) and a 1x1 layer."""
+    r = np_.random.default_rng(7)
+    out = []
+    for x_shape, w_shape, pad in (((4, 32, 18, 20), (64, 32, 3, 3), 1),
+                                  ((9, 48, 9, 10), (64, 48, 1, 1), 0)):
+        x = r.standard_normal(x_shape).astype(np_.float32)
+        w = r.standard_normal(w_shape).astype(np_.float32)
+        b = r.standard_normal(w_shape[0]).astype(np_.float32)
+        y = fc_.conv2d(x, w, b, padding=pad, backend="cython")
+        dy = r.standard_normal(y.shape).astype(np_.float32)
+        out += [y, *fc_.conv2d_backward(dy, x, w, padding=pad, backend="cython"),
+                fc_.last_algorithm("conv2d_backward")]
+    return out
+
+
+_THREADS_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, sys
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    import fastconv as fc
+    from test_cython_backend import _new_algorithm_results
+    for a in _new_algorithm_results(fc, np):
+        print(a if isinstance(a, str) else hashlib.sha256(a.tobytes()).hexdigest())
+    """
+)
+
+
+def test_winograd_and_pointwise_identical_for_one_and_two_threads():
+    """The Winograd grad-weight sums a fixed number of chunks (8) in order, the 1x1 grad-weight
+    8 fixed image chunks: bitwise the same result on 1 and 2 OpenMP threads (thread counts are
+    fixed when libgomp loads: one process each)."""
+    script = _THREADS_SCRIPT.format(tests=str(REPO / "tests"))
+    outs = []
+    for threads in ("1", "2"):
+        env = {k: v for k, v in os.environ.items() if k != "FASTCONV_BACKEND"}
+        env["OMP_NUM_THREADS"] = threads
+        run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+        outs.append(run.stdout.split())
+    assert "cython:winograd(input:winograd,weight:winograd)" in outs[0]
+    assert "cython:pointwise-gemm" in outs[0]
+    assert outs[0] == outs[1]
+
+
+def test_winograd_and_pointwise_serial_path_matches(monkeypatch):
+    """The serial loops (after a fork) give the same bits as the parallel ones."""
+    parallel = _new_algorithm_results(fc, np)
+    monkeypatch.setattr(_kernels(), "_serial_after_fork", True)
+    for a, b in zip(parallel, _new_algorithm_results(fc, np)):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
     "x_shape,k,kw",
@@ -173,7 +350,7 @@ _DEBUG_SCRIPT = textwrap.dedent(
 # Adversarial but valid: 1x1 inputs and outputs, kernels as large as the padded input,
 # padding beyond the kernel reach, every tail, strides larger than the kernel, ceil-mode
 # windows hanging over the edge, a single column, channel counts of 1.
-_DEBUG_CONV = CONV_CASES + [
+_DEBUG_CONV = CONV_CASES + [c[:3] for c in WINO_CASES] + [
     ((1, 1, 1, 1), (1, 1, 1, 1), dict()),
     ((1, 2, 3, 3), (65, 2, 3, 3), dict()),
     ((1, 2, 1, 1), (17, 2, 3, 3), dict(padding=1)),

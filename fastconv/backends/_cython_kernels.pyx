@@ -19,7 +19,7 @@
 # is one compare per call.
 
 cimport cython
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.math cimport isnan, INFINITY
 from libc.stdint cimport int64_t
 from libc.string cimport memset
@@ -1917,3 +1917,569 @@ def max_pool_bwd(const real[:, :, :, ::1] dy, const int64_t[:, :, :, ::1] idx,
         else:
             for t in prange(N * C, schedule="dynamic", chunksize=C):
                 _unpool_plane(dy, idx, dx, t // C, t % C)
+
+
+# ------------------------------------------------------------------------------ Winograd
+#
+# Winograd F(2x2, 3x3) for float32 3x3 stride-1 convolutions (a port of the numba backend's
+# ``_numba_winograd``; see its docstring for the algorithm and the layouts). A 2x2 output tile
+# is A^T [(G g G^T) * (B^T d B)] A for its 4x4 input tile d: per tile position xi (16 of them)
+# the channel sums are small matrix products M[xi] = V[xi] (tiles x C_in) @ U[xi] (C_in x Cp),
+# in 4-tile x 64-channel register blocks (sixteen 512-bit accumulators, as _direct_block_4x64).
+#
+# Layouts: the input ``xq`` (N, Hp, 2, Wq, Cq) is zero-padded NHWC with the columns split by
+# parity (:func:`pad_split`), so that column 2*t + k of the padded input (k in 0..3) lies at
+# parity k % 2, index t + k // 2: for a fixed k, one contiguous run per tile row. Transformed
+# weights ``u`` (16, C, Cp), output channels innermost, zero-padded to Cp (a multiple of 64).
+# Scratch buffers (V, M and the output rows of a tile row) are per thread: rows of arrays the
+# caller allocates, ``max_threads()`` rows, indexed by ``threadid()``.
+#
+# Non-finite values: a tile mixes its 16 inputs, so one inf or NaN would reach outputs that the
+# direct sum keeps finite. The forward kernel reports, per tile row, whether any output before
+# the bias was non-finite (``check``: 0, else NaN); the grad-weight sums are checked by the
+# caller; either way the caller then recomputes with the exact kernels.
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    static int fastconv_max_threads(void) { return omp_get_max_threads(); }
+    #else
+    static int fastconv_max_threads(void) { return 1; }
+    #endif
+    /* B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]: row k is
+       e[a[k]] + sign[k] * e[b[k]]. A = [[1, 0], [1, 1], [1, -1], [0, -1]]. */
+    static const int fastconv_bt_a[4] = {0, 1, 2, 1};
+    static const int fastconv_bt_b[4] = {2, 2, 1, 3};
+    static const int fastconv_bt_sign[4] = {-1, 1, -1, -1};
+    static const int fastconv_wa[4][2] = {{1, 0}, {1, 1}, {1, -1}, {0, -1}};
+    """
+    int fastconv_max_threads() noexcept nogil
+    const int fastconv_bt_a[4]
+    const int fastconv_bt_b[4]
+    const int fastconv_bt_sign[4]
+    const int fastconv_wa[4][2]
+
+
+cdef enum:
+    WTB = 4      # tiles per Winograd register block (x COB = 64 output channels)
+    WHALF = 32   # channels per tile when two tiles share a register block (paired)
+    WGROUP = 64  # tiles transformed together by the grad-weight kernel (V and M stay in L2)
+    WRB = 4      # input channels per grad-weight register block (4 x 64: 16 accumulators)
+    GRB = 4      # rows of a per matrix-product register block (x COB columns)
+
+
+def max_threads():
+    """Threads a ``prange`` of this extension may run on (1 without OpenMP): the number of
+    rows of the per-thread scratch arrays of the Winograd kernels."""
+    return fastconv_max_threads()
+
+
+cdef int _pad_split_row(const float[:, :, :, ::1] x, float[::1] q1, Py_ssize_t t,
+                        Py_ssize_t Hp, Py_ssize_t Wq, Py_ssize_t Cq, Py_ssize_t pt,
+                        Py_ssize_t pl) except -1 nogil:
+    cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t n = t // Hp, h = t % Hp - pt, plane = Wq * Cq, row = t * 2 * plane
+    cdef Py_ssize_t w, wp, c, c0, dst, w1 = _min(W, 2 * Wq - pl)
+    memset(&q1[row], 0, 2 * plane * sizeof(float))
+    if h < 0 or h >= H:
+        return 0
+    # Blocks of 16 channels: per column one contiguous write, reads from 16 rows of x that stay
+    # in L1 across the columns (as _pad_nhwc_row).
+    for c0 in range(0, C - C % 16, 16):
+        for w in range(w1):
+            wp = w + pl
+            dst = row + (wp % 2) * plane + (wp // 2) * Cq + c0
+            for c in range(16):
+                q1[dst + c] = x[n, c0 + c, h, w]
+    for c in range(C - C % 16, C):
+        for w in range(w1):
+            wp = w + pl
+            q1[row + (wp % 2) * plane + (wp // 2) * Cq + c] = x[n, c, h, w]
+    return 0
+
+
+def pad_split(const float[:, :, :, ::1] x, float[::1] q1, Py_ssize_t Hp, Py_ssize_t Wq,
+              Py_ssize_t Cq, Py_ssize_t pt, Py_ssize_t pl, bint serial=False):
+    """``xq[n, pt + h, (pl + w) % 2, (pl + w) // 2, c] = x[n, c, h, w]``, the rest of ``xq``
+    zero; ``q1`` is xq (N, Hp, 2, Wq, Cq) flattened, Cq >= C. One task per padded row."""
+    cdef Py_ssize_t N = x.shape[0], t
+    with nogil:
+        if serial:  # see _serial_after_fork in cython_cpu
+            for t in range(N * Hp):
+                _pad_split_row(x, q1, t, Hp, Wq, Cq, pt, pl)
+        else:
+            for t in prange(N * Hp, schedule="dynamic", chunksize=Hp):
+                _pad_split_row(x, q1, t, Hp, Wq, Cq, pt, pl)
+
+
+cdef inline int _wino_input_tiles(const float[::1] x1, Py_ssize_t xb, Py_ssize_t xw,
+                                  Py_ssize_t plane, Py_ssize_t C, Py_ssize_t ntile,
+                                  float[:, ::1] v, Py_ssize_t tid, Py_ssize_t vbase,
+                                  Py_ssize_t vstride) except -1 nogil:
+    # v[tid, vbase + xi*vstride + t*C + c] = (B^T d B)[xi] for the tiles t < ntile and channels
+    # c of the tile row whose padded rows start at x1[xb] (row length xw, parity planes
+    # ``plane`` apart). Per position xi one contiguous run over (tile, channel).
+    cdef Py_ssize_t run = ntile * C, xi, i, j, k, ca, cb, p00, p01, p10, p11, o
+    cdef float f, g, top, bot
+    for xi in range(16):
+        i = xi // 4
+        j = xi % 4
+        ca = (fastconv_bt_a[j] % 2) * plane + (fastconv_bt_a[j] // 2) * C
+        cb = (fastconv_bt_b[j] % 2) * plane + (fastconv_bt_b[j] // 2) * C
+        p00 = xb + fastconv_bt_a[i] * xw + ca
+        p01 = xb + fastconv_bt_a[i] * xw + cb
+        p10 = xb + fastconv_bt_b[i] * xw + ca
+        p11 = xb + fastconv_bt_b[i] * xw + cb
+        f = fastconv_bt_sign[i]
+        g = fastconv_bt_sign[j]
+        o = vbase + xi * vstride
+        for k in range(run):
+            top = x1[p00 + k] + g * x1[p01 + k]
+            bot = x1[p10 + k] + g * x1[p11 + k]
+            v[tid, o + k] = top + f * bot
+    return 0
+
+
+cdef inline int _wino_block_4x64(const float[:, ::1] v, const float[::1] u1, float[:, ::1] m,
+                                 Py_ssize_t tid, Py_ssize_t vb, Py_ssize_t ub, Py_ssize_t mb,
+                                 Py_ssize_t C, Py_ssize_t cp) except -1 nogil:
+    # 4 tiles x 64 output channels of M[xi], accumulated over the C input channels: per channel
+    # 4 broadcast V values times 64 contiguous U values.
+    cdef Py_ssize_t ci, t, o
+    cdef float acc[WTB * COB]
+    cdef float xs[WTB]
+    cdef float wv
+    # (the first channel initializes the accumulators: a zero fill was a memset call)
+    for t in range(4):
+        xs[t] = v[tid, vb + t * C]
+    for o in range(64):
+        wv = u1[ub + o]
+        for t in range(4):
+            acc[t * 64 + o] = xs[t] * wv
+    for ci in range(1, C):
+        for t in range(4):
+            xs[t] = v[tid, vb + t * C + ci]
+        for o in range(64):
+            wv = u1[ub + ci * cp + o]
+            for t in range(4):
+                acc[t * 64 + o] += xs[t] * wv
+    for t in range(4):
+        for o in range(64):
+            m[tid, mb + t * cp + o] = acc[t * 64 + o]
+    return 0
+
+
+cdef inline int _wino_block_paired(const float[:, ::1] v, const float[::1] u1,
+                                   float[:, ::1] m, Py_ssize_t tid, Py_ssize_t vb,
+                                   Py_ssize_t ub, Py_ssize_t mb, Py_ssize_t C) except -1 nogil:
+    # Paired (at most 32 output channels, u from transform_weight_paired, 64 wide): lanes 0-31
+    # of register row t serve tile 2t, lanes 32-63 tile 2t + 1, so no multiply is spent on
+    # padding channels; M holds 32 channels per tile, the pairs side by side.
+    cdef Py_ssize_t ci, t, o
+    cdef float acc[WTB * COB]
+    cdef float xs[WTB]
+    cdef float xz[WTB]
+    cdef float wv
+    for t in range(4):
+        xs[t] = v[tid, vb + 2 * t * C]
+        xz[t] = v[tid, vb + (2 * t + 1) * C]
+    for o in range(32):
+        wv = u1[ub + o]
+        for t in range(4):
+            acc[t * 64 + o] = xs[t] * wv
+    for o in range(32):
+        wv = u1[ub + 32 + o]
+        for t in range(4):
+            acc[t * 64 + 32 + o] = xz[t] * wv
+    for ci in range(1, C):
+        for t in range(4):
+            xs[t] = v[tid, vb + 2 * t * C + ci]
+            xz[t] = v[tid, vb + (2 * t + 1) * C + ci]
+        for o in range(32):
+            wv = u1[ub + ci * 64 + o]
+            for t in range(4):
+                acc[t * 64 + o] += xs[t] * wv
+        for o in range(32):
+            wv = u1[ub + ci * 64 + 32 + o]
+            for t in range(4):
+                acc[t * 64 + 32 + o] += xz[t] * wv
+    for t in range(4):
+        for o in range(64):
+            m[tid, mb + t * 64 + o] = acc[t * 64 + o]
+    return 0
+
+
+cdef int _wino_fwd_task(const float[::1] x1, const float[::1] u1, const float[::1] bias,
+                        float[:, :, :, ::1] y, float[::1] check, float[:, ::1] v,
+                        float[:, ::1] m, float[:, ::1] rows, Py_ssize_t tid, Py_ssize_t task,
+                        Py_ssize_t Hp, Py_ssize_t Wq, Py_ssize_t C, Py_ssize_t cp,
+                        bint paired) except -1 nogil:
+    cdef Py_ssize_t Co = y.shape[1], Ho = y.shape[2], Wo = y.shape[3]
+    cdef Py_ssize_t TH = (Hp - 2) // 2, TW = Wq - 1, plane = Wq * C, xw = 2 * plane
+    cdef Py_ssize_t cm = WHALF if paired else cp  # channels per tile in M
+    cdef Py_ssize_t tpb = 2 * WTB if paired else WTB  # tiles per register block
+    cdef Py_ssize_t nblk = _ceil_div(TW, tpb), ms = TW * cm
+    cdef Py_ssize_t n = task // TH, th = task % TH
+    cdef Py_ssize_t xi, c0, blk, t0, i, j, k0, l, q, q0, dst, co, t, even, odd, oh
+    cdef float si, sj, r0, r1, r2, val, b, s
+    cdef float chk[16]
+    _wino_input_tiles(x1, (n * Hp + 2 * th) * xw, xw, plane, C, TW, v, tid, 0, TW * C)
+    for xi in range(16):
+        for c0 in range(0, cm, 64):
+            for blk in range(nblk):
+                t0 = _min(blk * tpb, TW - tpb)  # the last block shifted left
+                if paired:
+                    _wino_block_paired(v, u1, m, tid, (xi * TW + t0) * C, xi * C * cp,
+                                       xi * ms + t0 * cm, C)
+                else:
+                    _wino_block_4x64(v, u1, m, tid, (xi * TW + t0) * C, xi * C * cp + c0,
+                                     xi * ms + t0 * cm + c0, C, cp)
+    # A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]: row i of A^T is (1, s_i, s_i) on positions i,
+    # i + 1, i + 2 with s_0 = 1, s_1 = -1. Into rows (2, 2, TW, cm): output row, column
+    # parity, tile, channel. ms is a multiple of 16 (cm is 32 or a multiple of 64).
+    for l in range(16):
+        chk[l] = 0
+    for i in range(2):
+        for j in range(2):
+            si = 1 - 2 * i
+            sj = 1 - 2 * j
+            q0 = (4 * i + j) * ms
+            dst = (2 * i + j) * ms
+            for k0 in range(0, ms, 16):
+                for l in range(16):
+                    q = q0 + k0 + l
+                    r0 = m[tid, q] + sj * (m[tid, q + ms] + m[tid, q + 2 * ms])
+                    r1 = m[tid, q + 4 * ms] + sj * (m[tid, q + 5 * ms] + m[tid, q + 6 * ms])
+                    r2 = m[tid, q + 8 * ms] + sj * (m[tid, q + 9 * ms] + m[tid, q + 10 * ms])
+                    val = r0 + si * (r1 + r2)
+                    chk[l] += val - val  # 0, or NaN if val is inf or NaN
+                    rows[tid, dst + k0 + l] = val
+    s = 0
+    for l in range(16):
+        s += chk[l]
+    check[task] = s
+    for i in range(_min(2, Ho - 2 * th)):
+        oh = 2 * th + i
+        for co in range(Co):
+            b = bias[co]
+            even = 2 * i * ms + co
+            odd = even + ms
+            for t in range(Wo // 2):  # the two columns of a tile: adjacent stores
+                y[n, co, oh, 2 * t] = rows[tid, even + t * cm] + b
+                y[n, co, oh, 2 * t + 1] = rows[tid, odd + t * cm] + b
+            if Wo % 2:
+                y[n, co, oh, Wo - 1] = rows[tid, even + (Wo // 2) * cm] + b
+    return 0
+
+
+def conv_fwd_winograd(const float[::1] x1, const float[::1] u1, const float[::1] bias,
+                      float[:, :, :, ::1] y, float[::1] check, float[:, ::1] v,
+                      float[:, ::1] m, float[:, ::1] rows, Py_ssize_t Hp, Py_ssize_t Wq,
+                      Py_ssize_t C, Py_ssize_t cp, bint paired, bint serial=False):
+    """``y`` (N, C_out, Ho, Wo) = conv(x, g) + bias by Winograd F(2x2, 3x3), from x laid out
+    by :func:`pad_split` (``x1``: xq (N, Hp = 2*TH + 2, 2, Wq = TW + 1, C) flattened) and the
+    transformed weights ``u1`` ((16, C, cp) flattened, cp a multiple of 64; or, if ``paired``
+    (C_out <= 32, TW >= 8), (16, C, 64) from transform_weight_paired).
+
+    ``check[task]`` (N*TH) is 0 when every output of the tile row ``task`` was finite before
+    the bias was added, else NaN. ``v`` (T, 16*TW*C), ``m`` (T, 16*TW*cm) and ``rows``
+    (T, 4*TW*cm), cm = 32 if paired else cp: per-thread scratch, T = :func:`max_threads`.
+
+    Loop order: one task per (image, tile row), owning y[n, :, 2*th : 2*th + 2, :] (handed
+    out one image at a time). Inside: the input transform of the tile row into V (16, TW, C);
+    per position xi (its weight slab u[xi] stays in L1), channel block and block of 4 tiles,
+    the 4 x 64 register block over the input channels, into M (16, TW, cm); the output
+    transform into rows (2, 2, TW, cm), transposed into y once.
+    """
+    cdef Py_ssize_t TH = (Hp - 2) // 2, ntask = y.shape[0] * TH, t
+    cdef int nt = v.shape[0]
+    with nogil:
+        if serial:  # see _serial_after_fork in cython_cpu
+            for t in range(ntask):
+                _wino_fwd_task(x1, u1, bias, y, check, v, m, rows, 0, t, Hp, Wq, C, cp, paired)
+        else:
+            for t in prange(ntask, schedule="dynamic", chunksize=TH, num_threads=nt):
+                _wino_fwd_task(x1, u1, bias, y, check, v, m, rows, threadid(), t, Hp, Wq, C,
+                               cp, paired)
+
+
+cdef inline int _wino_grad_tiles(const float[::1] d1, Py_ssize_t db, Py_ssize_t dw,
+                                 Py_ssize_t off0, Py_ssize_t off1, Py_ssize_t cp,
+                                 Py_ssize_t ntile, float[:, ::1] m, Py_ssize_t tid,
+                                 Py_ssize_t mbase, Py_ssize_t mstride) except -1 nogil:
+    # m[tid, mbase + xi*mstride + t*cp + o] = (A dY A^T)[xi] for tile t < ntile and channel o
+    # of the 2x2 gradient tiles whose rows start at d1[db] and d1[db + dw], columns 0 and 1 at
+    # offsets off0 and off1. A = [[1, 0], [1, 1], [1, -1], [0, -1]].
+    cdef Py_ssize_t run = ntile * cp, xi, a, b, k, o
+    cdef float f00, f01, f10, f11
+    for xi in range(16):
+        a = xi // 4
+        b = xi % 4
+        f00 = fastconv_wa[a][0] * fastconv_wa[b][0]
+        f01 = fastconv_wa[a][0] * fastconv_wa[b][1]
+        f10 = fastconv_wa[a][1] * fastconv_wa[b][0]
+        f11 = fastconv_wa[a][1] * fastconv_wa[b][1]
+        o = mbase + xi * mstride
+        for k in range(run):
+            m[tid, o + k] = (f00 * d1[db + off0 + k] + f01 * d1[db + off1 + k]
+                             + f10 * d1[db + dw + off0 + k] + f11 * d1[db + dw + off1 + k])
+    return 0
+
+
+cdef inline int _wino_dw_block4(const float[:, ::1] v, const float[:, ::1] m,
+                                float[:, ::1] part, Py_ssize_t tid, Py_ssize_t task,
+                                Py_ssize_t vx, Py_ssize_t mx, Py_ssize_t C, Py_ssize_t cp,
+                                Py_ssize_t ntile, Py_ssize_t pb) except -1 nogil:
+    # 4 input channels x 64 output channels of dU[xi], accumulated over the group's tiles: per
+    # tile 4 broadcast V values times 64 contiguous M values; added to part[task, pb + ...].
+    cdef Py_ssize_t t, c, o
+    cdef float acc[WRB * COB]
+    cdef float xs[WRB]
+    cdef float mv
+    for c in range(4):
+        for o in range(64):
+            acc[c * 64 + o] = 0
+    for t in range(ntile):
+        for c in range(4):
+            xs[c] = v[tid, vx + t * C + c]
+        for o in range(64):
+            mv = m[tid, mx + t * cp + o]
+            for c in range(4):
+                acc[c * 64 + o] += xs[c] * mv
+    for c in range(4):
+        for o in range(64):
+            part[task, pb + c * cp + o] += acc[c * 64 + o]
+    return 0
+
+
+cdef inline int _wino_dw_block1(const float[:, ::1] v, const float[:, ::1] m,
+                                float[:, ::1] part, Py_ssize_t tid, Py_ssize_t task,
+                                Py_ssize_t vx, Py_ssize_t mx, Py_ssize_t C, Py_ssize_t cp,
+                                Py_ssize_t ntile, Py_ssize_t pb) except -1 nogil:
+    # One input channel x 64 output channels (the channels past the last block of 4).
+    cdef Py_ssize_t t, o
+    cdef float acc[COB]
+    cdef float xv
+    for o in range(64):
+        acc[o] = 0
+    for t in range(ntile):
+        xv = v[tid, vx + t * C]
+        for o in range(64):
+            acc[o] += xv * m[tid, mx + t * cp + o]
+    for o in range(64):
+        part[task, pb + o] += acc[o]
+    return 0
+
+
+cdef int _wino_dw_task(const float[::1] x1, const float[::1] d1, float[:, ::1] part,
+                       float[:, ::1] v, float[:, ::1] m, Py_ssize_t tid, Py_ssize_t task,
+                       Py_ssize_t N, Py_ssize_t Hp, Py_ssize_t Wq, Py_ssize_t C,
+                       Py_ssize_t Hd, Py_ssize_t Wd, Py_ssize_t cp, Py_ssize_t dr,
+                       Py_ssize_t ds) except -1 nogil:
+    cdef Py_ssize_t T = part.shape[0], TH = (Hp - 2) // 2, TW = Wq - 1, R = N * TH
+    cdef Py_ssize_t xplane = Wq * C, dplane = Wd * cp
+    cdef Py_ssize_t off0 = (ds % 2) * dplane + (ds // 2) * cp  # tile column 0: ds + 2t
+    cdef Py_ssize_t off1 = ((ds + 1) % 2) * dplane + ((ds + 1) // 2) * cp
+    cdef Py_ssize_t g_rows = WGROUP // TW if TW < WGROUP else 1, nrb = C // WRB
+    cdef Py_ssize_t r_end = (task + 1) * R // T, r0, nr, ntile, k, n, th, xi, vx, mx, cb, c0
+    memset(&part[task, 0], 0, part.shape[1] * sizeof(float))
+    r0 = task * R // T
+    while r0 < r_end:
+        nr = _min(g_rows, r_end - r0)
+        ntile = nr * TW
+        for k in range(nr):
+            n = (r0 + k) // TH
+            th = (r0 + k) % TH
+            _wino_input_tiles(x1, (n * Hp + 2 * th) * 2 * xplane, 2 * xplane, xplane, C, TW,
+                              v, tid, k * TW * C, ntile * C)
+            _wino_grad_tiles(d1, (n * Hd + dr + 2 * th) * 2 * dplane, 2 * dplane, off0, off1,
+                             cp, TW, m, tid, k * TW * cp, ntile * cp)
+        for xi in range(16):
+            vx = xi * ntile * C
+            mx = xi * ntile * cp
+            for cb in range(0, cp, 64):
+                for c0 in range(0, nrb * 4, 4):
+                    _wino_dw_block4(v, m, part, tid, task, vx + c0, mx + cb, C, cp, ntile,
+                                    (xi * C + c0) * cp + cb)
+                for c0 in range(nrb * 4, C):
+                    _wino_dw_block1(v, m, part, tid, task, vx + c0, mx + cb, C, cp, ntile,
+                                    (xi * C + c0) * cp + cb)
+        r0 += nr
+    return 0
+
+
+def conv_grad_weight_winograd(const float[::1] x1, const float[::1] d1, float[:, ::1] part,
+                              float[:, ::1] v, float[:, ::1] m, Py_ssize_t N, Py_ssize_t Hp,
+                              Py_ssize_t Wq, Py_ssize_t C, Py_ssize_t Hd, Py_ssize_t Wd,
+                              Py_ssize_t cp, Py_ssize_t dr, Py_ssize_t ds, bint serial=False):
+    """``part[t]`` ((16, C, cp) flattened) = sum over the tiles of chunk t of
+    V[xi, tile, c] * M[xi, tile, o]: the gradient of the transformed weights.
+
+    ``x1``: x laid out by :func:`pad_split` for the forward, (N, Hp = 2*TH + 2, 2, Wq, C);
+    ``d1``: dy laid out the same way, (N, Hd, 2, Wd, cp), with dy[n, :, 0, 0] at padded row
+    dr, column ds, and zeros past H_out, W_out and C_out. Chunk t covers the tile rows
+    [t*R//T, (t+1)*R//T) of the R = N*TH; the caller sums part over t in order, so the result
+    does not depend on the thread count. ``v`` (nt, 16*G*TW*C) and ``m`` (nt, 16*G*TW*cp),
+    G = max(1, WGROUP // TW): per-thread scratch, nt = :func:`max_threads`.
+
+    Loop order: one task per chunk, owning part[t]; groups of G tile rows (their V and M stay
+    in L2): the input and gradient transforms of the group, then per position xi, channel
+    block and block of 4 input channels, the 4 x 64 register block over the group's tiles.
+    """
+    cdef Py_ssize_t T = part.shape[0], t
+    cdef int nt = v.shape[0]
+    with nogil:
+        if serial:  # see _serial_after_fork in cython_cpu
+            for t in range(T):
+                _wino_dw_task(x1, d1, part, v, m, 0, t, N, Hp, Wq, C, Hd, Wd, cp, dr, ds)
+        else:
+            for t in prange(T, schedule="dynamic", num_threads=nt):
+                _wino_dw_task(x1, d1, part, v, m, threadid(), t, N, Hp, Wq, C, Hd, Wd, cp,
+                              dr, ds)
+
+
+# ------------------------------------------------------------------------------ 1x1 as GEMM
+#
+# 1x1 float32 convolutions as one matrix product per image in NCHW as it is (a port of the
+# numba backend's ``_numba_gemm``): GRB (4) rows of ``a`` x COB (64) columns of ``b`` register
+# blocks, per step of the inner dimension 4 broadcasts of ``a`` times 64 contiguous values of
+# ``b``. Column blocks past the last full one are shifted left to end at N (recomputing a few
+# columns, writing only their own); rows past the last block of 4 go one at a time.
+
+
+cdef inline int _gemm_block4(const float[:, ::1] a, const float[::1] b1, const float[::1] bias,
+                             float[::1] o1, Py_ssize_t i0, Py_ssize_t K, Py_ssize_t N,
+                             Py_ssize_t bb, Py_ssize_t ob, Py_ssize_t j0,
+                             Py_ssize_t own) except -1 nogil:
+    cdef Py_ssize_t k, r, o
+    cdef float acc[GRB * COB]
+    cdef float xs[GRB]
+    cdef float bv
+    for r in range(4):
+        for o in range(64):
+            acc[r * 64 + o] = bias[i0 + r]
+    for k in range(K):
+        for r in range(4):
+            xs[r] = a[i0 + r, k]
+        for o in range(64):
+            bv = b1[bb + k * N + j0 + o]
+            for r in range(4):
+                acc[r * 64 + o] += xs[r] * bv
+    for r in range(4):
+        for o in range(own - j0, 64):
+            o1[ob + (i0 + r) * N + j0 + o] = acc[r * 64 + o]
+    return 0
+
+
+cdef inline int _gemm_block1(const float[:, ::1] a, const float[::1] b1, const float[::1] bias,
+                             float[::1] o1, Py_ssize_t i, Py_ssize_t K, Py_ssize_t N,
+                             Py_ssize_t bb, Py_ssize_t ob, Py_ssize_t j0,
+                             Py_ssize_t own) except -1 nogil:
+    cdef Py_ssize_t k, o
+    cdef float acc[COB]
+    cdef float xv
+    for o in range(64):
+        acc[o] = bias[i]
+    for k in range(K):
+        xv = a[i, k]
+        for o in range(64):
+            acc[o] += xv * b1[bb + k * N + j0 + o]
+    for o in range(own - j0, 64):
+        o1[ob + i * N + j0 + o] = acc[o]
+    return 0
+
+
+cdef int _gemm_task(const float[:, ::1] a, const float[::1] b1, const float[::1] bias,
+                    float[::1] o1, Py_ssize_t task, Py_ssize_t K, Py_ssize_t N) except -1 nogil:
+    cdef Py_ssize_t M = a.shape[0], nblk = _ceil_div(N, COB), ib = task // nblk
+    cdef Py_ssize_t own = (task % nblk) * COB, j0 = _min(own, N - COB), i0
+    for i0 in range(0, M - M % 4, 4):
+        _gemm_block4(a, b1, bias, o1, i0, K, N, ib * K * N, ib * M * N, j0, own)
+    for i0 in range(M - M % 4, M):
+        _gemm_block1(a, b1, bias, o1, i0, K, N, ib * K * N, ib * M * N, j0, own)
+    return 0
+
+
+def gemm_batched(const float[:, ::1] a, const float[::1] b1, const float[::1] bias,
+                 float[::1] out, Py_ssize_t B, Py_ssize_t K, Py_ssize_t N, bint serial=False):
+    """``out[i]`` (M, N) = a (M, K) @ b[i] (K, N) + bias[:, None] for the B matrices of ``b1``
+    ((B, K, N) flattened; N >= 64); ``out`` is (B, M, N) flattened.
+
+    Loop order: one task per (matrix, block of 64 columns), owning out[i, :, block]; blocks
+    of 4 rows of a, then k (the K x 64 strip of b[i] stays in L2 for every row block), then
+    the 4 x 64 register block.
+    """
+    cdef Py_ssize_t nblk = _ceil_div(N, COB), t
+    with nogil:
+        if serial:  # see _serial_after_fork in cython_cpu
+            for t in range(B * nblk):
+                _gemm_task(a, b1, bias, out, t, K, N)
+        else:
+            for t in prange(B * nblk, schedule="dynamic", chunksize=nblk):
+                _gemm_task(a, b1, bias, out, t, K, N)
+
+
+cdef inline int _gsum_block(const float[::1] a1, const float[::1] b1, float[:, ::1] part,
+                            Py_ssize_t t, Py_ssize_t i0, Py_ssize_t rows, Py_ssize_t b0,
+                            Py_ssize_t b1_, Py_ssize_t M, Py_ssize_t K, Py_ssize_t N,
+                            Py_ssize_t j0, Py_ssize_t own) except -1 nogil:
+    # rows (4, or fewer for the last block) x 64 columns of part[t], summed over the matrices
+    # b0..b1_ and their inner dimension.
+    cdef Py_ssize_t ib, k, r, o, ab, bb
+    cdef float acc[GRB * COB]
+    cdef float xs[GRB]
+    cdef float bv
+    for r in range(4):
+        for o in range(64):
+            acc[r * 64 + o] = 0
+    for ib in range(b0, b1_):
+        ab = (ib * M + i0) * K
+        bb = ib * K * N + j0
+        if rows == 4:
+            for k in range(K):
+                for r in range(4):
+                    xs[r] = a1[ab + r * K + k]
+                for o in range(64):
+                    bv = b1[bb + k * N + o]
+                    for r in range(4):
+                        acc[r * 64 + o] += xs[r] * bv
+        else:  # the rows past the last full block, one at a time
+            for r in range(rows):
+                for k in range(K):
+                    xs[0] = a1[ab + r * K + k]
+                    for o in range(64):
+                        acc[r * 64 + o] += xs[0] * b1[bb + k * N + o]
+    for r in range(rows):
+        for o in range(own - j0, 64):
+            part[t, (i0 + r) * N + j0 + o] = acc[r * 64 + o]
+    return 0
+
+
+def gemm_sum(const float[::1] a1, const float[::1] b1, float[:, ::1] part, Py_ssize_t B,
+             Py_ssize_t M, Py_ssize_t K, Py_ssize_t N, bint serial=False):
+    """``part[t]`` ((M, N) flattened) = sum over the matrices i of chunk t of a[i] @ b[i], for
+    a (B, M, K) and b (B, K, N) flattened, N >= 64; chunk t holds [t*B//T, (t+1)*B//T), T =
+    part.shape[0] (the caller adds part in order: thread-count independent).
+
+    Loop order: one task per (chunk, block of 64 columns), owning part[t, :, block]; blocks of
+    4 rows, then the chunk's matrices and their k, then the 4 x 64 register block.
+    """
+    cdef Py_ssize_t T = part.shape[0], nblk = _ceil_div(N, COB), task, t, own, j0, i0
+    with nogil:
+        if serial:  # see _serial_after_fork in cython_cpu
+            for task in range(T * nblk):
+                t = task // nblk
+                own = (task % nblk) * COB
+                j0 = _min(own, N - COB)
+                for i0 in range(0, M, 4):
+                    _gsum_block(a1, b1, part, t, i0, _min(GRB, M - i0), t * B // T,
+                                (t + 1) * B // T, M, K, N, j0, own)
+        else:
+            for task in prange(T * nblk, schedule="dynamic"):
+                t = task // nblk
+                own = (task % nblk) * COB
+                j0 = _min(own, N - COB)
+                for i0 in range(0, M, 4):
+                    _gsum_block(a1, b1, part, t, i0, _min(GRB, M - i0), t * B // T,
+                                (t + 1) * B // T, M, K, N, j0, own)

@@ -7,10 +7,12 @@ kernels. Per tile-position ``xi`` (16 of them) the channel sums are small matrix
 ``M[xi] = V[xi] (tiles x C_in) @ U[xi] (C_in x Cp)``, register-blocked like the direct kernel
 (4 tiles x 64 output channels: sixteen 512-bit float32 accumulators).
 
-Layouts: the input ``xp2`` is padded NHWC, flattened per row: (N, Hp, Wp*C), with
-``Hp = 2*TH + 2`` and ``Wp = 2*TW + 2`` for TH x TW tiles (rows and columns past the real input
-are zero). Transformed weights ``u`` are (16, C, Cp), output channels innermost, zero-padded to
-Cp, a multiple of 64.
+Layouts: the input is zero-padded NHWC with the columns split by parity (:func:`pad_split`),
+(N, 2*TH + 2, 2, TW + 1, C) for TH x TW tiles, so that every transform step is one contiguous
+run over (tile, channel). Transformed weights ``u`` (16, C, Cp) come from
+``_winograd_transforms``: output channels innermost, zero-padded to Cp, a multiple of 64.
+Transforms are written as one loop per tile position with a single output stream, which LLVM
+vectorizes (a loop writing all 16 positions stayed scalar: 4x slower).
 
 Non-finite values: a tile mixes its 16 inputs, so one inf or NaN would reach outputs that the
 direct sum keeps finite. The kernels therefore report whether anything non-finite appeared
@@ -25,13 +27,14 @@ from numba import njit, prange
 
 from ._numba_options import PARALLEL, U
 from ._numba_stack import prefer_wide_vectors, stack_array
+from ._winograd_transforms import (  # noqa: F401  (the backend calls them through here)
+    HALF, transform_weight, transform_weight_paired, weight_from_transformed)
 
 INNER = dict(PARALLEL, parallel=False)  # helpers called inside the parallel loops
 
 CB = 64  # output channels per register block (the padding unit of Cp)
 TB = 4  # tiles per register block
 ACC = TB * CB
-HALF = CB // 2  # channels per tile when two tiles share a register block
 TASK_CHUNKS = 64  # forward: tile rows are split into this many chunks, one scratch each
 GROUP = 64  # tiles transformed together by the grad-weight kernel (their V and M fit in L2)
 RB = 4  # input channels per grad-weight register block (4 x 64: 16 accumulators; 6 rows left
@@ -43,38 +46,9 @@ GACC = RB * CB
 _BT_A = (0, 1, 2, 1)
 _BT_B = (2, 2, 1, 3)
 _BT_SIGN = (-1, 1, -1, -1)
-_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
-_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]])
-_A = ((1, 0), (1, 1), (1, -1), (0, -1))  # A = _AT.T, for the gradient tiles
-
-
-def transform_weight(w, cp):
-    """(C_out, C_in, 3, 3) -> u (16, C_in, Cp): u[4a+b, i, o] = (G w[o, i] G^T)[a, b], zero for
-    o >= C_out. Computed in float64, then rounded (the entries are sums of halves of weights)."""
-    c_out, c_in = w.shape[:2]
-    with np.errstate(invalid="ignore", over="ignore"):  # non-finite weights: see the kernels
-        gw = np.tensordot(_G, w.astype(np.float64), axes=(1, 2))  # (4, C_out, C_in, 3)
-        u = np.tensordot(gw, _G, axes=(3, 1))  # (4, C_out, C_in, 4): [a, o, i, b]
-    out = np.zeros((4, 4, c_in, cp), w.dtype)
-    out[..., :c_out] = u.transpose(0, 3, 2, 1)
-    return out.reshape(16, c_in, cp)
-
-
-def transform_weight_paired(w):
-    """(C_out <= 32, C_in, 3, 3) -> u (16, C_in, 64): :func:`transform_weight` to 32 channels,
-    repeated in channels 32-63 (for the paired blocks of :func:`conv_forward_winograd`)."""
-    u = transform_weight(w, HALF)
-    return np.concatenate([u, u], axis=2)
-
-
-def weight_from_transformed(du, c_out):
-    """Adjoint of :func:`transform_weight`: du (16, C_in, Cp) -> dw (C_out, C_in, 3, 3) with
-    dw[o, i] = G^T du[:, i, o] G (in float64, then rounded)."""
-    c_in = du.shape[1]
-    d = du.reshape(4, 4, c_in, -1)[..., :c_out].astype(np.float64)
-    gd = np.tensordot(_G, d, axes=(0, 0))  # (3, 4, C_in, C_out): [k, b, i, o]
-    dw = np.tensordot(gd, _G, axes=(1, 0))  # (3, C_in, C_out, 3): [k, i, o, l]
-    return np.ascontiguousarray(dw.transpose(2, 1, 0, 3)).astype(du.dtype)
+# A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] (the output transform, written out in the kernel); its
+# transpose A, for the gradient tiles:
+_A = ((1, 0), (1, 1), (1, -1), (0, -1))
 
 
 @njit(**PARALLEL)

@@ -7,6 +7,19 @@ only arranges layouts (zero-padded NHWC or padded-pitch planes, weights with the
 channels innermost), allocates outputs and picks an algorithm (the name recorded for
 ``fastconv.last_algorithm``):
 
+* ``pointwise-gemm``: float32 1x1 convolutions, stride 1, no padding, groups 1, at least 64
+  pixels: one matrix product per image in NCHW as it is (4 output channels x 64 pixels register
+  blocks); dx the same with the weight transposed; dw the sum over images of x[n] @ dy[n].T in
+  8 fixed image chunks (C_out >= 64, else the kernels below).
+* ``winograd-f2x2``: float32 3x3 convolutions, stride and dilation 1, groups 1, C_in >= 16,
+  C_out >= 32, W_out >= 7: Winograd F(2x2, 3x3), 2.25x fewer multiplications (4 tiles x 64
+  channels register blocks; at most 32 output channels: two tiles share a block). dx is the
+  same forward on padded dy with the flipped weight (padding <= 2, W >= 7); dw the transformed
+  product summed over 8 fixed chunks of tile rows. Backward recorded as
+  ``winograd(input:winograd,weight:winograd)``, with ``+<exact algorithm>`` appended for the
+  gradients the kernels below computed: any inf, NaN or overflow inside the transforms is
+  detected and that result recomputed exactly (a tile mixes 16 inputs, which would spread a
+  non-finite value), as are dx of other paddings or widths.
 * forward, groups 1: ``plane`` (stride 1 and one input channel or fewer than
   ``NCHW_MAX_COUT`` output channels: blocks of consecutive positions of the padded-pitch grid x
   8 or 2 output channels, vectorized over positions); ``direct-nchw`` (2 to 7 input channels,
@@ -35,8 +48,10 @@ import os
 
 import numpy as np
 
-from .._dispatch import record_algorithm
+from .._dispatch import last_algorithm, record_algorithm
 from ._openmp import forked_from_gnu_openmp_parent  # (sets OMP_WAIT_POLICY first)
+from ._winograd_transforms import (HALF, transform_weight, transform_weight_paired,
+                                   weight_from_transformed)
 
 
 def _go_serial():
@@ -225,6 +240,17 @@ def _weights_gkkio(w, groups):
 
 def conv2d(x, w, b, p):
     """Forward convolution; see ``fastconv.conv2d``."""
+    c_out, c_in = w.shape[:2]
+    if _pointwise_ok(p, x.dtype, p.out_hw):
+        n = x.shape[0]
+        y = _pointwise(w.reshape(c_out, c_in), x.reshape(n, c_in, -1), b, c_out)
+        record_algorithm("conv2d", "cython:pointwise-gemm")
+        return y.reshape(n, c_out, *p.out_hw)
+    if _winograd_ok(p, x.dtype, c_in, c_out):
+        y = np.empty((x.shape[0], c_out, *p.out_hw), x.dtype)
+        if _winograd_forward(x, w, b, y, *p.padding):
+            record_algorithm("conv2d", "cython:winograd-f2x2")
+            return y
     y, algo = _direct(x, w, b, p.groups, p.out_hw, *p.padding, (1, 1), p.stride, p.dilation)
     record_algorithm("conv2d", f"cython:{algo}")
     return y
@@ -232,6 +258,25 @@ def conv2d(x, w, b, p):
 
 def conv2d_backward(dy, x, w, p, needs):
     """Gradients ``(dx, dw, db)``; see ``fastconv.conv2d_backward``."""
+    c_out, c_in = w.shape[:2]
+    if _winograd_ok(p, x.dtype, c_in, c_out):
+        grads, algos = _conv2d_backward_winograd(dy, x, w, p, needs)
+        rest = [k for k in needs if grads.get(k, "missing") is None]
+        name = "cython:winograd(" + ",".join(algos) + ")"
+        if rest:  # a non-finite value, or dx of another padding or width: the exact kernels
+            exact = dict(zip(("input", "weight", "bias"),
+                             _conv2d_backward_exact(dy, x, w, p, rest)))
+            grads.update((k, exact[k]) for k in rest)
+            name += "+" + last_algorithm("conv2d_backward")
+        record_algorithm("conv2d_backward", name)
+        return grads.get("input"), grads.get("weight"), grads.get("bias")
+    if _pointwise_ok(p, x.dtype, p.out_hw) and c_out >= 64:
+        return _conv2d_backward_pointwise(dy, x, w, needs)
+    return _conv2d_backward_exact(dy, x, w, p, needs)
+
+
+def _conv2d_backward_exact(dy, x, w, p, needs):
+    """Gradients by the kernels that sum exactly the products of the definition."""
     dx = dw = db = None
     algos = []
     c_out, c_in_g, kh, kw = w.shape
@@ -370,6 +415,166 @@ def _grad_weight_direct(dy, x, w, p):
         total += part[t]
     return np.ascontiguousarray(
         total.reshape(kh, kw, c_in, cp)[..., :c_out].transpose(3, 2, 0, 1))
+
+
+# ------------------------------------------------------------------------------ Winograd
+
+_WCB = 64  # output channels per Winograd register block (the padding unit of Cp)
+_WTB = 4  # tiles per register block
+_WGROUP = 64  # tiles per grad-weight group (WGROUP in the .pyx)
+
+
+def _winograd_ok(p, dtype, c_in: int, c_out: int) -> bool:
+    """Winograd F(2x2, 3x3): float32 3x3 convolutions, stride and dilation 1, groups 1, with
+    enough channels that the 16 small products run at full register-block width, and at least
+    one register block of tiles (7 output columns) per tile row."""
+    return (dtype == np.float32 and p.groups == 1 and p.kernel_hw == (3, 3)
+            and p.stride == (1, 1) and p.dilation == (1, 1) and c_in >= 16 and c_out >= 32
+            and p.out_hw[1] >= 2 * _WTB - 1)
+
+
+def _scratch_rows() -> int:
+    """Rows of the per-thread scratch arrays (one per thread a parallel loop may use)."""
+    return 1 if _serial_after_fork else max(1, _k.max_threads())
+
+
+def _winograd_input(x, out_hw, pt, pl, cq=None):
+    """x (N, C, H, W) laid out for the Winograd kernels (:func:`_k.pad_split`): padded by
+    (pt, pl) at the top and left, to 2*TH + 2 rows and 2*TW + 2 columns for the TH x TW tiles
+    of an output of ``out_hw``; channels zero-padded to ``cq``."""
+    n, c = x.shape[:2]
+    th, tw = -(-out_hw[0] // 2), -(-out_hw[1] // 2)
+    xq = np.empty((n, 2 * th + 2, 2, tw + 1, cq or c), x.dtype)
+    _k.pad_split(x, xq.reshape(-1), *xq.shape[1:2], *xq.shape[3:], pt, pl, serial=_serial(x, xq))
+    return xq
+
+
+def _winograd_forward(x, w, b, y, pt, pl, xq=None):
+    """y = conv(x, w) + b (3x3, stride 1, padding (pt, pl)) by Winograd F(2x2, 3x3), from x or
+    its :func:`_winograd_input` layout ``xq``. False if an input, weight or transformed output
+    was not finite: y is then to be recomputed exactly."""
+    c_out = w.shape[0]
+    if xq is None:
+        xq = _winograd_input(x, y.shape[2:], pt, pl)
+    n, hp, _, wq, c = xq.shape
+    tw = wq - 1
+    paired = c_out <= HALF and tw >= 2 * _WTB
+    cp = _round_up(c_out, _WCB)
+    u = transform_weight_paired(w) if paired else transform_weight(w, cp)
+    cp, cm = (64, HALF) if paired else (cp, cp)
+    bias = np.zeros(c_out, x.dtype) if b is None else b
+    check = np.empty(n * ((hp - 2) // 2), x.dtype)
+    rows = _scratch_rows()
+    v = np.empty((rows, 16 * tw * c), x.dtype)
+    m = np.empty((rows, 16 * tw * cm), x.dtype)
+    r = np.empty((rows, 4 * tw * cm), x.dtype)
+    _k.conv_fwd_winograd(xq.reshape(-1), u.reshape(-1), bias, y, check, v, m, r, hp, wq, c, cp,
+                         paired, serial=_serial_after_fork)
+    return not np.isnan(check).any()
+
+
+def _conv2d_backward_winograd(dy, x, w, p, needs):
+    """({name: gradient, or None where the exact kernels must compute it}, algorithms) by
+    Winograd F(2x2, 3x3) (see :func:`_winograd_ok`)."""
+    n, c_in = x.shape[:2]
+    c_out = w.shape[0]
+    ho, wo = p.out_hw
+    pt, pl = p.padding
+    grads, algos = {}, []
+    cp = _round_up(c_out, _WCB)
+    dyq = None  # dy padded by 2 - padding: the input of the dx pass, reused by the dw pass
+    if "input" in needs and max(pt, pl) <= 2 and x.shape[3] >= 2 * _WTB - 1:
+        # dx = dy correlated with the flipped kernel, channels swapped, padded by 2 - padding
+        dx = np.empty_like(x)
+        wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        dyq = _winograd_input(dy, x.shape[2:], 2 - pt, 2 - pl)
+        ok = _winograd_forward(dy, wflip, None, dx, 2 - pt, 2 - pl, dyq)
+        grads["input"] = dx if ok else None
+        algos.append("input:winograd")
+    elif "input" in needs:
+        grads["input"] = None  # by the exact kernels
+    if "weight" in needs:
+        if dyq is not None and c_out == cp:
+            dq, dr, ds = dyq, 2 - pt, 2 - pl
+        else:
+            th, tw = -(-ho // 2), -(-wo // 2)
+            dq = np.empty((n, 2 * th, 2, tw, cp), dy.dtype)
+            _k.pad_split(dy, dq.reshape(-1), 2 * th, tw, cp, 0, 0, serial=_serial(dy, dq))
+            dr = ds = 0
+        xq = _winograd_input(x, (ho, wo), pt, pl)
+        _, hp, _, wq, _ = xq.shape
+        tw = wq - 1
+        group = max(1, _WGROUP // tw)
+        rows = _scratch_rows()
+        part = np.empty((min(n * -(-ho // 2), WEIGHT_CHUNKS), 16 * c_in * cp), x.dtype)
+        v = np.empty((rows, 16 * group * tw * c_in), x.dtype)
+        m = np.empty((rows, 16 * group * tw * cp), x.dtype)
+        _k.conv_grad_weight_winograd(xq.reshape(-1), dq.reshape(-1), part, v, m, n, hp, wq, c_in,
+                                     dq.shape[1], dq.shape[3], cp, dr, ds,
+                                     serial=_serial_after_fork)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite: checked just below
+            du = _sum_chunks(part).reshape(16, c_in, cp)
+        grads["weight"] = weight_from_transformed(du, c_out) if np.isfinite(du).all() else None
+        algos.append("weight:winograd")
+    if "bias" in needs:
+        db = np.empty(c_out, dy.dtype)
+        _k.conv_grad_bias(dy.reshape(n, c_out, -1), db, serial=_serial(dy))
+        grads["bias"] = db
+    return grads, algos
+
+
+def _sum_chunks(part):
+    """Sum partial results over axis 0 in a fixed serial order."""
+    total = part[0].copy()
+    for t in range(1, part.shape[0]):
+        total += part[t]
+    return total
+
+
+# ------------------------------------------------------------------------------ 1x1 as GEMM
+
+
+def _pointwise_ok(p, dtype, out_hw) -> bool:
+    """1x1 float32 convolutions, stride 1, no padding, groups 1, with at least one 64-column
+    register block of pixels per image: a matrix product per image, in NCHW as it is."""
+    return (dtype == np.float32 and p.groups == 1 and p.kernel_hw == (1, 1)
+            and p.stride == (1, 1) and p.padding == (0, 0) and out_hw[0] * out_hw[1] >= 64)
+
+
+def _pointwise(w2, a, bias, out_channels):
+    """(N, out_channels, H*W) = w2 @ a[n] + bias for every image of a (N, C, H*W)."""
+    n, k, hw = a.shape
+    bias = np.zeros(out_channels, a.dtype) if bias is None else bias
+    out = np.empty((n, out_channels, hw), a.dtype)
+    _k.gemm_batched(np.ascontiguousarray(w2), a.reshape(-1), bias, out.reshape(-1), n, k, hw,
+                    serial=_serial_after_fork)
+    return out
+
+
+def _conv2d_backward_pointwise(dy, x, w, needs):
+    """conv2d_backward of a 1x1 convolution (:func:`_pointwise_ok`, C_out >= 64) as matrix
+    products per image: dx[n] = w.T @ dy[n]; dw.T = sum over n of x[n] @ dy[n].T, in
+    WEIGHT_CHUNKS fixed image chunks added in order."""
+    n, c_in = x.shape[:2]
+    c_out = w.shape[0]
+    ho, wo = dy.shape[2:]
+    hw = ho * wo
+    dx = dw = db = None
+    if "input" in needs:
+        dx = _pointwise(w.reshape(c_out, c_in).T, dy.reshape(n, c_out, hw), None, c_in)
+        dx = dx.reshape(x.shape)
+    if "weight" in needs:
+        dyt = np.empty((n, ho, wo, c_out), dy.dtype)
+        _k.pad_nhwc(dy, dyt, 0, 0, 1, 1, serial=_serial(dy, dyt))
+        part = np.empty((min(n, WEIGHT_CHUNKS), c_in * c_out), x.dtype)
+        _k.gemm_sum(x.reshape(-1), dyt.reshape(-1), part, n, c_in, hw, c_out,
+                    serial=_serial_after_fork)
+        dw = np.ascontiguousarray(_sum_chunks(part).reshape(c_in, c_out).T).reshape(w.shape)
+    if "bias" in needs:
+        db = np.empty(c_out, dy.dtype)
+        _k.conv_grad_bias(dy.reshape(n, c_out, -1), db, serial=_serial(dy))
+    record_algorithm("conv2d_backward", "cython:pointwise-gemm")
+    return dx, dw, db
 
 
 # ------------------------------------------------------------------------------ pool
