@@ -438,14 +438,14 @@ def _scratch_rows() -> int:
     return 1 if _serial_after_fork else max(1, _k.max_threads())
 
 
-def _winograd_input(x, out_hw, pt, pl, cq=None):
+def _winograd_input(x, out_hw, pt, pl):
     """x (N, C, H, W) laid out for the Winograd kernels (:func:`_k.pad_split`): padded by
     (pt, pl) at the top and left, to 2*TH + 2 rows and 2*TW + 2 columns for the TH x TW tiles
-    of an output of ``out_hw``; channels zero-padded to ``cq``."""
+    of an output of ``out_hw``."""
     n, c = x.shape[:2]
     th, tw = -(-out_hw[0] // 2), -(-out_hw[1] // 2)
-    xq = np.empty((n, 2 * th + 2, 2, tw + 1, cq or c), x.dtype)
-    _k.pad_split(x, xq.reshape(-1), *xq.shape[1:2], *xq.shape[3:], pt, pl, serial=_serial(x, xq))
+    xq = np.empty((n, 2 * th + 2, 2, tw + 1, c), x.dtype)
+    _k.pad_split(x, xq.reshape(-1), 2 * th + 2, tw + 1, c, pt, pl, serial=_serial(x, xq))
     return xq
 
 

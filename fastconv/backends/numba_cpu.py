@@ -129,13 +129,13 @@ def _winograd_wide_enough(out_w: int) -> bool:
     return out_w >= 7
 
 
-def _winograd_input(wino, run, x, out_hw, pt, pl, cq=None):
+def _winograd_input(wino, run, x, out_hw, pt, pl):
     """x (N, C, H, W) laid out for the Winograd kernels (``pad_split``): padded by (pt, pl) at
     the top and left, to 2*TH + 2 rows and 2*TW + 2 columns for the TH x TW tiles of an output
-    of ``out_hw``; channels zero-padded to ``cq``."""
+    of ``out_hw``."""
     n, c = x.shape[:2]
     th, tw = -(-out_hw[0] // 2), -(-out_hw[1] // 2)
-    xq = np.empty((n, 2 * th + 2, 2, tw + 1, cq or c), x.dtype)
+    xq = np.empty((n, 2 * th + 2, 2, tw + 1, c), x.dtype)
     return run(wino.pad_split, x, xq, pt, pl)
 
 
@@ -245,7 +245,7 @@ def conv2d_backward(dy, x, w, p, needs):
         grads, algos = _conv2d_backward_winograd(run, dy, x, w, p, needs)
         rest = [k for k in needs if grads.get(k, "missing") is None]
         name = "numba:winograd(" + ",".join(algos) + ")"
-        if rest:  # a non-finite value, or dx of another C_in or padding: by the kernels below
+        if rest:  # a non-finite value, or dx of another padding or width: by the kernels below
             exact = dict(zip(("input", "weight", "bias"),
                              _conv2d_backward_exact(dy, x, w, p, rest)))
             grads.update((k, exact[k]) for k in rest)
@@ -312,8 +312,9 @@ def _conv2d_backward_exact(dy, x, w, p, needs):
 
 
 def _conv2d_backward_winograd(run, dy, x, w, p, needs):
-    """({name: gradient, or None where a non-finite value needs the exact kernels}, algorithms)
-    by Winograd F(2x2, 3x3) (see ``_winograd_ok``)."""
+    """({name: gradient, or None where the exact kernels must compute it: a non-finite value,
+    or dx of a padding above 2 or an input narrower than 7}, algorithms) by Winograd
+    F(2x2, 3x3) (see ``_winograd_ok``)."""
     from . import _numba_plane as plane
     from . import _numba_winograd as wino
 
