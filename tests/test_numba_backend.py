@@ -83,6 +83,22 @@ def test_conv_paths_match_torch(rng, x_shape, w_shape, kw, algo, dtype):
     assert fc.last_algorithm("conv2d_backward").startswith(algo.split("-")[0])
 
 
+@pytest.mark.parametrize("x_shape, w_shape, kw", [
+    ((3, 6, 14, 14), (16, 6, 5, 5), {}),  # LeNet's second layer (shape D)
+    ((2, 4, 12, 11), (10, 4, 5, 3), dict(padding=2)),  # padded
+    ((2, 5, 11, 9), (11, 5, 3, 3), dict(padding=(2, 0), dilation=(2, 1))),  # row dilation
+    ((2, 7, 6, 3), (9, 7, 4, 3), dict(padding="same")),  # a run longer than one block
+])
+def test_few_output_channels_take_the_16_channel_grad_weight_blocks(rng, x_shape, w_shape, kw):
+    """float32, stride 1, 9-16 output channels, a run of >= 12 rows, unit column dilation: dw
+    by 16-channel register blocks (the last block's padding rows computed and dropped);
+    float64 keeps the plane kernel."""
+    check_conv("numba", rng, x_shape, w_shape, **kw)
+    assert "weight:direct-c16" in fc.last_algorithm("conv2d_backward")
+    check_conv("numba", rng, x_shape, w_shape, dtype=np.float64, **kw)
+    assert "weight:plane" in fc.last_algorithm("conv2d_backward")
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_conv_without_bias_and_partial_needs(rng, bias):
     check_conv("numba", rng, (2, 8, 6, 6), (64, 8, 3, 3), bias=bias, padding=1)

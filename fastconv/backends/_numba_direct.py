@@ -208,3 +208,71 @@ def nchw_to_nhwc_padded(a, out):
             for c in range(c_, cp):
                 o1[U((t * w_ + w) * cp + c)] = 0
     return out
+
+
+C16 = 16  # output channels of the few-channel grad-weight kernel (one float32 zmm)
+G16 = 4  # groups of 4 run rows per register block: 16 rows x 16 channels in 16 zmm
+RUN16 = 4 * G16  # run rows per block
+ACC16 = G16 * 64
+
+
+@njit(**PARALLEL)
+def conv_grad_weight_c16(x1, xw, hp_, xbase, dy4, part, dh):
+    """part[t] (kH, Rp, 16) = sum over the output pixels m of chunk t of
+    x-run(m, kh)[r] * dy[m, o], for C_out <= 16 (float32).
+
+    ``x1`` is x zero-padded NHWC and flattened, rows of length ``xw`` = Wp*C_in, ``hp_`` rows
+    per image, with at least RUN16 spare elements at the end; ``xbase[m]`` is the offset of
+    pixel m's run in kernel row 0. ``dy4`` (M, 64) is dy in NHWC with its 16 (zero-padded)
+    channels repeated 4 times. Rows r >= R of part (Rp = R rounded up to RUN16) are
+    unspecified. The caller sums part over t in order (deterministic for any thread count).
+    """
+    # Loop order: one task per (pixel chunk, kernel row), owning part[t, kh]. Inside: blocks of
+    # RUN16 run rows, the chunk's pixels, then G16 groups of 64 lanes = 4 run rows x 16
+    # channels each: lanes 16j..16j+15 take run row 4g + j, so each group is one 64-lane loop
+    # over the repeated dy row with a per-quarter broadcast. (Written as a 16-lane loop, LLVM
+    # unrolls it into scalar FMAs: 10-20x slower.)
+    t_, kh_, rp, _ = part.shape
+    m_ = dy4.shape[0]
+    d1 = dy4.ravel()
+    p1 = part.ravel()
+    for task in prange(t_ * kh_):
+        t = task // kh_
+        kh = task % kh_
+        pb = task * rp * C16
+        acc = stack_array(ACC16, part.dtype)
+        koff = kh * dh * xw
+        for r0 in range(0, rp, RUN16):
+            for i in range(ACC16):
+                acc[i] = 0
+            for m in range(t * m_ // t_, (t + 1) * m_ // t_):
+                xb = xbase[U(m)] + koff + r0
+                for g in range(G16):
+                    a0 = x1[U(xb + 4 * g)]
+                    a1 = x1[U(xb + 4 * g + 1)]
+                    a2 = x1[U(xb + 4 * g + 2)]
+                    a3 = x1[U(xb + 4 * g + 3)]
+                    for lane in range(64):
+                        v = a0 if lane < 16 else (a1 if lane < 32 else (a2 if lane < 48 else a3))
+                        acc[U(g * 64 + lane)] += v * d1[U(m * 64 + lane)]
+            for i in range(ACC16):
+                p1[U(pb + r0 * C16 + i)] = acc[U(i)]
+    return part
+
+
+@njit(**PARALLEL)
+def nchw_to_nhwc_x4(a, out):
+    """out[n, h, w, 16j + c] = a[n, c, h, w] for c < C <= 16, j < 4; 0 for C <= c < 16."""
+    # Loop order: one task per (n, h) row; the 64 lanes of a pixel contiguous.
+    n_, c_, h_, w_ = a.shape
+    a1 = a.ravel()
+    o1 = out.ravel()
+    for t in prange(n_ * h_):
+        n = t // h_
+        h = t % h_
+        for w in range(w_):
+            dst = (t * w_ + w) * 64
+            for lane in range(64):
+                c = lane & 15
+                o1[U(dst + lane)] = a1[U(((n * c_ + c) * h_ + h) * w_ + w)] if c < c_ else 0
+    return out
