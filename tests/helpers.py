@@ -120,6 +120,59 @@ def check_conv(backend, rng, x_shape, w_shape, *, bias=True, stride=1, padding=0
                      f"conv2d grad bias {case}")
 
 
+WINOGRAD_NON_FINITE = ["w", "b", "dy", "x_inf", "overflow"]
+
+
+def check_winograd_non_finite(backend, rng, where):
+    """Run a Winograd-eligible float32 layer (x (2, 32, 9, 10), w (64, 32, 3, 3)) with a
+    non-finite value in ``where`` (or a finite overflow inside the tile transforms) through
+    ``backend`` and assert PyTorch's NaN/inf pattern and finite values for y, dx, dw and db.
+
+    Returns (forward algorithm, backward algorithm) for the caller to check which kernels ran.
+    The bias is added after the transforms, element by element, so a NaN there needs no exact
+    path. Not checked for an inf weight: dx (every compiled kernel computes it as a correlation
+    of zero-padded dy, and inf times that padding is NaN where PyTorch, which skips the padding,
+    is finite; the same holds for x's padding in y, hence padding 0 in that case). Needs
+    torch."""
+    x = rng.standard_normal((2, 32, 9, 10)).astype(np.float32)
+    w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+    dy = rng.standard_normal((2, 64, 9, 10)).astype(np.float32)
+    if where == "w":
+        w[3, 4, 1, 2] = np.inf
+    elif where == "b":
+        b[7] = np.nan
+    elif where == "dy":
+        dy[1, 5, 2, 3] = -np.inf
+    elif where == "x_inf":
+        x[0, 2, 4, 4] = np.inf
+    else:  # finite inputs whose tile transform overflows float32 (2e38 + 2e38), while the
+        # direct sums stay finite (small weights and dy): with padding 1, x columns 4 and 5
+        # are positions 1 and 2 of a tile, and B^T d B takes their difference
+        x[1, 0, 3, 4:6] = -2e38, 2e38
+        w *= 0.01
+        dy *= 0.1
+    pad = 0 if where == "w" else 1
+    dy = dy[:, :, : 9 - 2 + 2 * pad, : 10 - 2 + 2 * pad].copy()
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    ty = F.conv2d(tx, tw, tb, padding=pad)
+    ty.backward(torch.tensor(dy))
+    dx, dw, db = fc.conv2d_backward(dy, x, w, padding=pad, backend=backend)
+    backward = fc.last_algorithm("conv2d_backward")
+    y = fc.conv2d(x, w, b, padding=pad, backend=backend)
+    checks = [("y", y, ty), ("dx", dx, tx.grad), ("dw", dw, tw.grad), ("db", db, tb.grad)]
+    if where == "w":
+        del checks[1]
+    for name, got, want in checks:
+        want = want.detach().numpy()
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=name)
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=name)
+        fin = np.isfinite(want)
+        np.testing.assert_allclose(got[fin], want[fin], rtol=2e-4,
+                                   atol=2e-5 * max(1, np.abs(want[fin]).max()), err_msg=name)
+    return fc.last_algorithm("conv2d"), backward
+
+
 # ------------------------------------------------------------------------------ pool
 
 

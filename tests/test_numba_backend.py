@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fastconv as fc
-from helpers import check_conv, check_pool
+from helpers import WINOGRAD_NON_FINITE, check_conv, check_pool, check_winograd_non_finite
 
 pytestmark = pytest.mark.skipif(
     fc.backend_status()["numba"] is not None, reason="numba is not installed here"
@@ -126,55 +126,17 @@ def test_nan_propagates_to_exactly_the_outputs_it_touches(rng, width, algo):
     assert fc.last_algorithm("conv2d") == DIRECT
 
 
-@pytest.mark.parametrize("where", ["w", "b", "dy", "x_inf", "overflow"])
+@pytest.mark.parametrize("where", WINOGRAD_NON_FINITE)
 def test_winograd_hands_non_finite_values_to_the_exact_kernels(rng, where):
     """A tile's transforms mix its 16 inputs (and a filter's 9 taps): an inf or NaN there, or
     an overflow inside the transforms, would reach outputs and gradients that PyTorch keeps
-    finite. Every such case must give PyTorch's result exactly where it is finite, and the
-    same non-finite pattern."""
-    torch = pytest.importorskip("torch")
-    x = rng.standard_normal((2, 32, 9, 10)).astype(np.float32)
-    w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
-    b = rng.standard_normal(64).astype(np.float32)
-    dy = rng.standard_normal((2, 64, 9, 10)).astype(np.float32)
-    if where == "w":
-        w[3, 4, 1, 2] = np.inf
-    elif where == "b":
-        b[7] = np.nan
-    elif where == "dy":
-        dy[1, 5, 2, 3] = -np.inf
-    elif where == "x_inf":
-        x[0, 2, 4, 4] = np.inf
-    else:  # finite inputs whose tile transform overflows float32 (2e38 + 2e38), while
-        # the direct sums stay finite (small weights and dy): with padding 1, x columns 4 and 5
-        # are positions 1 and 2 of a tile, and B^T d B takes their difference
-        x[1, 0, 3, 4:6] = -2e38, 2e38
-        w *= 0.01
-        dy *= 0.1
-    pad = 0 if where == "w" else 1  # (see below)
-    dy = dy[:, :, : 9 - 2 + 2 * pad, : 10 - 2 + 2 * pad].copy()
-    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
-    ty = torch.nn.functional.conv2d(tx, tw, tb, padding=pad)
-    ty.backward(torch.tensor(dy))
-    dx, dw, db = fc.conv2d_backward(dy, x, w, padding=pad, backend="numba")
-    backward = fc.last_algorithm("conv2d_backward")
-    y = fc.conv2d(x, w, b, padding=pad, backend="numba")
-    # (a bias is added after the transforms, element by element: a NaN there needs no exact path)
-    assert fc.last_algorithm("conv2d") == (WINO if where in ("dy", "b") else DIRECT)
-    assert ("+numba:" in backward) == (where != "b"), backward  # the exact kernels took over
-    checks = [("y", y, ty), ("dx", dx, tx.grad), ("dw", dw, tw.grad), ("db", db, tb.grad)]
-    if where == "w":
-        # Not dx: every numba kernel computes it as a correlation of zero-padded dy, and an inf
-        # weight times that padding is NaN where PyTorch, which skips the padding, is finite
-        # (the same holds for x's padding in y, hence pad = 0 here). Noted in docs/reliability.
-        del checks[1]
-    for name, got, want in checks:
-        want = want.detach().numpy()
-        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=name)
-        np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=name)
-        fin = np.isfinite(want)
-        np.testing.assert_allclose(got[fin], want[fin], rtol=2e-4,
-                                   atol=2e-5 * max(1, np.abs(want[fin]).max()), err_msg=name)
+    finite. Each case gives PyTorch's values and non-finite pattern, and the exact kernels
+    took over where the transforms saw a non-finite value."""
+    pytest.importorskip("torch")
+    forward, backward = check_winograd_non_finite("numba", rng, where)
+    assert forward == (WINO if where in ("dy", "b") else DIRECT)
+    assert backward.startswith("numba:winograd(input:winograd,weight:winograd)")
+    assert ("+numba:" in backward) == (where != "b"), backward
 
 
 def test_winograd_is_float32_only_and_reports_its_passes(rng):
