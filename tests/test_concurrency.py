@@ -53,14 +53,19 @@ def _cases(backend: str, rng):
         ("conv2d_backward generic",
          lambda: fc.conv2d_backward(dy, x, w, backend=backend, **generic)),
     ]
-    if not tiny:  # C_out >= 32, groups 1: the register-blocked kernels of numba
+    if not tiny:  # C_out >= 32, groups 1: the Winograd and 1x1 matrix-product kernels
         x2 = rng.standard_normal((n, 32, size, size)).astype(f32)
         w2 = rng.standard_normal((32, 32, 3, 3)).astype(f32)
         dy2 = rng.standard_normal((n, 32, size, size)).astype(f32)
+        x3 = rng.standard_normal((n, 32, 8, 8)).astype(f32)
+        w3 = rng.standard_normal((64, 32, 1, 1)).astype(f32)
+        dy3 = rng.standard_normal((n, 64, 8, 8)).astype(f32)
         cases += [
-            ("conv2d direct", lambda: fc.conv2d(x2, w2, None, padding="same", backend=backend)),
-            ("conv2d_backward direct",
+            ("conv2d 3x3", lambda: fc.conv2d(x2, w2, None, padding="same", backend=backend)),
+            ("conv2d_backward 3x3",
              lambda: fc.conv2d_backward(dy2, x2, w2, padding="same", backend=backend)),
+            ("conv2d 1x1", lambda: fc.conv2d(x3, w3, None, backend=backend)),
+            ("conv2d_backward 1x1", lambda: fc.conv2d_backward(dy3, x3, w3, backend=backend)),
         ]
     yp, idx = fc.max_pool2d(x, 3, stride=2, padding=1, backend=backend)
     dyp = rng.standard_normal(yp.shape).astype(f32)
