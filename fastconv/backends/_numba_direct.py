@@ -189,10 +189,11 @@ def column_sums(a, part):
 
 
 @njit(**PARALLEL)
-def nchw_to_nhwc_padded(a, out):
-    """out[n, h, w, c] = a[n, c, h, w] for c < C, 0 for C <= c < out.shape[3]."""
-    # Loop order: one task per (n, h) row; c outer, w inner: contiguous reads, strided writes
-    # within one output row (in L1).
+def nchw_to_nhwc_padded(a, out, period):
+    """out[n, h, w, c] = a[n, c % period, h, w] where c % period < C, else 0: channels
+    zero-padded to ``period`` and that group repeated across out.shape[3] (a multiple of it)."""
+    # Loop order: one task per (n, h) row; per repeat, c outer, w inner: contiguous reads,
+    # strided writes within one output row (in L1).
     n_, c_, h_, w_ = a.shape
     cp = out.shape[3]
     a1 = a.ravel()
@@ -200,13 +201,14 @@ def nchw_to_nhwc_padded(a, out):
     for t in prange(n_ * h_):
         n = t // h_
         h = t % h_
-        for c in range(c_):
-            src = (n * c_ + c) * h_ * w_ + h * w_
+        for c0 in range(0, cp, period):
+            for c in range(c_):
+                src = (n * c_ + c) * h_ * w_ + h * w_
+                for w in range(w_):
+                    o1[U((t * w_ + w) * cp + c0 + c)] = a1[U(src + w)]
             for w in range(w_):
-                o1[U((t * w_ + w) * cp + c)] = a1[U(src + w)]
-        for w in range(w_):
-            for c in range(c_, cp):
-                o1[U((t * w_ + w) * cp + c)] = 0
+                for c in range(c0 + c_, c0 + period):
+                    o1[U((t * w_ + w) * cp + c)] = 0
     return out
 
 
@@ -224,8 +226,9 @@ def conv_grad_weight_c16(x1, xw, hp_, xbase, dy4, part, dh):
     ``x1`` is x zero-padded NHWC and flattened, rows of length ``xw`` = Wp*C_in, ``hp_`` rows
     per image, with at least RUN16 spare elements at the end; ``xbase[m]`` is the offset of
     pixel m's run in kernel row 0. ``dy4`` (M, 64) is dy in NHWC with its 16 (zero-padded)
-    channels repeated 4 times. Rows r >= R of part (Rp = R rounded up to RUN16) are
-    unspecified. The caller sums part over t in order (deterministic for any thread count).
+    channels repeated 4 times (``nchw_to_nhwc_padded`` with period 16). Rows r >= R of part
+    (Rp = R rounded up to RUN16) are unspecified. The caller sums part over t in order
+    (deterministic for any thread count).
     """
     # Loop order: one task per (pixel chunk, kernel row), owning part[t, kh]. Inside: blocks of
     # RUN16 run rows, the chunk's pixels, then G16 groups of 64 lanes = 4 run rows x 16
@@ -258,21 +261,3 @@ def conv_grad_weight_c16(x1, xw, hp_, xbase, dy4, part, dh):
             for i in range(ACC16):
                 p1[U(pb + r0 * C16 + i)] = acc[U(i)]
     return part
-
-
-@njit(**PARALLEL)
-def nchw_to_nhwc_x4(a, out):
-    """out[n, h, w, 16j + c] = a[n, c, h, w] for c < C <= 16, j < 4; 0 for C <= c < 16."""
-    # Loop order: one task per (n, h) row; the 64 lanes of a pixel contiguous.
-    n_, c_, h_, w_ = a.shape
-    a1 = a.ravel()
-    o1 = out.ravel()
-    for t in prange(n_ * h_):
-        n = t // h_
-        h = t % h_
-        for w in range(w_):
-            dst = (t * w_ + w) * 64
-            for lane in range(64):
-                c = lane & 15
-                o1[U(dst + lane)] = a1[U(((n * c_ + c) * h_ + h) * w_ + w)] if c < c_ else 0
-    return out

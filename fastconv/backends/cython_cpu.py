@@ -410,11 +410,8 @@ def _grad_weight_direct(dy, x, w, p):
     part = np.empty((min(m, WEIGHT_CHUNKS), kh, kw * c_in, cp), x.dtype)
     _k.conv_grad_weight_direct(xp.reshape(-1), dyt.reshape(m, cp), xbase, part, wp * c_in, dh,
                                serial=_serial_after_fork)
-    total = part[0].copy()
-    for t in range(1, part.shape[0]):
-        total += part[t]
     return np.ascontiguousarray(
-        total.reshape(kh, kw, c_in, cp)[..., :c_out].transpose(3, 2, 0, 1))
+        _sum_chunks(part).reshape(kh, kw, c_in, cp)[..., :c_out].transpose(3, 2, 0, 1))
 
 
 # ------------------------------------------------------------------------------ Winograd
