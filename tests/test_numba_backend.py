@@ -157,9 +157,13 @@ def test_winograd_is_float32_only_and_reports_its_passes(rng):
 POOL_CASES = [
     ((2, 3, 8, 8), 2, dict(), "numba:k2s2"),
     ((2, 3, 9, 7), 2, dict(), "numba:k2s2"),
-    ((2, 3, 9, 7), 2, dict(ceil_mode=True), "numba:rows-s2"),
-    ((2, 3, 9, 7), 3, dict(stride=2, padding=1, ceil_mode=True), "numba:rows-s2"),
-    ((2, 3, 12, 11), (3, 4), dict(stride=(1, 2), padding=(1, 2), dilation=(2, 3)), "numba:rows-s2"),
+    ((2, 3, 9, 7), 2, dict(ceil_mode=True), "numba:parity-s2"),
+    ((2, 3, 9, 7), 3, dict(stride=2, padding=1, ceil_mode=True), "numba:parity-s2"),
+    ((2, 3, 12, 11), (3, 4), dict(stride=(1, 2), padding=(1, 2), dilation=(2, 3)), "numba:parity-s2"),
+    ((2, 3, 5, 33), 1, dict(stride=2), "numba:parity-s2"),  # most input columns never read
+    ((1, 2, 6, 40), (2, 3), dict(stride=2, padding=(1, 1), dilation=(1, 4), ceil_mode=True),
+     "numba:parity-s2"),
+    ((2, 2, 7, 37), 3, dict(stride=2, padding=1), "numba:parity-s2"),  # W_out 19: 2 blocks of 16
     ((2, 3, 9, 7), (3, 2), dict(stride=(2, 1), padding=(1, 1), dilation=(2, 1)), "numba:generic"),
     ((1, 2, 11, 10), 3, dict(stride=1, padding=1), "numba:generic"),
     ((1, 2, 11, 10), 3, dict(stride=3, padding=1, ceil_mode=True), "numba:generic"),

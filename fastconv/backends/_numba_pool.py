@@ -55,48 +55,75 @@ def max_pool_forward(x, y, idx, h0, hn, w0, wn, dh, dw):
     return y, idx
 
 
+VB = 16  # the parity kernel computes output columns in multiples of this (one zmm of float32)
+
+
 @njit(**PARALLEL)
-def max_pool_forward_s2(x, y, idx, h0, hn, w0, jlo, jhi, kw_, pw, dh, dw):
+def max_pool_forward_s2(x, y, idx, h0, hn, w0, kw_, pw, dh, dw, hp):
     """:func:`max_pool_forward` for column stride 2 (same results), vectorized over ow.
 
     Window ``(oh, ow)`` covers rows ``h0[oh] + i*dh`` for ``i < hn[oh]`` and the columns
-    ``ow*2 - pw + j*dw`` (j < kW) inside the input; tap column j is inside for
-    ``jlo[j] <= ow < jhi[j]``. These are the taps PyTorch visits (padding is -inf, so padded
-    taps never win), in the same row-major order. PyTorch's CPU rule, exactly: the argmax
-    starts at the first in-bounds tap ``(h0[oh], w0[ow])``, and a tap replaces the running
-    maximum when it is greater or NaN.
+    ``ow*2 - pw + j*dw`` (j < kW); columns outside the input are -inf, which is never taken.
+    These are the taps PyTorch visits, in the same row-major order, and PyTorch's CPU rule,
+    exactly: the argmax starts at the first in-bounds tap ``(h0[oh], w0[ow])``, and a tap
+    replaces the running maximum when it is greater or NaN. ``hp`` (at least
+    ``ceil(W_out/VB)*VB + dw*(kW-1)//2 + 1`` and ``(W + pw)//2 + 2``) is the length of each
+    parity half of the row buffer. Indices are computed in int32: the caller checks that
+    ``H*W`` leaves room.
     """
-    # Loop order: one task per (n, c) plane, owning its output plane. For each output row: tap
-    # row i, tap column j, then every output column at once (the running max and argmax live in
-    # the output row itself), so the innermost loop is a branch-free compare-and-select over
-    # ow that LLVM vectorizes (the stride is a constant 2: shuffles, not gathers), and each
-    # window still sees its taps in row-major order.
+    # Loop order: one task per (n, c) plane, owning its output plane. For each output row and
+    # window row: the input row is split by column parity into a -inf padded buffer (so tap j
+    # of output ow is the contiguous element ``pb_j + ow``: no stride-2 access, which LLVM
+    # compiles to gathers), then for each tap j one branch-free compare-and-select over every
+    # output column (a multiple of VB, so no scalar remainder), the running max and int32
+    # argmax living in two row buffers. Each window still sees its taps in row-major order.
     n_, c_, h_, w_ = x.shape
     ho, wo = y.shape[2], y.shape[3]
+    wv = (wo + VB - 1) // VB * VB
+    pe = (pw % 2) * hp + pw // 2  # where x[.., 2u] goes: parity and half-index of 2u + pw
+    po = ((pw + 1) % 2) * hp + (pw + 1) // 2  # where x[.., 2u + 1] goes
     x1 = x.ravel()
     y1 = y.ravel()
     i1 = idx.ravel()
     for t in prange(n_ * c_):
         prefer_wide_vectors()
+        par = np.empty(2 * hp, x.dtype)
+        for u in range(2 * hp):
+            par[u] = -np.inf  # the padding; only in-input columns are overwritten below
+        best = np.empty(wv, x.dtype)
+        arg = np.empty(wv, np.int32)
+        two = np.empty(wv, np.int32)
+        for ow in range(wv):
+            two[ow] = 2 * ow
+            arg[ow] = 0
         src = t * h_ * w_
         for oh in range(ho):
             dst = (t * ho + oh) * wo
             first = h0[oh] * w_
+            for ow in range(wv):
+                best[ow] = -np.inf
             for ow in range(wo):
-                y1[U(dst + ow)] = -np.inf
-                i1[U(dst + ow)] = first + w0[ow]
+                arg[ow] = np.int32(first + w0[ow])
             for i in range(hn[oh]):
                 row = (h0[oh] + i * dh) * w_
+                for u in range(w_ // 2):
+                    par[U(pe + u)] = x1[U(src + row + 2 * u)]
+                    par[U(po + u)] = x1[U(src + row + 2 * u + 1)]
+                if w_ % 2:
+                    cc = w_ - 1 + pw
+                    par[U((cc % 2) * hp + cc // 2)] = x1[U(src + row + w_ - 1)]
                 for j in range(kw_):
-                    col = j * dw - pw
-                    for ow in range(jlo[j], jhi[j]):
-                        at = row + ow * 2 + col
-                        v = x1[U(src + at)]
-                        b = y1[U(dst + ow)]
-                        a = i1[U(dst + ow)]
-                        take = v > b or v != v
-                        y1[U(dst + ow)] = v if take else b
-                        i1[U(dst + ow)] = at if take else a
+                    pb = (j * dw % 2) * hp + j * dw // 2
+                    at0 = np.int32(row + j * dw - pw)
+                    for ow in range(wv):
+                        v = par[U(pb + ow)]
+                        b = best[U(ow)]
+                        take = (v > b) | (v != v)  # bitwise: no branch, so it vectorizes
+                        best[U(ow)] = v if take else b
+                        arg[U(ow)] = (at0 + two[U(ow)]) if take else arg[U(ow)]
+            for ow in range(wo):
+                y1[U(dst + ow)] = best[U(ow)]
+                i1[U(dst + ow)] = arg[U(ow)]
     return y, idx
 
 

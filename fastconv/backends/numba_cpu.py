@@ -31,7 +31,7 @@ Algorithms (the name recorded for ``fastconv.last_algorithm``):
   one of 8 fixed pixel chunks (partial sums added in order).
 * ``numba:generic`` (``_numba_conv``): everything else (groups, depthwise, column dilation,
   strided few-channel layers): NHWC loops vectorized over the group's output channels.
-* Max-pool: ``numba:k2s2`` (2x2, stride 2, no padding), ``numba:rows-s2`` (column stride 2,
+* Max-pool: ``numba:k2s2`` (2x2, stride 2, no padding), ``numba:parity-s2`` (column stride 2,
   vectorized over output columns), else ``numba:generic`` (tap tables); backward
   ``numba:scatter``. All follow PyTorch's index rules exactly.
 
@@ -610,13 +610,11 @@ def max_pool2d(x, p):
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = p.kernel_hw, p.stride, p.padding, p.dilation
         h0, hn = _pool_taps(h, ho, kh, sh, ph, dh)
         w0, wn = _pool_taps(w, wo, kw, sw, pw, dw)
-        if sw == 2:
-            # output columns whose tap column j lies inside the input: 0 <= 2*ow - pw + j*dw < W
-            j = np.arange(kw, dtype=np.int64)
-            jlo = np.clip(-((j * dw - pw) // 2), 0, wo)
-            jhi = np.clip((w - 1 + pw - j * dw) // 2 + 1, jlo, wo)
-            thr.run(pool.max_pool_forward_s2, x, y, idx, h0, hn, w0, jlo, jhi, kw, pw, dh, dw)
-            record_algorithm("max_pool2d", "numba:rows-s2")
+        if sw == 2 and h * w < 2**31 - 4 * (w + kw * dw + pw):  # int32 indices
+            wv = -(-wo // pool.VB) * pool.VB
+            hp = max(wv + dw * (kw - 1) // 2 + 1, (w + pw) // 2 + 2)
+            thr.run(pool.max_pool_forward_s2, x, y, idx, h0, hn, w0, kw, pw, dh, dw, hp)
+            record_algorithm("max_pool2d", "numba:parity-s2")
         else:
             thr.run(pool.max_pool_forward, x, y, idx, h0, hn, w0, wn, dh, dw)
             record_algorithm("max_pool2d", "numba:generic")
