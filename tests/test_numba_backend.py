@@ -85,7 +85,7 @@ def test_conv_paths_match_torch(rng, x_shape, w_shape, kw, algo, dtype):
 
 @pytest.mark.parametrize("x_shape, w_shape, kw", [
     ((3, 6, 14, 14), (16, 6, 5, 5), {}),  # LeNet's second layer (shape D)
-    ((2, 4, 12, 11), (10, 4, 5, 3), dict(padding=2)),  # padded
+    ((2, 5, 12, 11), (10, 5, 5, 3), dict(padding=2)),  # padded
     ((2, 5, 11, 9), (11, 5, 3, 3), dict(padding=(2, 0), dilation=(2, 1))),  # row dilation
     ((2, 7, 6, 3), (9, 7, 4, 3), dict(padding="same")),  # a run longer than one block
 ])
@@ -97,6 +97,39 @@ def test_few_output_channels_take_the_16_channel_grad_weight_blocks(rng, x_shape
     assert "weight:direct-c16" in fc.last_algorithm("conv2d_backward")
     check_conv("numba", rng, x_shape, w_shape, dtype=np.float64, **kw)
     assert "weight:plane" in fc.last_algorithm("conv2d_backward")
+
+
+FUSED_CASES = [
+    ((5, 1, 28, 28), (32, 1, 3, 3), {}),  # shape A on 5 images (chunks of 1)
+    ((9, 1, 28, 28), (6, 1, 5, 5), dict(padding=2)),  # shape C on 9 images (uneven chunks)
+    ((2, 3, 11, 9), (7, 3, 3, 2), dict(padding=(1, 0), dilation=(2, 3))),
+    ((2, 2, 9, 8), (5, 2, 3, 3), dict(padding=3)),  # padding beyond the kernel's reach
+    ((3, 4, 7, 10), (12, 4, 4, 4), dict(padding="same")),  # uneven "same" padding
+    ((1, 1, 40, 3), (2, 1, 1, 3), {}),  # one output column per row
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape, w_shape, kw", FUSED_CASES)
+def test_first_layers_take_the_fused_backward(rng, x_shape, w_shape, kw, dtype):
+    """C_in <= 4, stride 1: dx, dw and db in one pass over dy (plane-fused)."""
+    check_conv("numba", rng, x_shape, w_shape, dtype=dtype, **kw)
+    assert fc.last_algorithm("conv2d_backward") == "numba:plane-fused(input,weight,bias)"
+
+
+@pytest.mark.parametrize("needs", [("input",), ("input", "bias"), ("input", "weight")])
+def test_fused_backward_computes_what_is_asked(rng, needs):
+    x = rng.standard_normal((3, 2, 10, 9)).astype(np.float32)
+    w = rng.standard_normal((8, 2, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((3, 8, 10, 9)).astype(np.float32)
+    full = fc.conv2d_backward(dy, x, w, padding=1, backend="numpy")
+    got = fc.conv2d_backward(dy, x, w, padding=1, backend="numba", needs=needs)
+    assert fc.last_algorithm("conv2d_backward") == f"numba:plane-fused({','.join(needs)})"
+    for name, g, ref in zip(("input", "weight", "bias"), got, full):
+        if name in needs:
+            np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-4)
+        else:
+            assert g is None
 
 
 @pytest.mark.parametrize("bias", [True, False])

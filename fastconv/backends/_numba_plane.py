@@ -13,6 +13,7 @@ zero-padded to a multiple of ``PCB``.
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit, prange
 
 from ._numba_options import PARALLEL, U
@@ -167,3 +168,127 @@ def plane_sums(a, part):
                     s += a1[U((n * c_ + c) * p_ + i)]
                 part[t, c] += s
     return part
+
+
+def _make_backward_fused(lanes):
+    """The fused plane backward with a ``lanes``-position grad-input register block (a closure
+    constant: each variant is compiled, and cached, once per dtype)."""
+
+    @njit(**PARALLEL)
+    def conv_backward_plane_fused(x, dy, wf, dx, pdw, pdb, pt, pl, dh, dw, hd, wd, hq, want):
+        """dx, and per-chunk partial sums of dw and db, of a stride-1 conv in one pass over dy.
+
+        ``wf`` (C_in, C_out, kH, kW) is the weight flipped in both taps. Layouts, per image:
+        ``dyp`` (C_out, hd, wd) is dy placed at (ry, rx) = (dh*(kH-1), dw*(kW-1)) in zeros,
+        with ``wd = W_out + 2*rx``; ``xq`` (C_in, hq, wd) is x placed at (ry + pt, rx + pl).
+        Then dx[h, w] = sum of wf * dyp at flat ``(h + pt)*wd + w + pl`` shifted by each tap,
+        dw[co, ci, kh, kw] = sum over q of dyp[co, q] * xq[ci, q + kh*dh*wd + kw*dw], and
+        db = sum of dy. ``want`` = (dx, dw, db) flags. Chunk t of ``T = pdw.shape[0]`` covers
+        images [t*N//T, (t+1)*N//T); the caller sums pdw and pdb over t in order, so the
+        result does not depend on the thread count. Every sum is the exact product sum of the
+        definition over the zero-padded planes, so x must be finite for dw (0 * inf).
+        """
+        # Loop order: one task per chunk of images, owning dx of those images and pdw[t],
+        # pdb[t]. Per image: dy is copied once into its padded plane (summing db on the way)
+        # and then read from cache by both products: grad-input as ``lanes`` consecutive flat
+        # positions x one input channel (taps and output channels in the reduction loop,
+        # broadcasting one weight), grad-weight as vectorized dot products over the plane.
+        n_, c_in, h_, w_ = x.shape
+        c_out, ho, wo = dy.shape[1], dy.shape[2], dy.shape[3]
+        kh_, kw_ = wf.shape[2], wf.shape[3]
+        t_ = pdw.shape[0]
+        ry, rx = dh * (kh_ - 1), dw * (kw_ - 1)
+        pd = hd * wd
+        pq = hq * wd
+        nq = (h_ * wd + lanes - 1) // lanes
+        base = pt * wd + pl
+        x1 = x.ravel()
+        d1 = dy.ravel()
+        w1 = wf.ravel()
+        o1 = dx.ravel()
+        for t in prange(t_):
+            dyp = np.zeros(c_out * pd, dy.dtype)
+            xq = np.zeros(c_in * pq, x.dtype)
+            acc = stack_array(lanes, dy.dtype)
+            pw1 = pdw[t].ravel()
+            for i in range(pw1.shape[0]):
+                pw1[i] = 0
+            for co in range(c_out):
+                pdb[t, co] = 0
+            zero = pdb[t, 0]
+            for n in range(t * n_ // t_, (t + 1) * n_ // t_):
+                for co in range(c_out):
+                    s = zero
+                    for oh in range(ho):
+                        src = ((n * c_out + co) * ho + oh) * wo
+                        dst = co * pd + (ry + oh) * wd + rx
+                        for ow in range(wo):
+                            v = d1[U(src + ow)]
+                            dyp[U(dst + ow)] = v
+                            s += v
+                    pdb[t, co] += s
+                if want[0]:
+                    for ci in range(c_in):
+                        for qb in range(nq):
+                            q0 = qb * lanes
+                            for j in range(lanes):
+                                acc[j] = 0
+                            for co in range(c_out):
+                                for kh in range(kh_):
+                                    for kw in range(kw_):
+                                        wv = w1[U(((ci * c_out + co) * kh_ + kh) * kw_ + kw)]
+                                        src = co * pd + base + q0 + kh * dh * wd + kw * dw
+                                        for j in range(lanes):
+                                            acc[j] += wv * dyp[U(src + j)]
+                            for h in range(q0 // wd, min((q0 + lanes - 1) // wd + 1, h_)):
+                                a = max(0, q0 - h * wd)
+                                b = min(w_, q0 + lanes - h * wd)
+                                dst = ((n * c_in + ci) * h_ + h) * w_
+                                for w in range(a, b):
+                                    o1[U(dst + w)] = acc[U(h * wd + w - q0)]
+                if want[1]:
+                    for ci in range(c_in):
+                        for h in range(h_):
+                            src = ((n * c_in + ci) * h_ + h) * w_
+                            dst = ci * pq + (ry + pt + h) * wd + rx + pl
+                            for w in range(w_):
+                                xq[U(dst + w)] = x1[U(src + w)]
+                    for co in range(c_out):
+                        for ci in range(c_in):
+                            for kh in range(kh_):
+                                kw = 0
+                                while kw < kw_:  # up to 3 taps per pass: dy loaded once
+                                    xo = ci * pq + kh * dh * wd + kw * dw
+                                    at = ((co * c_in + ci) * kh_ + kh) * kw_ + kw
+                                    s0 = zero
+                                    s1 = zero
+                                    s2 = zero
+                                    if kw + 3 <= kw_:
+                                        for q in range(ry * wd, (ry + ho) * wd):
+                                            d = dyp[U(co * pd + q)]
+                                            s0 += d * xq[U(xo + q)]
+                                            s1 += d * xq[U(xo + dw + q)]
+                                            s2 += d * xq[U(xo + 2 * dw + q)]
+                                        pw1[U(at + 2)] += s2
+                                        pw1[U(at + 1)] += s1
+                                        kw += 3
+                                    elif kw + 2 <= kw_:
+                                        for q in range(ry * wd, (ry + ho) * wd):
+                                            d = dyp[U(co * pd + q)]
+                                            s0 += d * xq[U(xo + q)]
+                                            s1 += d * xq[U(xo + dw + q)]
+                                        pw1[U(at + 1)] += s1
+                                        kw += 2
+                                    else:
+                                        for q in range(ry * wd, (ry + ho) * wd):
+                                            s0 += dyp[U(co * pd + q)] * xq[U(xo + q)]
+                                        kw += 1
+                                    pw1[U(at)] += s0
+        return dx
+
+    return conv_backward_plane_fused
+
+
+FUSED_LANES, FUSED_LANES64 = 128, 64  # 8 zmm accumulators of float32 / of float64
+conv_backward_plane_fused = _make_backward_fused(FUSED_LANES)
+conv_backward_plane_fused64 = _make_backward_fused(FUSED_LANES64)
