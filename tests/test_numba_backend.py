@@ -319,3 +319,14 @@ def test_fork_after_parallel_use_works():
         assert len(messages) == 1 and "fork" in messages[0], messages
     else:
         assert messages == []
+
+
+def test_large_pool_gradient_is_streamed_and_exact(rng, monkeypatch):
+    """dx of at least STREAM_MIN_BYTES is assembled per plane and written by non-temporal
+    stores: the result is still the scatter-add (threshold lowered so the case stays small;
+    odd plane sizes put the 64-byte line boundaries everywhere)."""
+    from fastconv.backends import _numba_pool
+
+    monkeypatch.setattr(_numba_pool, "STREAM_MIN_BYTES", 1)
+    check_pool("numba", rng, (3, 5, 13, 11), 3, stride=2, padding=1)
+    check_pool("numba", rng, (2, 4, 9, 9), 2, dtype=np.float64)

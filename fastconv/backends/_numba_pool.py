@@ -11,6 +11,7 @@ from numba import njit, prange
 
 from ._numba_options import PARALLEL, U
 from ._numba_stack import prefer_wide_vectors
+from ._numba_stream import STREAM_MIN_BYTES, store_fence, stream_copy  # noqa: F401
 
 
 @njit(**PARALLEL)
@@ -164,8 +165,11 @@ def max_pool_forward_k2s2(x, y, idx):
 
 
 @njit(**PARALLEL)
-def max_pool_backward(dy, idx, dx):
-    """dx (N, C, H, W) = 0, then dx.plane[idx] += dy for every output element."""
+def max_pool_backward(dy, idx, dx, stream):
+    """dx (N, C, H, W) = 0, then dx.plane[idx] += dy for every output element.
+
+    With ``stream``, each dx plane is assembled in a buffer and written by non-temporal stores
+    (see ``_numba_stream``)."""
     # Loop order: one task per (n, c) plane, owning its dx plane (windows overlap, so the
     # scatter-add stays inside one task): zero the plane (cache-hot for the scatter, and no
     # separate single-threaded memset), then the output elements in order.
@@ -176,9 +180,14 @@ def max_pool_backward(dy, idx, dx):
     x1 = dx.ravel()
     for t in prange(n_ * c_):
         src = t * ho * wo
-        dst = t * h_ * w_
+        out, dst = x1, t * h_ * w_
+        if stream:
+            out, dst = np.empty(h_ * w_, dx.dtype), 0
         for j in range(h_ * w_):
-            x1[U(dst + j)] = 0
+            out[U(dst + j)] = 0
         for j in range(ho * wo):
-            x1[U(dst + i1[U(src + j)])] += d1[U(src + j)]
+            out[U(dst + i1[U(src + j)])] += d1[U(src + j)]
+        if stream:
+            stream_copy(x1, t * h_ * w_, out, 0, h_ * w_)
+            store_fence()
     return dx

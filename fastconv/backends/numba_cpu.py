@@ -676,6 +676,6 @@ def max_pool2d_backward(dy, idx, input_shape):
     """dx of max_pool2d: each dy element added at its index in its input plane."""
     _, _, pool, thr = _kernels()
     dx = np.empty(input_shape, dy.dtype)
-    thr.run(pool.max_pool_backward, dy, idx, dx)
+    thr.run(pool.max_pool_backward, dy, idx, dx, dx.nbytes >= pool.STREAM_MIN_BYTES)
     record_algorithm("max_pool2d_backward", "numba:scatter")
     return dx
