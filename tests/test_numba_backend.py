@@ -99,6 +99,25 @@ def test_few_output_channels_take_the_16_channel_grad_weight_blocks(rng, x_shape
     assert "weight:plane" in fc.last_algorithm("conv2d_backward")
 
 
+@pytest.mark.parametrize("needs", [("input", "bias"), ("weight", "bias"), ("bias",),
+                                   ("input", "weight", "bias")])
+def test_winograd_backward_sums_db_while_laying_out_dy(rng, needs):
+    """db comes from the row sums of the pass that lays dy out for the first Winograd gradient
+    computed (dx's, else dw's), or from the plain sums when neither runs."""
+    x = rng.standard_normal((3, 32, 9, 10)).astype(np.float32)
+    w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((3, 64, 9, 10)).astype(np.float32)
+    full = fc.conv2d_backward(dy, x, w, padding=1, backend="numpy")
+    got = fc.conv2d_backward(dy, x, w, padding=1, backend="numba", needs=needs)
+    if needs != ("bias",):
+        assert "winograd" in fc.last_algorithm("conv2d_backward")
+    for name, g, ref in zip(("input", "weight", "bias"), got, full):
+        if name in needs:
+            np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-3)
+        else:
+            assert g is None
+
+
 FUSED_CASES = [
     ((5, 1, 28, 28), (32, 1, 3, 3), {}),  # shape A on 5 images (chunks of 1)
     ((9, 1, 28, 28), (6, 1, 5, 5), dict(padding=2)),  # shape C on 9 images (uneven chunks)

@@ -52,8 +52,11 @@ _A = ((1, 0), (1, 1), (1, -1), (0, -1))
 
 
 @njit(**PARALLEL)
-def pad_split(x, xq, pt, pl):
+def pad_split(x, xq, pt, pl, sums):
     """xq[n, pt + h, (pl + w) % 2, (pl + w) // 2, c] = x[n, c, h, w]; the rest of xq = 0.
+
+    Unless ``sums`` has no rows, also sums[n*Hp + pt + h, c] = sum over w of x[n, c, h, w]
+    (0 for padding rows): db on the way, when x is dy (summed over axis 0 by the caller).
 
     x (N, C, H, W) NCHW; xq (N, Hp, 2, Wq, Cq), Cq >= C: zero-padded NHWC with the columns
     split by parity, so that column 2*t + k of the padded input, for k in 0..3, lies at parity
@@ -68,6 +71,7 @@ def pad_split(x, xq, pt, pl):
     x1 = x.ravel()
     q1 = xq.ravel()
     plane = wq * cq
+    want_sums = sums.shape[0] > 0
     for t in prange(n_ * hp_):
         n = t // hp_
         h = t % hp_ - pt
@@ -75,6 +79,9 @@ def pad_split(x, xq, pt, pl):
         for i in range(2 * plane):
             q1[U(row + i)] = 0
         if h < 0 or h >= h_:
+            if want_sums:
+                for c in range(c_):
+                    sums[t, c] = 0
             continue
         src = (n * c_ * h_ + h) * w_
         for w in range(min(w_, 2 * wq - pl)):
@@ -82,6 +89,12 @@ def pad_split(x, xq, pt, pl):
             dst = row + (wp % 2) * plane + (wp // 2) * cq
             for c in range(c_):
                 q1[U(dst + c)] = x1[U(src + c * h_ * w_ + w)]
+        if want_sums:  # the row's C runs are still in cache
+            for c in range(c_):
+                acc = x1[U(src + c * h_ * w_)]
+                for w in range(1, w_):
+                    acc += x1[U(src + c * h_ * w_ + w)]
+                sums[t, c] = acc
     return xq
 
 

@@ -131,14 +131,24 @@ def _winograd_wide_enough(out_w: int) -> bool:
     return out_w >= 7
 
 
-def _winograd_input(wino, run, x, out_hw, pt, pl):
+def _winograd_input(wino, run, x, out_hw, pt, pl, sums=None):
     """x (N, C, H, W) laid out for the Winograd kernels (``pad_split``): padded by (pt, pl) at
     the top and left, to 2*TH + 2 rows and 2*TW + 2 columns for the TH x TW tiles of an output
-    of ``out_hw``."""
+    of ``out_hw``. With ``sums`` (a list), also appends the per-channel sums of x."""
     n, c = x.shape[:2]
     th, tw = -(-out_hw[0] // 2), -(-out_hw[1] // 2)
     xq = np.empty((n, 2 * th + 2, 2, tw + 1, c), x.dtype)
-    return run(wino.pad_split, x, xq, pt, pl)
+    return _pad_split(wino, run, x, xq, pt, pl, sums)
+
+
+def _pad_split(wino, run, x, xq, pt, pl, sums=None):
+    """``wino.pad_split`` of x into xq; with ``sums`` (a list), also appends x summed over
+    (N, H, W), from the row sums the kernel leaves (in a fixed order: deterministic)."""
+    rows = np.empty((xq.shape[0] * xq.shape[1] if sums is not None else 0, x.shape[1]), x.dtype)
+    run(wino.pad_split, x, xq, pt, pl, rows)
+    if sums is not None:
+        sums.append(rows.sum(axis=0, dtype=np.float64).astype(x.dtype))
+    return xq
 
 
 def _winograd_forward(wino, run, x, w, b, y, pt, pl, xq=None):
@@ -327,11 +337,12 @@ def _conv2d_backward_winograd(run, dy, x, w, p, needs):
     grads, algos = {}, []
     cp = _padded_channels(c_out)
     dyq = None  # dy padded by 2 - padding: the input of the dx pass, reused by the dw pass
+    db = [] if "bias" in needs else None  # summed by whichever pass lays dy out first
     if "input" in needs and max(pt, pl) <= 2 and _winograd_wide_enough(x.shape[3]):
         # dx = dy correlated with the flipped kernel, channels swapped, padded by 2 - padding
         dx = np.empty_like(x)
         wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-        dyq = _winograd_input(wino, run, dy, x.shape[2:], 2 - pt, 2 - pl)
+        dyq = _winograd_input(wino, run, dy, x.shape[2:], 2 - pt, 2 - pl, db)
         ok = _winograd_forward(wino, run, dy, wflip, None, dx, 2 - pt, 2 - pl, dyq)
         grads["input"] = dx if ok else None
         algos.append("input:winograd")
@@ -342,7 +353,9 @@ def _conv2d_backward_winograd(run, dy, x, w, p, needs):
             dq, dr, ds = dyq, 2 - pt, 2 - pl
         else:
             th, tw = -(-ho // 2), -(-wo // 2)
-            dq = run(wino.pad_split, dy, np.empty((n, 2 * th, 2, tw, cp), dy.dtype), 0, 0)
+            unsummed = db is not None and not db  # bias wanted, and no dx pass summed dy
+            dq = _pad_split(wino, run, dy, np.empty((n, 2 * th, 2, tw, cp), dy.dtype), 0, 0,
+                            db if unsummed else None)
             dr = ds = 0
         xq = _winograd_input(wino, run, x, (ho, wo), pt, pl)
         part = np.empty((min(n * -(-ho // 2), WEIGHT_CHUNKS), 16, c_in, cp), x.dtype)
@@ -351,7 +364,9 @@ def _conv2d_backward_winograd(run, dy, x, w, p, needs):
         grads["weight"] = wino.weight_from_transformed(du, c_out) if np.isfinite(du).all() \
             else None
         algos.append("weight:winograd")
-    if "bias" in needs:
+    if db:
+        grads["bias"] = db[0]
+    elif "bias" in needs:
         part = np.empty((min(n, WEIGHT_CHUNKS), c_out), dy.dtype)
         grads["bias"] = _sum_chunks(run(plane.plane_sums, dy.reshape(n, c_out, ho * wo), part))
     return grads, algos
