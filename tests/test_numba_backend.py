@@ -64,6 +64,10 @@ CONV_CASES = [
     ((1, 2, 5, 5), (3, 2, 2, 2), dict(padding=3), "numba:plane"),
     ((1, 1, 70, 3), (2, 1, 3, 3), dict(), "numba:plane"),  # many lane blocks, narrow rows
     ((2, 3, 7, 9), (64, 3, 3, 3), dict(), "numba:plane"),
+    # 6 x 64 blocks (5 or 6 channels), and dx of unpadded columns with rows wrapped at W
+    ((2, 6, 10, 12), (6, 6, 3, 3), dict(dilation=(1, 2)), "numba:plane"),
+    ((2, 5, 9, 8), (5, 5, 3, 2), dict(padding=(1, 0)), "numba:plane"),
+    ((2, 6, 8, 8), (7, 6, 3, 3), dict(padding=(0, 1)), "numba:plane"),
     # generic path: groups, depthwise, strided few-channel layers
     ((2, 4, 9, 8), (6, 2, 3, 2), dict(stride=(2, 1), padding=(1, 2), dilation=(2, 1), groups=2),
      "numba:generic"),

@@ -108,7 +108,10 @@ def _make_forward(lanes, pcb):
 # float32, 8 channels x 48 positions (24 zmm accumulators): 1.15-1.25x faster than 4 x 64 from
 # 8 channels on.
 conv_forward_plane = _make_forward(48, PCB)
-# float32, fewer output channels (grad-input of a first layer: one channel): 2 x 128.
+# float32, 5 or 6 output channels (LeNet's first layer, and the grad-input of its second):
+# 6 x 64 (24 zmm); 1.4x faster than 2 x 128 on D's grad-input.
+conv_forward_plane6 = _make_forward(64, 6)
+# float32, other counts below 8 (grad-input of a first layer: one channel): 2 x 128.
 conv_forward_plane_few = _make_forward(FEW_LANES, FEW_PCB)
 # float64: 4 channels x 64 positions (32 zmm); the float32 blocks above spill there.
 conv_forward_plane64 = _make_forward(64, PCB64)

@@ -71,25 +71,35 @@ def _plane_ok(p, c_in: int, c_out: int) -> bool:
     return p.groups == 1 and p.stride == (1, 1) and (c_in < 8 or c_out < 32)
 
 
-def _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dw):
-    """x zero-padded into (N, C, Hx, Wp), Wp = W_out + dw*(kW-1), with rows to spare below."""
+def _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dw, wrap=False):
+    """x zero-padded into (N, C, Hx, Wp), Wp = W_out + dw*(kW-1), with rows to spare below.
+
+    ``wrap``: Wp = W_out, for a layer whose left padding is the whole dilated kernel width and
+    whose input rows end at W_out (a grad-input of an unpadded layer): each row's right padding
+    is then the next row's left padding, and no computed column is dropped."""
     n, c = x.shape[:2]
     wp = wo + dw * (kw - 1)
+    if wrap:
+        assert pl == dw * (kw - 1) and x.shape[3] + pl == wo
+        wp = wo
     lanes = -(-ho * wp // plane.LANES) * plane.LANES
     hx = -(-(lanes + dh * (kh - 1) * wp + dw * (kw - 1)) // wp)
     return run(plane.pad_plane, x, np.empty((n, c, hx, wp), x.dtype), pt, pl)
 
 
-def _plane_forward(plane, run, x, wt_oihw, bias, out, pt, pl, dh, dw):
+def _plane_forward(plane, run, x, wt_oihw, bias, out, pt, pl, dh, dw, wrap=False):
     """out = conv(x, wt_oihw) + bias with stride 1 and (top, left) padding (pt, pl) via the
-    plane kernel; the bottom/right padding follows from out's size."""
+    plane kernel; the bottom/right padding follows from out's size (``wrap``: see
+    ``_plane_input``)."""
     c_out, c_in, kh, kw = wt_oihw.shape
     ho, wo = out.shape[2:]
-    xp = _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dw)
+    xp = _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dw, wrap)
     if x.dtype != np.float32:
         kernel, pcb = plane.conv_forward_plane64, plane.PCB64
     elif c_out >= plane.PCB:
         kernel, pcb = plane.conv_forward_plane, plane.PCB
+    elif c_out in (5, 6):
+        kernel, pcb = plane.conv_forward_plane6, 6
     else:
         kernel, pcb = plane.conv_forward_plane_few, plane.FEW_PCB
     cp = -(-c_out // pcb) * pcb
@@ -395,7 +405,8 @@ def _grad_input_plane(plane, run, dy, w, x_shape, p):
         return None
     dx = np.empty(x_shape, dy.dtype)
     wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-    return _plane_forward(plane, run, dy, wflip, None, dx, gt, gl, dh, dw_)
+    wrap = pl == 0 and p.pad_bottom_right()[1] == 0  # D: 252 -> 196 positions per plane
+    return _plane_forward(plane, run, dy, wflip, None, dx, gt, gl, dh, dw_, wrap)
 
 
 def _conv2d_backward_plane(run, dy, x, w, p, needs):
