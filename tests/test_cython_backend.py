@@ -117,6 +117,59 @@ def test_winograd_and_pointwise_partial_needs(rng):
             np.testing.assert_array_equal(part[i], full[i])
 
 
+# The fused plane backward of first layers (C_in <= 4, stride 1, groups 1, dx wanted).
+FUSED = "cython:plane-fused(input,weight,bias)"
+FUSED_CASES = [
+    ((5, 1, 28, 28), (32, 1, 3, 3), {}),  # shape A on 5 images (chunks of 1)
+    ((9, 1, 28, 28), (6, 1, 5, 5), dict(padding=2)),  # shape C on 9 images (uneven chunks)
+    ((2, 3, 11, 9), (7, 3, 3, 2), dict(padding=(1, 0), dilation=(2, 3))),  # 2-column pass
+    ((2, 2, 9, 8), (5, 2, 3, 3), dict(padding=3)),  # padding beyond the kernel's reach
+    ((3, 4, 7, 10), (12, 4, 4, 4), dict(padding="same")),  # uneven "same": 3 + 1 columns
+    ((1, 1, 40, 3), (2, 1, 1, 3), {}),  # one output column per row
+    # padding beyond the reach on a plane of several dx blocks: dy's rows run past the
+    # furthest row dx reads (the planes are sized for both)
+    ((2, 1, 40, 40), (2, 1, 1, 1), dict(padding=3)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_shape, w_shape, kw", FUSED_CASES)
+def test_first_layers_take_the_fused_backward(rng, x_shape, w_shape, kw, dtype):
+    """dx, dw and db in one pass over dy (each image's dy copied once into padded planes)."""
+    check_conv("cython", rng, x_shape, w_shape, dtype=dtype, **kw)
+    assert fc.last_algorithm("conv2d_backward") == FUSED
+
+
+@pytest.mark.parametrize("needs", [("input",), ("input", "bias"), ("input", "weight")])
+def test_fused_backward_computes_what_is_asked(rng, needs):
+    x = rng.standard_normal((3, 2, 10, 9)).astype(np.float32)
+    w = rng.standard_normal((8, 2, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((3, 8, 10, 9)).astype(np.float32)
+    full = fc.conv2d_backward(dy, x, w, padding=1, backend="numpy")
+    got = fc.conv2d_backward(dy, x, w, padding=1, backend="cython", needs=needs)
+    assert fc.last_algorithm("conv2d_backward") == f"cython:plane-fused({','.join(needs)})"
+    for name, g, ref in zip(("input", "weight", "bias"), got, full):
+        if name in needs:
+            np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-4)
+        else:
+            assert g is None
+
+
+def test_fused_backward_leaves_non_finite_x_to_the_exact_kernels(rng):
+    """The fused dot products meet x's zero padding: with an inf in x, dw takes the exact
+    kernels; dx alone (it never reads x) still takes the fused one."""
+    x = rng.standard_normal((2, 1, 12, 12)).astype(np.float32)
+    x[1, 0, 5, 0] = np.inf
+    w = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)
+    dy = rng.uniform(0.5, 1.5, (2, 8, 12, 12)).astype(np.float32)
+    fc.conv2d_backward(dy, x, w, padding=1, backend="cython")
+    assert "plane-fused" not in fc.last_algorithm("conv2d_backward")
+    dx = fc.conv2d_backward(dy, x, w, padding=1, backend="cython", needs=("input",))[0]
+    assert fc.last_algorithm("conv2d_backward") == "cython:plane-fused(input)"
+    np.testing.assert_allclose(dx, fc.conv2d_backward(dy, x, w, padding=1, backend="numpy",
+                                                      needs=("input",))[0], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("width, algo", [(8, "cython:direct-blocked"), (10, WINO)])
 def test_nan_propagates_to_exactly_the_outputs_it_touches(rng, width, algo):
     x = rng.standard_normal((1, 40, 8, width)).astype(np.float32)
@@ -147,11 +200,13 @@ def test_winograd_hands_non_finite_values_to_the_exact_kernels(rng, where):
 
 
 def _new_algorithm_results(fc_, np_):
-    """y, dx, dw, db of a Winograd layer (8 grad-weight chunks, paired dx) and a 1x1 layer."""
+    """y, dx, dw, db of a Winograd layer (8 grad-weight chunks, paired dx), a 1x1 layer and a
+    first layer (the fused plane backward: 8 image chunks, uneven)."""
     r = np_.random.default_rng(7)
     out = []
     for x_shape, w_shape, pad in (((4, 32, 18, 20), (64, 32, 3, 3), 1),
-                                  ((9, 48, 9, 10), (64, 48, 1, 1), 0)):
+                                  ((9, 48, 9, 10), (64, 48, 1, 1), 0),
+                                  ((11, 2, 20, 17), (6, 2, 5, 5), 2)):
         x = r.standard_normal(x_shape).astype(np_.float32)
         w = r.standard_normal(w_shape).astype(np_.float32)
         b = r.standard_normal(w_shape[0]).astype(np_.float32)
@@ -176,9 +231,9 @@ _THREADS_SCRIPT = textwrap.dedent(
 
 
 def test_winograd_and_pointwise_identical_for_one_and_two_threads():
-    """The Winograd grad-weight sums a fixed number of chunks (8) in order, the 1x1 grad-weight
-    8 fixed image chunks: bitwise the same result on 1 and 2 OpenMP threads (thread counts are
-    fixed when libgomp loads: one process each)."""
+    """The Winograd grad-weight sums a fixed number of chunks (8) in order, the 1x1 and the
+    fused grad-weights 8 fixed image chunks: bitwise the same result on 1 and 2 OpenMP threads
+    (thread counts are fixed when libgomp loads: one process each)."""
     script = _THREADS_SCRIPT.format(tests=str(REPO / "tests"))
     outs = []
     for threads in ("1", "2"):
@@ -190,6 +245,7 @@ def test_winograd_and_pointwise_identical_for_one_and_two_threads():
         outs.append(run.stdout.split())
     assert "cython:winograd(input:winograd,weight:winograd)" in outs[0]
     assert "cython:pointwise-gemm" in outs[0]
+    assert FUSED in outs[0]
     assert outs[0] == outs[1]
 
 
@@ -310,7 +366,7 @@ _DEBUG_SCRIPT = textwrap.dedent(
 # Adversarial but valid: 1x1 inputs and outputs, kernels as large as the padded input,
 # padding beyond the kernel reach, every tail, strides larger than the kernel, ceil-mode
 # windows hanging over the edge, a single column, channel counts of 1.
-_DEBUG_CONV = CONV_CASES + [c[:3] for c in WINO_CASES] + [
+_DEBUG_CONV = CONV_CASES + [c[:3] for c in WINO_CASES] + FUSED_CASES + [
     ((1, 1, 1, 1), (1, 1, 1, 1), dict()),
     ((1, 2, 3, 3), (65, 2, 3, 3), dict()),
     ((1, 2, 1, 1), (17, 2, 3, 3), dict(padding=1)),

@@ -1686,6 +1686,267 @@ def conv_grad_bias(const real[:, :, ::1] dy, real[::1] db, bint serial=False):
                 _db_channel(dy, db, c)
 
 
+# ------------------------------------------------------------------------------ fused backward
+#
+# The stride-1, groups-1 backward of a first layer (C_in <= 4; a port of the numba backend's
+# ``conv_backward_plane_fused``): one task per chunk of images, which copies each image's dy
+# ONCE into a zero-padded plane per output channel (per-thread scratch, in cache) and then
+# computes from there dx (blocks of consecutive positions of the padded-pitch grid x one input
+# channel, as the plane forward), dw (vectorized dot products over the plane, up to 3 kernel
+# columns per pass so that dy is loaded once for them) and db (lane sums over the plane).
+# Layouts, per thread: ``dyp`` (C_out, Pd): dy at row ry = dh*(kH-1), column rx = dw*(kW-1) of
+# a plane of pitch wd = W_out + 2*rx, zeros elsewhere; ``xq`` (C_in, Pq): x at row ry + pt,
+# column rx + pl, same pitch. Input pixel (h, w) sits at q = (h + pt)*wd + w + pl of dyp's
+# grid, and dx there reads q + kh*dh*wd + kw*dw of dyp with the flipped weight; output pixel
+# (oh, ow) of dyp, at q = (ry + oh)*wd + rx + ow, meets x of tap (kh, kw) at q + kh*dh*wd +
+# kw*dw of xq.
+
+cdef enum:
+    FXL32 = 128  # grad-input positions per register block, float32 (8 zmm accumulators)
+    FXL64 = 64   # ... float64
+    FVL = 32     # lanes of each fused grad-weight dot product (and of the bias sums)
+
+
+cdef inline int _fused_dx_128(const real[:, :, ::1] dyp, const real[:, :, :, ::1] wf,
+                              real[:, :, :, ::1] dx, Py_ssize_t tid, Py_ssize_t n,
+                              Py_ssize_t ci, Py_ssize_t q0, Py_ssize_t wd, Py_ssize_t base,
+                              Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
+    # 128 grid positions of dx channel ci: per (output channel, tap), one broadcast flipped
+    # weight times 128 contiguous dy values of the padded plane.
+    cdef Py_ssize_t C_out = wf.shape[1], KH = wf.shape[2], KW = wf.shape[3]
+    cdef Py_ssize_t H = dx.shape[2], W = dx.shape[3], co, kh, kw, j, src, h, a, b, d
+    cdef real acc[FXL32]
+    cdef real wv
+    for j in range(128):
+        acc[j] = 0
+    for co in range(C_out):
+        for kh in range(KH):
+            for kw in range(KW):
+                wv = wf[ci, co, kh, kw]
+                src = base + q0 + kh * dh * wd + kw * dw
+                for j in range(128):
+                    acc[j] += wv * dyp[tid, co, src + j]
+    # Row segments of the block into NCHW dx (the grid columns >= W drop).
+    for h in range(q0 // wd, _min((q0 + 128 - 1) // wd + 1, H)):
+        a = q0 - h * wd if q0 > h * wd else 0
+        b = _min(W, q0 + 128 - h * wd)
+        d = h * wd - q0
+        for j in range(a, b):
+            dx[n, ci, h, j] = acc[d + j]
+    return 0
+
+
+cdef inline int _fused_dx_64(const real[:, :, ::1] dyp, const real[:, :, :, ::1] wf,
+                             real[:, :, :, ::1] dx, Py_ssize_t tid, Py_ssize_t n,
+                             Py_ssize_t ci, Py_ssize_t q0, Py_ssize_t wd, Py_ssize_t base,
+                             Py_ssize_t dh, Py_ssize_t dw) except -1 nogil:
+    # 64 grid positions of dx channel ci (see _fused_dx_128).
+    cdef Py_ssize_t C_out = wf.shape[1], KH = wf.shape[2], KW = wf.shape[3]
+    cdef Py_ssize_t H = dx.shape[2], W = dx.shape[3], co, kh, kw, j, src, h, a, b, d
+    cdef real acc[FXL64]
+    cdef real wv
+    for j in range(64):
+        acc[j] = 0
+    for co in range(C_out):
+        for kh in range(KH):
+            for kw in range(KW):
+                wv = wf[ci, co, kh, kw]
+                src = base + q0 + kh * dh * wd + kw * dw
+                for j in range(64):
+                    acc[j] += wv * dyp[tid, co, src + j]
+    for h in range(q0 // wd, _min((q0 + 64 - 1) // wd + 1, H)):
+        a = q0 - h * wd if q0 > h * wd else 0
+        b = _min(W, q0 + 64 - h * wd)
+        d = h * wd - q0
+        for j in range(a, b):
+            dx[n, ci, h, j] = acc[d + j]
+    return 0
+
+
+# Fused grad-weight passes: 3, 2 or 1 consecutive kernel columns (kw, kw + 1, ...) of one
+# (co, ci, kh), over nb blocks of FVL grid positions from q0 (dy loaded once per block for all
+# of them), FVL lane partial sums each, added to the task's lanes pdw[t, co, ci, kh, kw, :]
+# (the caller adds the lanes: one reduction per weight, not per pass and image).
+
+cdef inline int _fused_dw3(const real[:, :, ::1] dyp, const real[:, :, ::1] xq,
+                           real[:, :, :, :, :, ::1] pdw, Py_ssize_t tid, Py_ssize_t t,
+                           Py_ssize_t co, Py_ssize_t ci, Py_ssize_t kh, Py_ssize_t kw,
+                           Py_ssize_t q0, Py_ssize_t xo, Py_ssize_t nb,
+                           Py_ssize_t dw) except -1 nogil:
+    cdef Py_ssize_t i, v, p
+    cdef real acc[3 * FVL]
+    cdef real d
+    for v in range(FVL):
+        acc[v] = pdw[t, co, ci, kh, kw, v]
+        acc[FVL + v] = pdw[t, co, ci, kh, kw + 1, v]
+        acc[2 * FVL + v] = pdw[t, co, ci, kh, kw + 2, v]
+    for i in range(nb):
+        p = q0 + i * FVL
+        for v in range(FVL):
+            d = dyp[tid, co, p + v]
+            acc[v] += d * xq[tid, ci, xo + p + v]
+            acc[FVL + v] += d * xq[tid, ci, xo + dw + p + v]
+            acc[2 * FVL + v] += d * xq[tid, ci, xo + 2 * dw + p + v]
+    for v in range(FVL):
+        pdw[t, co, ci, kh, kw, v] = acc[v]
+        pdw[t, co, ci, kh, kw + 1, v] = acc[FVL + v]
+        pdw[t, co, ci, kh, kw + 2, v] = acc[2 * FVL + v]
+    return 0
+
+
+cdef inline int _fused_dw2(const real[:, :, ::1] dyp, const real[:, :, ::1] xq,
+                           real[:, :, :, :, :, ::1] pdw, Py_ssize_t tid, Py_ssize_t t,
+                           Py_ssize_t co, Py_ssize_t ci, Py_ssize_t kh, Py_ssize_t kw,
+                           Py_ssize_t q0, Py_ssize_t xo, Py_ssize_t nb,
+                           Py_ssize_t dw) except -1 nogil:
+    cdef Py_ssize_t i, v, p
+    cdef real acc[2 * FVL]
+    cdef real d
+    for v in range(FVL):
+        acc[v] = pdw[t, co, ci, kh, kw, v]
+        acc[FVL + v] = pdw[t, co, ci, kh, kw + 1, v]
+    for i in range(nb):
+        p = q0 + i * FVL
+        for v in range(FVL):
+            d = dyp[tid, co, p + v]
+            acc[v] += d * xq[tid, ci, xo + p + v]
+            acc[FVL + v] += d * xq[tid, ci, xo + dw + p + v]
+    for v in range(FVL):
+        pdw[t, co, ci, kh, kw, v] = acc[v]
+        pdw[t, co, ci, kh, kw + 1, v] = acc[FVL + v]
+    return 0
+
+
+cdef inline int _fused_dw1(const real[:, :, ::1] dyp, const real[:, :, ::1] xq,
+                           real[:, :, :, :, :, ::1] pdw, Py_ssize_t tid, Py_ssize_t t,
+                           Py_ssize_t co, Py_ssize_t ci, Py_ssize_t kh, Py_ssize_t kw,
+                           Py_ssize_t q0, Py_ssize_t xo, Py_ssize_t nb) except -1 nogil:
+    cdef Py_ssize_t i, v, p
+    cdef real acc[FVL]
+    for v in range(FVL):
+        acc[v] = pdw[t, co, ci, kh, kw, v]
+    for i in range(nb):
+        p = q0 + i * FVL
+        for v in range(FVL):
+            acc[v] += dyp[tid, co, p + v] * xq[tid, ci, xo + p + v]
+    for v in range(FVL):
+        pdw[t, co, ci, kh, kw, v] = acc[v]
+    return 0
+
+
+cdef inline int _fused_db(const real[:, :, ::1] dyp, real[:, :, ::1] pdb, Py_ssize_t tid,
+                          Py_ssize_t t, Py_ssize_t co, Py_ssize_t q0,
+                          Py_ssize_t nb) except -1 nogil:
+    # pdb[t, co, :] += FVL lane sums of dy's plane (its zero padding included).
+    cdef Py_ssize_t i, v
+    cdef real acc[FVL]
+    for v in range(FVL):
+        acc[v] = pdb[t, co, v]
+    for i in range(nb):
+        for v in range(FVL):
+            acc[v] += dyp[tid, co, q0 + i * FVL + v]
+    for v in range(FVL):
+        pdb[t, co, v] = acc[v]
+    return 0
+
+
+cdef int _fused_task(const real[:, :, :, ::1] x, const real[:, :, :, ::1] dy,
+                     const real[:, :, :, ::1] wf, real[:, :, :, ::1] dx,
+                     real[:, :, :, :, :, ::1] pdw, real[:, :, ::1] pdb, real[:, :, ::1] dyp,
+                     real[:, :, ::1] xq, Py_ssize_t tid, Py_ssize_t t, Py_ssize_t pt,
+                     Py_ssize_t pl, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t wd, bint want_dw,
+                     bint want_db) except -1 nogil:
+    cdef Py_ssize_t N = x.shape[0], C_in = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t C_out = dy.shape[1], Ho = dy.shape[2], Wo = dy.shape[3]
+    cdef Py_ssize_t KH = wf.shape[2], KW = wf.shape[3], T = pdw.shape[0]
+    cdef Py_ssize_t ry = dh * (KH - 1), rx = dw * (KW - 1), base = pt * wd + pl
+    cdef Py_ssize_t lanes = FXL32 if real is float else FXL64, nq = _ceil_div(H * wd, lanes)
+    cdef Py_ssize_t nb = _ceil_div(Ho * wd, FVL), q0 = ry * wd
+    cdef Py_ssize_t n, co, ci, kh, kw, oh, h, j, dst, qb, xo
+    # Scratch of this thread: zero once per task; only the dy and x pixels change per image.
+    memset(&dyp[tid, 0, 0], 0, dyp.shape[1] * dyp.shape[2] * sizeof(real))
+    if want_dw:
+        memset(&xq[tid, 0, 0], 0, xq.shape[1] * xq.shape[2] * sizeof(real))
+    memset(&pdw[t, 0, 0, 0, 0, 0], 0, C_out * C_in * KH * KW * FVL * sizeof(real))
+    memset(&pdb[t, 0, 0], 0, C_out * FVL * sizeof(real))
+    for n in range(t * N // T, (t + 1) * N // T):
+        for co in range(C_out):
+            for oh in range(Ho):
+                dst = (ry + oh) * wd + rx
+                for j in range(Wo):
+                    dyp[tid, co, dst + j] = dy[n, co, oh, j]
+            if want_db:
+                _fused_db(dyp, pdb, tid, t, co, q0, nb)
+        for ci in range(C_in):
+            for qb in range(nq):
+                if real is float:
+                    _fused_dx_128(dyp, wf, dx, tid, n, ci, qb * FXL32, wd, base, dh, dw)
+                else:
+                    _fused_dx_64(dyp, wf, dx, tid, n, ci, qb * FXL64, wd, base, dh, dw)
+        if not want_dw:
+            continue
+        for ci in range(C_in):
+            for h in range(H):
+                dst = (ry + pt + h) * wd + rx + pl
+                for j in range(W):
+                    xq[tid, ci, dst + j] = x[n, ci, h, j]
+        for co in range(C_out):
+            for ci in range(C_in):
+                for kh in range(KH):
+                    kw = 0
+                    while kw < KW:
+                        xo = kh * dh * wd + kw * dw
+                        if kw + 3 <= KW:
+                            _fused_dw3(dyp, xq, pdw, tid, t, co, ci, kh, kw, q0, xo, nb, dw)
+                            kw += 3
+                        elif kw + 2 <= KW:
+                            _fused_dw2(dyp, xq, pdw, tid, t, co, ci, kh, kw, q0, xo, nb, dw)
+                            kw += 2
+                        else:
+                            _fused_dw1(dyp, xq, pdw, tid, t, co, ci, kh, kw, q0, xo, nb)
+                            kw += 1
+    return 0
+
+
+def conv_bwd_plane_fused(const real[:, :, :, ::1] x, const real[:, :, :, ::1] dy,
+                         const real[:, :, :, ::1] wf, real[:, :, :, ::1] dx,
+                         real[:, :, :, :, :, ::1] pdw, real[:, :, ::1] pdb,
+                         real[:, :, ::1] dyp, real[:, :, ::1] xq, Py_ssize_t pt,
+                         Py_ssize_t pl, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t wd,
+                         bint want_dw, bint want_db, bint serial=False):
+    """dx, and per-chunk partial sums ``pdw[t]`` (C_out, C_in, kH, kW, FVL) of dw and
+    ``pdb[t]`` (C_out, FVL) of db, of a stride-1, groups-1 convolution in one pass over dy
+    (see above), in FVL lanes each (dw and db are their sums over t and the lanes).
+
+    ``wf`` (C_in, C_out, kH, kW): the weight flipped in both taps. ``dyp`` (nt, C_out, Pd) and
+    ``xq`` (nt, C_in, Pq): per-thread scratch (nt = :func:`max_threads`, 1 when ``serial``)
+    with Pd >= max(ceil(H*wd/L)*L + (pt + ry)*wd + pl + rx, ry*wd + ceil(H_out*wd/FVL)*FVL)
+    and Pq >= 2*ry*wd + rx + ceil(H_out*wd/FVL)*FVL (L = 128 float32, 64 float64; wd =
+    W_out + 2*rx): every block of L or FVL positions reads inside its plane. The dot products
+    run over the whole padded grid, dropped columns included (0 * x there): the caller asks
+    for dw only when x is finite. Chunk t covers images [t*N//T, (t+1)*N//T); the caller sums
+    pdw and pdb over t in order (and then the lanes), so the result does not depend on the
+    thread count.
+    ``want_dw``/``want_db``: whether dw and db are computed (else pdw/pdb hold zeros; xq may
+    then be any (nt, 1, 1) array).
+
+    Loop order: one task per chunk of images, owning dx of its images and pdw[t], pdb[t]; per
+    image: dy into the padded planes (db lane sums on the way), dx per input channel and block
+    of L grid positions, x into its padded planes, then dw per (co, ci, kh, up to 3 kw).
+    """
+    cdef Py_ssize_t T = pdw.shape[0], t
+    cdef int nt = dyp.shape[0]
+    with nogil:
+        if serial:  # see _serial_after_fork in cython_cpu
+            for t in range(T):
+                _fused_task(x, dy, wf, dx, pdw, pdb, dyp, xq, 0, t, pt, pl, dh, dw, wd,
+                            want_dw, want_db)
+        else:
+            for t in prange(T, schedule="dynamic", num_threads=nt):
+                _fused_task(x, dy, wf, dx, pdw, pdb, dyp, xq, threadid(), t, pt, pl, dh, dw,
+                            wd, want_dw, want_db)
+
+
 # ------------------------------------------------------------------------------ max-pool
 
 

@@ -30,6 +30,13 @@ channels innermost), allocates outputs and picks an algorithm (the name recorded
 * grad-input: the forward kernels on ``dy`` padded by ``dilation*(k-1) - padding`` with the
   flipped, transposed weights; strided (groups 1): one direct forward per stride phase
   (``direct-phases``), else on the zero-inserted ``dy``.
+* ``plane-fused(<gradients>)``: the backward of a first layer (stride 1, groups 1, at most
+  ``FUSED_MAX_C_IN`` input channels) when dx is wanted: one task per fixed chunk of images
+  copies each image's dy once into zero-padded planes held in cache, and computes from there
+  dx (as the plane forward), dw (dot products over the planes, 3 kernel columns per pass)
+  and db; dw and db as 32-lane partial sums per chunk, added in order over the chunks, then
+  the lanes. dw only for a finite x (the dot products also meet the zero padding: 0 * inf),
+  else the exact kernels below.
 * grad-weight: ``direct-blocked`` (groups 1, unit column dilation: 6 run rows x 64 channels,
   or 24/12 x 16 for at most 16 output channels, over 8 fixed pixel chunks added in order);
   ``flat-blocked`` (stride 1, fewer than 8 input channels: 4 channels x 4 taps x 16 lanes over
@@ -95,6 +102,11 @@ FLAT_WEIGHT_MAX_CIN = 8
 SERIAL_MAX_ELEMENTS = 1 << 18
 #: Fixed number of pixel chunks of the direct grad-weight (partial sums added in order).
 WEIGHT_CHUNKS = 8
+#: Input channels up to which a stride-1, groups-1 backward that wants dx takes the fused
+#: plane kernel (first layers: dy, the largest array there, is read once for dx, dw and db).
+FUSED_MAX_C_IN = 4
+_FXL = {np.dtype(np.float32): 128, np.dtype(np.float64): 64}  # FXL32 / FXL64 in the .pyx
+_FVL = 32  # lanes of the fused grad-weight dot products (FVL in the .pyx)
 
 
 def unavailable_reason() -> str | None:
@@ -272,7 +284,50 @@ def conv2d_backward(dy, x, w, p, needs):
         return grads.get("input"), grads.get("weight"), grads.get("bias")
     if _pointwise_ok(p, x.dtype, p.out_hw) and c_out >= 64:
         return _conv2d_backward_pointwise(dy, x, w, needs)
+    if _fused_ok(p, c_in, needs) and ("weight" not in needs or np.isfinite(x).all()):
+        return _conv2d_backward_fused(dy, x, w, p, needs)
     return _conv2d_backward_exact(dy, x, w, p, needs)
+
+
+def _fused_ok(p, c_in, needs) -> bool:
+    """The fused plane backward serves first layers (stride 1, groups 1, C_in <= 4) when dx is
+    wanted: dy is then read once for dx, dw and db instead of once per gradient (and padded
+    twice)."""
+    return (p.groups == 1 and p.stride == (1, 1) and c_in <= FUSED_MAX_C_IN
+            and "input" in needs)
+
+
+def _conv2d_backward_fused(dy, x, w, p, needs):
+    """conv2d_backward of a first layer in one pass over dy (:func:`_k.conv_bwd_plane_fused`).
+    dw is computed only for a finite x (the caller checks)."""
+    n, c_in, h, w_ = x.shape
+    c_out, _, kh, kw = w.shape
+    ho, wo = p.out_hw
+    (dh, dw_), (pt, pl) = p.dilation, p.padding
+    ry, rx = dh * (kh - 1), dw_ * (kw - 1)
+    wd = wo + 2 * rx
+    lanes = _FXL[x.dtype]
+    grid = _round_up(ho * wd, _FVL)  # dw and db sum over whole FVL blocks of dy's grid
+    # Plane lengths: the furthest dx block's furthest tap, and dy's grid (dy lies inside it;
+    # with padding past the kernel's reach its rows go below the ones dx reads).
+    pd = max(_round_up(h * wd, lanes) + (pt + ry) * wd + pl + rx, ry * wd + grid)
+    pq = 2 * ry * wd + rx + grid
+    rows = _scratch_rows()
+    want_dw, want_db = "weight" in needs, "bias" in needs
+    chunks = min(n, WEIGHT_CHUNKS)
+    wf = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    dx = np.empty_like(x)
+    pdw = np.empty((chunks, c_out, c_in, kh, kw, _FVL), x.dtype)
+    pdb = np.empty((chunks, c_out, _FVL), x.dtype)
+    dyp = np.empty((rows, c_out, pd), x.dtype)
+    xq = np.empty((rows, c_in, pq) if want_dw else (1, 1, 1), x.dtype)
+    _k.conv_bwd_plane_fused(x, dy, wf, dx, pdw, pdb, dyp, xq, pt, pl, dh, dw_, wd, want_dw,
+                            want_db, serial=_serial_after_fork)
+    dwt = _sum_chunks(pdw).sum(axis=-1) if want_dw else None  # then the lanes
+    db = _sum_chunks(pdb).sum(axis=-1) if want_db else None
+    algos = [g for g in ("input", "weight", "bias") if g in needs]
+    record_algorithm("conv2d_backward", "cython:plane-fused(" + ",".join(algos) + ")")
+    return dx, dwt, db
 
 
 def _conv2d_backward_exact(dy, x, w, p, needs):
