@@ -129,6 +129,7 @@ FUSED_CASES = [
     ((2, 2, 9, 8), (5, 2, 3, 3), dict(padding=3)),  # padding beyond the kernel's reach
     ((3, 4, 7, 10), (12, 4, 4, 4), dict(padding="same")),  # uneven "same" padding
     ((1, 1, 40, 3), (2, 1, 1, 3), {}),  # one output column per row
+    ((1, 1, 100, 100), (2, 1, 1, 1), dict(padding=3)),  # dy taller than dx's reach
 ]
 
 

@@ -481,7 +481,7 @@ def _conv2d_backward_fused(plane, run, dy, x, w, p, needs):
         kernel, lanes = plane.conv_backward_plane_fused64, plane.FUSED_LANES64
     wd = wo + 2 * rx
     reach = -(-h * wd // lanes) * lanes + pt * wd + pl + ry * wd + rx  # furthest dx read + 1
-    hd = -(-reach // wd) + 1
+    hd = max(-(-reach // wd) + 1, ry + ho)  # dx's reads, and dy's own rows (padding > reach)
     hq = ho + 2 * ry + 1
     chunks = min(n, WEIGHT_CHUNKS)
     wf = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
