@@ -141,7 +141,8 @@ def test_first_layers_take_the_fused_backward(rng, x_shape, w_shape, kw, dtype):
     assert fc.last_algorithm("conv2d_backward") == "numba:plane-fused(input,weight,bias)"
 
 
-@pytest.mark.parametrize("needs", [("input",), ("input", "bias"), ("input", "weight")])
+@pytest.mark.parametrize("needs", [("input",), ("input", "bias"), ("input", "weight"),
+                                   ("weight", "bias"), ("weight",)])
 def test_fused_backward_computes_what_is_asked(rng, needs):
     x = rng.standard_normal((3, 2, 10, 9)).astype(np.float32)
     w = rng.standard_normal((8, 2, 3, 3)).astype(np.float32)

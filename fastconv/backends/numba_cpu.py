@@ -463,9 +463,10 @@ FUSED_MAX_C_IN = 4
 
 
 def _fused_ok(c_in, needs) -> bool:
-    """The fused plane backward serves first layers (C_in <= 4) when dx is wanted: dy, the
-    largest array there, is then read once for dx, dw and db instead of three times."""
-    return c_in <= FUSED_MAX_C_IN and "input" in needs
+    """The fused plane backward serves first layers (C_in <= 4) when dx or dw is wanted: dy, the
+    largest array there, is then read once for all of them instead of once per gradient. (In
+    training a first layer needs only dw and db: A 0.78 -> 0.63 ms, C 0.31 -> 0.26 ms.)"""
+    return c_in <= FUSED_MAX_C_IN and ("input" in needs or "weight" in needs)
 
 
 def _conv2d_backward_fused(plane, run, dy, x, w, p, needs):
@@ -485,11 +486,12 @@ def _conv2d_backward_fused(plane, run, dy, x, w, p, needs):
     hq = ho + 2 * ry + 1
     chunks = min(n, WEIGHT_CHUNKS)
     wf = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-    dx = np.empty_like(x)
+    dx = np.empty(x.shape if "input" in needs else (0, 0, 0, 0), x.dtype)
     pdw = np.empty((chunks, c_out, c_in, kh, kw), x.dtype)
     pdb = np.empty((chunks, c_out), x.dtype)
     want = np.array(["input" in needs, "weight" in needs, "bias" in needs])
     run(kernel, x, dy, wf, dx, pdw, pdb, pt, pl, dh, dw_, hd, wd, hq, want)
+    dx = dx if "input" in needs else None
     dwt = _sum_chunks(pdw) if "weight" in needs else None
     db = _sum_chunks(pdb) if "bias" in needs else None
     algos = [a for a in ("input", "weight", "bias") if a in needs]
