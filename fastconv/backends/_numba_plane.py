@@ -26,9 +26,13 @@ PCB64 = 4  # ... of the float64 variant
 
 
 @njit(**PARALLEL)
-def pad_plane(x, xp, pt, pl):
-    """xp[n, c, pt + h, pl + w] = x[n, c, h, w] where it fits; the rest of xp = 0."""
-    # Loop order: one task per (n, c) plane; rows, then contiguous columns.
+def pad_plane(x, xp, pt, pl, sums):
+    """xp[n, c, pt + h, pl + w] = x[n, c, h, w] where it fits; the rest of xp = 0.
+
+    Unless ``sums`` is empty, also sums[n*C + c] = the sum of plane x[n, c] (db on the way,
+    when x is dy)."""
+    # Loop order: one task per (n, c) plane; rows, then contiguous columns (the plane's sum
+    # after the copy, from cache).
     n_, c_, h_, w_ = x.shape
     hx, wp = xp.shape[2], xp.shape[3]
     wmax = min(w_, wp - pl)
@@ -49,6 +53,11 @@ def pad_plane(x, xp, pt, pl):
                 o1[U(dst + pl + j)] = x1[U(src + j)]
             for j in range(pl + wmax, wp):
                 o1[U(dst + j)] = 0
+        if sums.shape[0] > 0:
+            acc = x1[U(t * h_ * w_)]
+            for i in range(1, h_ * w_):
+                acc += x1[U(t * h_ * w_ + i)]
+            sums[t] = acc
     return xp
 
 

@@ -71,12 +71,13 @@ def _plane_ok(p, c_in: int, c_out: int) -> bool:
     return p.groups == 1 and p.stride == (1, 1) and (c_in < 8 or c_out < 32)
 
 
-def _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dw, wrap=False):
+def _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dw, wrap=False, sums=None):
     """x zero-padded into (N, C, Hx, Wp), Wp = W_out + dw*(kW-1), with rows to spare below.
 
     ``wrap``: Wp = W_out, for a layer whose left padding is the whole dilated kernel width and
     whose input rows end at W_out (a grad-input of an unpadded layer): each row's right padding
-    is then the next row's left padding, and no computed column is dropped."""
+    is then the next row's left padding, and no computed column is dropped. With ``sums`` (a
+    list), also appends x summed over (N, H, W)."""
     n, c = x.shape[:2]
     wp = wo + dw * (kw - 1)
     if wrap:
@@ -84,16 +85,20 @@ def _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dw, wrap=False):
         wp = wo
     lanes = -(-ho * wp // plane.LANES) * plane.LANES
     hx = -(-(lanes + dh * (kh - 1) * wp + dw * (kw - 1)) // wp)
-    return run(plane.pad_plane, x, np.empty((n, c, hx, wp), x.dtype), pt, pl)
+    planes = np.empty(n * c if sums is not None else 0, x.dtype)
+    xp = run(plane.pad_plane, x, np.empty((n, c, hx, wp), x.dtype), pt, pl, planes)
+    if sums is not None:
+        sums.append(planes.reshape(n, c).sum(axis=0, dtype=np.float64).astype(x.dtype))
+    return xp
 
 
-def _plane_forward(plane, run, x, wt_oihw, bias, out, pt, pl, dh, dw, wrap=False):
+def _plane_forward(plane, run, x, wt_oihw, bias, out, pt, pl, dh, dw, wrap=False, sums=None):
     """out = conv(x, wt_oihw) + bias with stride 1 and (top, left) padding (pt, pl) via the
-    plane kernel; the bottom/right padding follows from out's size (``wrap``: see
+    plane kernel; the bottom/right padding follows from out's size (``wrap``, ``sums``: see
     ``_plane_input``)."""
     c_out, c_in, kh, kw = wt_oihw.shape
     ho, wo = out.shape[2:]
-    xp = _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dw, wrap)
+    xp = _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dw, wrap, sums)
     if x.dtype != np.float32:
         kernel, pcb = plane.conv_forward_plane64, plane.PCB64
     elif c_out >= plane.PCB:
@@ -395,9 +400,10 @@ def _grad_weight_generic(conv, run, dyt, x, wr, w_shape, p):
     return dw, _sum_chunks(partb)
 
 
-def _grad_input_plane(plane, run, dy, w, x_shape, p):
+def _grad_input_plane(plane, run, dy, w, x_shape, p, sums=None):
     """dx (stride 1) as the plane forward of padded dy with the flipped, transposed weight;
-    None when the padding exceeds the dilated kernel (dy would need cropping)."""
+    None when the padding exceeds the dilated kernel (dy would need cropping). With ``sums`` (a
+    list), also appends db, summed while dy is laid out."""
     kh, kw = w.shape[2:]
     (dh, dw_), (pt, pl) = p.dilation, p.padding
     gt, gl = dh * (kh - 1) - pt, dw_ * (kw - 1) - pl
@@ -406,7 +412,7 @@ def _grad_input_plane(plane, run, dy, w, x_shape, p):
     dx = np.empty(x_shape, dy.dtype)
     wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
     wrap = pl == 0 and p.pad_bottom_right()[1] == 0  # D: 252 -> 196 positions per plane
-    return _plane_forward(plane, run, dy, wflip, None, dx, gt, gl, dh, dw_, wrap)
+    return _plane_forward(plane, run, dy, wflip, None, dx, gt, gl, dh, dw_, wrap, sums)
 
 
 def _conv2d_backward_plane(run, dy, x, w, p, needs):
@@ -421,8 +427,9 @@ def _conv2d_backward_plane(run, dy, x, w, p, needs):
     algos = []
     if _fused_ok(c_in, needs) and ("weight" not in needs or np.isfinite(x).all()):
         return _conv2d_backward_fused(plane, run, dy, x, w, p, needs)
+    db_sums = [] if "bias" in needs else None
     if "input" in needs:
-        dx = _grad_input_plane(plane, run, dy, w, x.shape, p)
+        dx = _grad_input_plane(plane, run, dy, w, x.shape, p, db_sums)
         if dx is not None:
             algos.append("input:plane")
         else:
@@ -446,13 +453,16 @@ def _conv2d_backward_plane(run, dy, x, w, p, needs):
     elif "weight" in needs:
         xp = _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dw_)
         wp = xp.shape[3]
-        dyq = run(plane.pad_plane, dy, np.empty((n, c_out, ho, wp), dy.dtype), 0, 0)
+        dyq = run(plane.pad_plane, dy, np.empty((n, c_out, ho, wp), dy.dtype), 0, 0,
+                  np.empty(0, dy.dtype))
         chunks = min(n, WEIGHT_CHUNKS)
         part = np.empty((chunks, c_out, c_in, kh, kw), x.dtype)
         run(plane.conv_grad_weight_plane, xp, dyq.reshape(n, c_out, ho * wp), part, dh, dw_)
         dwt = _sum_chunks(part)
         algos.append("weight:plane")
-    if "bias" in needs:
+    if db_sums:
+        db = db_sums[0]
+    elif "bias" in needs:
         part = np.empty((min(n, WEIGHT_CHUNKS), c_out), dy.dtype)
         db = _sum_chunks(run(plane.plane_sums, dy.reshape(n, c_out, ho * wo), part))
     record_algorithm("conv2d_backward", "numba:plane(" + ",".join(algos) + ")")
