@@ -19,13 +19,19 @@ import numpy as np
 from numba import njit, prange
 
 from ._numba_options import PARALLEL, U
+from ._numba_stack import stack_array
+
+TB = 16  # pad_nhwc's transpose tile: TB channels x TB columns
+TT = TB * TB
 
 
 @njit(**PARALLEL)
 def pad_nhwc(x, xp, pt, pl):
     """xp[n, pt + h, pl + w, c] = x[n, c, h, w]; the rest of xp (the padding) = 0."""
-    # Loop order: one task per padded row (n, hp); inside, c outer and w inner: contiguous reads
-    # of x, and the strided writes stay in one NHWC row (a few KiB, in L1).
+    # Loop order: one task per padded row (n, hp); inside, TB x TB (channel, column) tiles: TB
+    # contiguous reads of x per channel into a stack tile, then TB contiguous writes per column
+    # (F's 26 MB input: 4.6 -> 3.9 ms against channel-outer loops with strided writes); the
+    # channel and column tails one element at a time.
     n_, c_, h_, w_ = x.shape
     hp_, wp_ = xp.shape[1], xp.shape[2]
     wmax = min(w_, wp_ - pl)
@@ -45,7 +51,21 @@ def pad_nhwc(x, xp, pt, pl):
             xp1[U(row + i)] = 0
         src = (n * c_ * h_ + h) * w_
         dst = row + pl * c_
-        for c in range(c_):
+        tile = stack_array(TT, x.dtype)
+        cfull = c_ // TB * TB
+        wfull = wmax // TB * TB
+        for c0 in range(0, cfull, TB):
+            for w0 in range(0, wfull, TB):
+                for c in range(TB):
+                    for w in range(TB):
+                        tile[w * TB + c] = x1[U(src + (c0 + c) * h_ * w_ + w0 + w)]
+                for w in range(TB):
+                    for c in range(TB):
+                        xp1[U(dst + (w0 + w) * c_ + c0 + c)] = tile[w * TB + c]
+            for w in range(wfull, wmax):
+                for c in range(c0, c0 + TB):
+                    xp1[U(dst + w * c_ + c)] = x1[U(src + c * h_ * w_ + w)]
+        for c in range(cfull, c_):
             for w in range(wmax):
                 xp1[U(dst + w * c_ + c)] = x1[U(src + c * h_ * w_ + w)]
     return xp
