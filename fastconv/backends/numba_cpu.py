@@ -688,7 +688,7 @@ def max_pool2d(x, p):
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = p.kernel_hw, p.stride, p.padding, p.dilation
         h0, hn = _pool_taps(h, ho, kh, sh, ph, dh)
         w0, wn = _pool_taps(w, wo, kw, sw, pw, dw)
-        if sw == 2 and h * w < 2**31 - 4 * (w + kw * dw + pw):  # int32 indices
+        if sw == 2 and h * w < 2**31 - 4 * (w + kw * dw + pw) - 64:  # int32 indices
             wv = -(-wo // pool.VB) * pool.VB
             hp = max(wv + dw * (kw - 1) // 2 + 1, (w + pw) // 2 + 2)
             thr.run(pool.max_pool_forward_s2, x, y, idx, h0, hn, w0, kw, pw, dh, dw, hp)
