@@ -210,3 +210,22 @@ def check_pool(backend, rng, x_shape, kernel_size, *, stride=None, padding=0, di
     assert_close(y, ry, f"max_pool2d forward {case}")
     dx = fc.max_pool2d_backward(dy, idx, x.shape, backend=backend)
     assert_close(dx, rdx, f"max_pool2d backward {case}")
+
+
+def check_partial_needs(backend, rng, needs):
+    """Run a first-layer-shaped conv2d_backward (x (3, 2, 10, 9), w (8, 2, 3, 3), padding 1)
+    through ``backend`` with only ``needs``: assert None for every gradient not asked for and
+    the NumPy reference's values for the rest. Returns the backward algorithm recorded."""
+    x = rng.standard_normal((3, 2, 10, 9)).astype(np.float32)
+    w = rng.standard_normal((8, 2, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((3, 8, 10, 9)).astype(np.float32)
+    full = fc.conv2d_backward(dy, x, w, padding=1, backend="numpy")
+    got = fc.conv2d_backward(dy, x, w, padding=1, backend=backend, needs=needs)
+    algorithm = fc.last_algorithm("conv2d_backward")
+    for name, g, ref in zip(("input", "weight", "bias"), got, full):
+        if name in needs:
+            np.testing.assert_allclose(to_host(g), ref, rtol=1e-4, atol=1e-4,
+                                       err_msg=f"{backend} {name} with needs={needs}")
+        else:
+            assert g is None, f"{backend} computed {name}, not in needs={needs}"
+    return algorithm
