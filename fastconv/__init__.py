@@ -146,8 +146,10 @@ def max_pool2d_backward(dy, idx, input_shape, backend=None):
     dx : array ``input_shape`` of dy's dtype; each ``dy`` element is added at its index
         (overlapping windows accumulate).
     """
-    dy, idx, shape = _validate.max_pool2d_backward_args(dy, idx, input_shape)
+    dy, idx, shape = _validate.max_pool2d_backward_args(dy, idx, input_shape, check_range=False)
     module = resolve(backend, dy, idx)
+    if isinstance(idx, np.ndarray) and not getattr(module, "CHECKS_POOL_INDICES", False):
+        _validate.check_pool_indices(idx, shape)
     if _is_empty_host_batch(dy):
         return np.zeros(shape, dy.dtype)
     return module.max_pool2d_backward(dy, idx, shape)

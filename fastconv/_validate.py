@@ -301,12 +301,15 @@ def _every_window_hits_input(size, k, s, p, d, out) -> bool:
     return bool(((taps >= 0) & (taps < size)).any(axis=1).all())
 
 
-def max_pool2d_backward_args(dy, idx, input_shape):
+def max_pool2d_backward_args(dy, idx, input_shape, check_range=True):
     """Validate ``fastconv.max_pool2d_backward`` arguments.
 
     Returns ``(dy, idx, input_shape)`` with ``idx`` int64 and ``input_shape`` a 4-tuple of ints.
-    Indices are range-checked here (host arrays) so the scatter kernels never write out of bounds;
-    the CUDA backend checks device-resident indices on the device.
+    Indices of host arrays are range-checked here (:func:`check_pool_indices`) so the scatter
+    kernels never write out of bounds, unless ``check_range`` is False: for a backend whose
+    scatter kernel checks each index itself (``CHECKS_POOL_INDICES``), which saves a
+    single-threaded pass over idx (3.3 ms on P3's 51 MB). The CUDA backend checks
+    device-resident indices on the device.
     """
     _check_array("dy", dy)
     if idx is None or not (isinstance(idx, np.ndarray) or is_device_array(idx)):
@@ -326,18 +329,29 @@ def max_pool2d_backward_args(dy, idx, input_shape):
         raise ValueError(
             f"dy has shape {tuple(dy.shape)} but input_shape {shape} has (N, C) = {shape[:2]}"
         )
-    plane = shape[2] * shape[3]
     if isinstance(idx, np.ndarray):
         idx = np.ascontiguousarray(idx, dtype=np.int64)
-        # One pass: as uint64 a negative index is >= 2**63, so the maximum catches both ends.
-        if idx.size and idx.view(np.uint64).max() >= plane:
-            raise ValueError(
-                f"idx has values in [{idx.min()}, {idx.max()}], expected [0, {plane}) "
-                f"for input planes of {shape[2]}x{shape[3]}"
-            )
+        if check_range:
+            check_pool_indices(idx, shape)
     elif np.dtype(idx.dtype) != np.int64:
         raise TypeError(f"device idx has dtype {np.dtype(idx.dtype)}, expected int64")
     return contiguous(dy), idx, shape
+
+
+def check_pool_indices(idx, shape):
+    """ValueError unless every entry of the int64 host array ``idx`` lies in [0, H*W)."""
+    plane = shape[2] * shape[3]
+    # One pass: as uint64 a negative index is >= 2**63, so the maximum catches both ends.
+    if idx.size and idx.view(np.uint64).max() >= plane:
+        raise pool_index_error(idx, shape)
+
+
+def pool_index_error(idx, shape):
+    """The ValueError for out-of-range max-pool indices ``idx`` of input planes ``shape[2:]``."""
+    return ValueError(
+        f"idx has values in [{idx.min()}, {idx.max()}], expected [0, {shape[2] * shape[3]}) "
+        f"for input planes of {shape[2]}x{shape[3]}"
+    )
 
 
 def check_finite_scalar(name: str, v) -> float:

@@ -1,7 +1,8 @@
 """Numba max-pool kernels (NCHW), forward with PyTorch's exact indices, and backward.
 
-The kernels trust their arguments: ``fastconv._validate`` checked the geometry and that every
-index lies in ``[0, H*W)``.
+The forward kernels trust their arguments (``fastconv._validate`` checked the geometry); the
+backward range-checks every index itself as it scatters (``bad``), which saves the caller a
+separate single-threaded pass over idx.
 """
 
 from __future__ import annotations
@@ -165,9 +166,10 @@ def max_pool_forward_k2s2(x, y, idx):
 
 
 @njit(**PARALLEL)
-def max_pool_backward(dy, idx, dx, stream):
+def max_pool_backward(dy, idx, dx, stream, bad):
     """dx (N, C, H, W) = 0, then dx.plane[idx] += dy for every output element.
 
+    An index outside [0, H*W) is not written and sets ``bad[n*C + c]`` (the caller raises).
     With ``stream``, each dx plane is assembled in a buffer and written by non-temporal stores
     (see ``_numba_stream``)."""
     # Loop order: one task per (n, c) plane, owning its dx plane (windows overlap, so the
@@ -186,7 +188,11 @@ def max_pool_backward(dy, idx, dx, stream):
         for j in range(h_ * w_):
             out[U(dst + j)] = 0
         for j in range(ho * wo):
-            out[U(dst + i1[U(src + j)])] += d1[U(src + j)]
+            at = i1[U(src + j)]
+            if U(at) >= U(h_ * w_):  # as unsigned, a negative index is huge too
+                bad[t] = 1
+            else:
+                out[U(dst + at)] += d1[U(src + j)]
         if stream:
             stream_copy(x1, t * h_ * w_, out, 0, h_ * w_)
             store_fence()

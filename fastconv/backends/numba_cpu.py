@@ -51,6 +51,9 @@ from .._dispatch import last_algorithm, record_algorithm
 # Fixed number of grad-weight partial sums (images are split into this many chunks, summed
 # serially): the result is the same for every thread count.
 WEIGHT_CHUNKS = 8
+#: The scatter kernel range-checks the max-pool indices itself (``fastconv.max_pool2d_backward``
+#: then skips its separate single-threaded pass over them).
+CHECKS_POOL_INDICES = True
 
 
 def unavailable_reason():
@@ -711,9 +714,16 @@ def _pool_taps(size, out, k, s, pad, d):
 
 
 def max_pool2d_backward(dy, idx, input_shape):
-    """dx of max_pool2d: each dy element added at its index in its input plane."""
+    """dx of max_pool2d: each dy element added at its index in its input plane. The kernel
+    range-checks every index (``CHECKS_POOL_INDICES``): a ValueError, and no write, for any
+    outside its plane."""
+    from .._validate import pool_index_error
+
     _, _, pool, thr = _kernels()
     dx = np.empty(input_shape, dy.dtype)
-    thr.run(pool.max_pool_backward, dy, idx, dx, dx.nbytes >= pool.STREAM_MIN_BYTES)
+    bad = np.zeros(dy.shape[0] * dy.shape[1], np.uint8)
+    thr.run(pool.max_pool_backward, dy, idx, dx, dx.nbytes >= pool.STREAM_MIN_BYTES, bad)
+    if bad.any():
+        raise pool_index_error(idx, input_shape)
     record_algorithm("max_pool2d_backward", "numba:scatter")
     return dx
