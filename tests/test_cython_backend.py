@@ -337,9 +337,8 @@ _DEBUG_SCRIPT = textwrap.dedent(
     from helpers import check_conv, check_pool
     assert debug_kernels.BOUNDSCHECK, "the debug build has bounds checks off"
     # An out-of-bounds index must raise in this build (proves the checks are live).
-    try:  # an index past the plane, which fastconv._validate would have rejected
-        debug_kernels.max_pool_bwd(np.ones((1, 1, 1, 1)), np.full((1, 1, 1, 1), 4),
-                                   np.zeros((1, 4)))
+    try:  # a db shorter than dy's channels, which the caller never passes
+        debug_kernels.conv_grad_bias(np.ones((1, 2, 4)), np.zeros(1))
     except IndexError:
         pass
     else:

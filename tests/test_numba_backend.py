@@ -348,3 +348,9 @@ def test_large_pool_gradient_is_streamed_and_exact(rng, monkeypatch):
     monkeypatch.setattr(_numba_pool, "STREAM_MIN_BYTES", 1)
     check_pool("numba", rng, (3, 5, 13, 11), 3, stride=2, padding=1)
     check_pool("numba", rng, (2, 4, 9, 9), 2, dtype=np.float64)
+    # the kernel's own index check holds on this path too: one bad index, a clear error
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    y, idx = fc.max_pool2d(x, 2, backend="numba")
+    idx[1, 2, 3, 1] = 64
+    with pytest.raises(ValueError, match=r"idx has values in \[\d+, 64\], expected \[0, 64\)"):
+        fc.max_pool2d_backward(np.ones_like(y), idx, x.shape, backend="numba")

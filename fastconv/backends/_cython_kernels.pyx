@@ -21,7 +21,7 @@
 cimport cython
 from cython.parallel cimport prange, threadid
 from libc.math cimport isnan, INFINITY
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memset
 
 cdef extern from *:
@@ -2158,26 +2158,35 @@ def max_pool_fwd(const real[:, :, :, ::1] x, real[:, :, :, ::1] y, int64_t[:, :,
 
 
 cdef int _unpool_plane(const real[:, :, :, ::1] dy, const int64_t[:, :, :, ::1] idx,
-                        real[:, ::1] dx, Py_ssize_t n, Py_ssize_t c) except -1 nogil:
+                        real[:, ::1] dx, unsigned char[::1] bad, Py_ssize_t n,
+                        Py_ssize_t c) except -1 nogil:
     cdef Py_ssize_t Ho = dy.shape[2], Wo = dy.shape[3], P = dx.shape[1], t = n * dy.shape[1] + c
     cdef Py_ssize_t oh, ow
-    memset(&dx[t, 0], 0, P * sizeof(real))
+    cdef int64_t at
+    if P > 0:
+        memset(&dx[t, 0], 0, P * sizeof(real))
     for oh in range(Ho):
         for ow in range(Wo):
-            dx[t, idx[n, c, oh, ow]] += dy[n, c, oh, ow]
+            at = idx[n, c, oh, ow]
+            if <uint64_t>at >= <uint64_t>P:  # as unsigned, a negative index is huge too
+                bad[t] = 1
+            else:
+                dx[t, at] += dy[n, c, oh, ow]
+    return 0
 
 
 def max_pool_bwd(const real[:, :, :, ::1] dy, const int64_t[:, :, :, ::1] idx,
-                 real[:, ::1] dx, bint serial=False):
-    """Scatter-add ``dy`` into ``dx`` (N*C, H*W) at ``idx``; one task per plane."""
+                 real[:, ::1] dx, unsigned char[::1] bad, bint serial=False):
+    """Scatter-add ``dy`` into ``dx`` (N*C, H*W) at ``idx``; one task per plane. An index
+    outside [0, H*W) is not written and sets ``bad[n*C + c]`` (the caller raises)."""
     cdef Py_ssize_t N = dy.shape[0], C = dy.shape[1], t
     with nogil:
         if serial:  # see _serial_after_fork in cython_cpu
             for t in range(N * C):
-                _unpool_plane(dy, idx, dx, t // C, t % C)
+                _unpool_plane(dy, idx, dx, bad, t // C, t % C)
         else:
             for t in prange(N * C, schedule="dynamic", chunksize=C):
-                _unpool_plane(dy, idx, dx, t // C, t % C)
+                _unpool_plane(dy, idx, dx, bad, t // C, t % C)
 
 
 # ------------------------------------------------------------------------------ Winograd

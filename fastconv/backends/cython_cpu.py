@@ -102,6 +102,9 @@ FLAT_WEIGHT_MAX_CIN = 8
 SERIAL_MAX_ELEMENTS = 1 << 18
 #: Fixed number of pixel chunks of the direct grad-weight (partial sums added in order).
 WEIGHT_CHUNKS = 8
+#: The scatter kernel range-checks the max-pool indices itself (``fastconv.max_pool2d_backward``
+#: then skips its separate single-threaded pass over them).
+CHECKS_POOL_INDICES = True
 #: Input channels up to which a stride-1, groups-1 backward that wants dx takes the fused
 #: plane kernel (first layers: dy, the largest array there, is read once for dx, dw and db).
 FUSED_MAX_C_IN = 4
@@ -644,9 +647,16 @@ def max_pool2d(x, p):
 
 
 def max_pool2d_backward(dy, idx, input_shape):
-    """Scatter-add of ``dy`` at ``idx``; see ``fastconv.max_pool2d_backward``."""
+    """Scatter-add of ``dy`` at ``idx``; see ``fastconv.max_pool2d_backward``. The kernel
+    range-checks every index (``CHECKS_POOL_INDICES``): a ValueError, and no write, for any
+    outside its plane."""
+    from .._validate import pool_index_error
+
     n, c, h, w = input_shape
     dx = np.empty((n * c, h * w), dy.dtype)
-    _k.max_pool_bwd(dy, idx, dx, serial=_serial_after_fork)
+    bad = np.zeros(n * c, np.uint8)
+    _k.max_pool_bwd(dy, idx, dx, bad, serial=_serial_after_fork)
+    if bad.any():
+        raise pool_index_error(idx, input_shape)
     record_algorithm("max_pool2d_backward", "cython:scatter")
     return dx.reshape(input_shape)
