@@ -58,6 +58,7 @@ def max_pool_forward(x, y, idx, h0, hn, w0, wn, dh, dw):
 
 
 VB = 16  # the parity kernel computes output columns in multiples of this (one zmm of float32)
+TASKS = 256  # tasks of the plane loops that hold scratch: allocated once per task, not per plane
 
 
 @njit(**PARALLEL)
@@ -73,12 +74,13 @@ def max_pool_forward_s2(x, y, idx, h0, hn, w0, kw_, pw, dh, dw, hp):
     parity half of the row buffer. Indices are computed in int32: the caller checks that
     ``H*W`` leaves room.
     """
-    # Loop order: one task per (n, c) plane, owning its output plane. For each output row and
-    # window row: the input row is split by column parity into a -inf padded buffer (so tap j
-    # of output ow is the contiguous element ``pb_j + ow``: no stride-2 access, which LLVM
-    # compiles to gathers), then for each tap j one branch-free compare-and-select over every
-    # output column (a multiple of VB, so no scalar remainder), the running max and int32
-    # argmax living in two row buffers. Each window still sees its taps in row-major order.
+    # Loop order: one task per chunk of (n, c) planes (its row buffers allocated once), owning
+    # their output planes. For each output row and window row: the input row is split by column
+    # parity into a -inf padded buffer (so tap j of output ow is the contiguous element
+    # ``pb_j + ow``: no stride-2 access, which LLVM compiles to gathers), then for each tap j one
+    # branch-free compare-and-select over every output column (a multiple of VB, so no scalar
+    # remainder), the running max and int32 argmax living in two row buffers. Each window still
+    # sees its taps in row-major order.
     n_, c_, h_, w_ = x.shape
     ho, wo = y.shape[2], y.shape[3]
     wv = (wo + VB - 1) // VB * VB
@@ -87,7 +89,9 @@ def max_pool_forward_s2(x, y, idx, h0, hn, w0, kw_, pw, dh, dw, hp):
     x1 = x.ravel()
     y1 = y.ravel()
     i1 = idx.ravel()
-    for t in prange(n_ * c_):
+    planes = n_ * c_
+    tasks = min(planes, TASKS)
+    for task in prange(tasks):
         prefer_wide_vectors()
         par = np.empty(2 * hp, x.dtype)
         for u in range(2 * hp):
@@ -98,34 +102,35 @@ def max_pool_forward_s2(x, y, idx, h0, hn, w0, kw_, pw, dh, dw, hp):
         for ow in range(wv):
             two[ow] = 2 * ow
             arg[ow] = 0
-        src = t * h_ * w_
-        for oh in range(ho):
-            dst = (t * ho + oh) * wo
-            first = h0[oh] * w_
-            for ow in range(wv):
-                best[ow] = -np.inf
-            for ow in range(wo):
-                arg[ow] = np.int32(first + w0[ow])
-            for i in range(hn[oh]):
-                row = (h0[oh] + i * dh) * w_
-                for u in range(w_ // 2):
-                    par[U(pe + u)] = x1[U(src + row + 2 * u)]
-                    par[U(po + u)] = x1[U(src + row + 2 * u + 1)]
-                if w_ % 2:
-                    cc = w_ - 1 + pw
-                    par[U((cc % 2) * hp + cc // 2)] = x1[U(src + row + w_ - 1)]
-                for j in range(kw_):
-                    pb = (j * dw % 2) * hp + j * dw // 2
-                    at0 = np.int32(row + j * dw - pw)
-                    for ow in range(wv):
-                        v = par[U(pb + ow)]
-                        b = best[U(ow)]
-                        take = (v > b) | (v != v)  # bitwise: no branch, so it vectorizes
-                        best[U(ow)] = v if take else b
-                        arg[U(ow)] = (at0 + two[U(ow)]) if take else arg[U(ow)]
-            for ow in range(wo):
-                y1[U(dst + ow)] = best[U(ow)]
-                i1[U(dst + ow)] = arg[U(ow)]
+        for t in range(task * planes // tasks, (task + 1) * planes // tasks):
+            src = t * h_ * w_
+            for oh in range(ho):
+                dst = (t * ho + oh) * wo
+                first = h0[oh] * w_
+                for ow in range(wv):
+                    best[ow] = -np.inf
+                for ow in range(wo):
+                    arg[ow] = np.int32(first + w0[ow])
+                for i in range(hn[oh]):
+                    row = (h0[oh] + i * dh) * w_
+                    for u in range(w_ // 2):
+                        par[U(pe + u)] = x1[U(src + row + 2 * u)]
+                        par[U(po + u)] = x1[U(src + row + 2 * u + 1)]
+                    if w_ % 2:
+                        cc = w_ - 1 + pw
+                        par[U((cc % 2) * hp + cc // 2)] = x1[U(src + row + w_ - 1)]
+                    for j in range(kw_):
+                        pb = (j * dw % 2) * hp + j * dw // 2
+                        at0 = np.int32(row + j * dw - pw)
+                        for ow in range(wv):
+                            v = par[U(pb + ow)]
+                            b = best[U(ow)]
+                            take = (v > b) | (v != v)  # bitwise: no branch, so it vectorizes
+                            best[U(ow)] = v if take else b
+                            arg[U(ow)] = (at0 + two[U(ow)]) if take else arg[U(ow)]
+                for ow in range(wo):
+                    y1[U(dst + ow)] = best[U(ow)]
+                    i1[U(dst + ow)] = arg[U(ow)]
     return y, idx
 
 
@@ -172,28 +177,34 @@ def max_pool_backward(dy, idx, dx, stream, bad):
     An index outside [0, H*W) is not written and sets ``bad[n*C + c]`` (the caller raises).
     With ``stream``, each dx plane is assembled in a buffer and written by non-temporal stores
     (see ``_numba_stream``)."""
-    # Loop order: one task per (n, c) plane, owning its dx plane (windows overlap, so the
-    # scatter-add stays inside one task): zero the plane (cache-hot for the scatter, and no
-    # separate single-threaded memset), then the output elements in order.
+    # Loop order: one task per chunk of (n, c) planes (its stream buffer allocated once),
+    # owning their dx planes (windows overlap, so each scatter-add stays inside one task): per
+    # plane, zero it (cache-hot for the scatter, and no separate single-threaded memset), then
+    # the output elements in order.
     n_, c_, h_, w_ = dx.shape
     ho, wo = dy.shape[2], dy.shape[3]
     d1 = dy.ravel()
     i1 = idx.ravel()
     x1 = dx.ravel()
-    for t in prange(n_ * c_):
-        src = t * ho * wo
-        out, dst = x1, t * h_ * w_
+    planes = n_ * c_
+    tasks = min(planes, TASKS)
+    for task in prange(tasks):
+        buf = np.empty(h_ * w_ if stream else 0, dx.dtype)  # the plane assembled for streaming
+        for t in range(task * planes // tasks, (task + 1) * planes // tasks):
+            src = t * ho * wo
+            out, dst = x1, t * h_ * w_
+            if stream:
+                out, dst = buf, 0
+            for j in range(h_ * w_):
+                out[U(dst + j)] = 0
+            for j in range(ho * wo):
+                at = i1[U(src + j)]
+                if U(at) >= U(h_ * w_):  # as unsigned, a negative index is huge too
+                    bad[t] = 1
+                else:
+                    out[U(dst + at)] += d1[U(src + j)]
+            if stream:
+                stream_copy(x1, t * h_ * w_, buf, 0, h_ * w_)
         if stream:
-            out, dst = np.empty(h_ * w_, dx.dtype), 0
-        for j in range(h_ * w_):
-            out[U(dst + j)] = 0
-        for j in range(ho * wo):
-            at = i1[U(src + j)]
-            if U(at) >= U(h_ * w_):  # as unsigned, a negative index is huge too
-                bad[t] = 1
-            else:
-                out[U(dst + at)] += d1[U(src + j)]
-        if stream:
-            stream_copy(x1, t * h_ * w_, out, 0, h_ * w_)
             store_fence()
     return dx

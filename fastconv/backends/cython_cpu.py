@@ -56,6 +56,7 @@ import os
 import numpy as np
 
 from .._dispatch import last_algorithm, record_algorithm
+from .._validate import pool_index_error
 from ._openmp import forked_from_gnu_openmp_parent  # (sets OMP_WAIT_POLICY first)
 from ._winograd_transforms import (HALF, transform_weight, transform_weight_paired,
                                    weight_from_transformed)
@@ -650,8 +651,6 @@ def max_pool2d_backward(dy, idx, input_shape):
     """Scatter-add of ``dy`` at ``idx``; see ``fastconv.max_pool2d_backward``. The kernel
     range-checks every index (``CHECKS_POOL_INDICES``): a ValueError, and no write, for any
     outside its plane."""
-    from .._validate import pool_index_error
-
     n, c, h, w = input_shape
     dx = np.empty((n * c, h * w), dy.dtype)
     bad = np.zeros(n * c, np.uint8)

@@ -47,6 +47,7 @@ import math
 import numpy as np
 
 from .._dispatch import last_algorithm, record_algorithm
+from .._validate import pool_index_error
 
 # Fixed number of grad-weight partial sums (images are split into this many chunks, summed
 # serially): the result is the same for every thread count.
@@ -428,7 +429,9 @@ def _conv2d_backward_plane(run, dy, x, w, p, needs):
     (dh, dw_), (pt, pl) = p.dilation, p.padding
     dx = dwt = db = None
     algos = []
-    if _fused_ok(c_in, needs) and ("weight" not in needs or np.isfinite(x).all()):
+    # dw by products over padded planes (0 * inf) needs a finite x; else the exact kernels
+    x_finite = "weight" not in needs or bool(np.isfinite(x).all())
+    if _fused_ok(c_in, needs) and x_finite:
         return _conv2d_backward_fused(plane, run, dy, x, w, p, needs)
     db_sums = [] if "bias" in needs else None
     if "input" in needs:
@@ -443,7 +446,7 @@ def _conv2d_backward_plane(run, dy, x, w, p, needs):
             run(conv.conv_grad_input_generic, dyt, _weight_gkkio(w, 1), dxp, 1, 1, dh, dw_)
             run(conv.crop_nhwc_to_nchw, dxp, dx, pt, pl)
             algos.append("input:generic")
-    if "weight" in needs and not np.isfinite(x).all():
+    if "weight" in needs and not x_finite:
         # The plane dot products also run over the dropped columns, where dy is 0: 0 * inf or
         # NaN there would reach weights PyTorch keeps finite. Rare input, exact path.
         conv = _kernels()[0]
@@ -717,8 +720,6 @@ def max_pool2d_backward(dy, idx, input_shape):
     """dx of max_pool2d: each dy element added at its index in its input plane. The kernel
     range-checks every index (``CHECKS_POOL_INDICES``): a ValueError, and no write, for any
     outside its plane."""
-    from .._validate import pool_index_error
-
     _, _, pool, thr = _kernels()
     dx = np.empty(input_shape, dy.dtype)
     bad = np.zeros(dy.shape[0] * dy.shape[1], np.uint8)
