@@ -25,7 +25,8 @@ numba = pytest.importorskip("numba")
 DTYPES = [np.float32, np.float64]
 
 WINO = "numba:winograd-f2x2"
-DIRECT = "numba:direct-nhwc-c64"
+DIRECT = "numba:direct-nhwc-c64"  # the AVX-512 block (the 256-bit one: "numba:direct-nhwc-v256")
+DIRECT_FAMILY = "numba:direct-nhwc-"  # either block, as this CPU chooses
 POINTWISE = "numba:pointwise-gemm"
 
 # (x_shape, w_shape, kwargs, forward algorithm expected: one name, or (float32, float64))
@@ -45,16 +46,18 @@ CONV_CASES = [
     ((2, 70, 8, 9), (64, 70, 1, 1), dict(), (POINTWISE, DIRECT)),
     ((3, 33, 5, 13), (130, 33, 1, 1), dict(), (POINTWISE, DIRECT)),
     # register-blocked direct path: tail columns, C_out padded to 64, strides, row dilation
-    ((2, 8, 7, 9), (64, 8, 3, 3), dict(), "numba:direct-nhwc-c64"),
-    ((2, 3, 7, 9), (64, 3, 3, 3), dict(stride=(1, 2)), "numba:direct-nhwc-c64"),
-    ((2, 33, 7, 6), (70, 33, 3, 3), dict(padding=1), "numba:direct-nhwc-c64"),
+    ((2, 8, 7, 9), (64, 8, 3, 3), dict(), DIRECT),
+    ((2, 3, 7, 9), (64, 3, 3, 3), dict(stride=(1, 2)), DIRECT),
+    ((2, 33, 7, 6), (70, 33, 3, 3), dict(padding=1), DIRECT),
     ((2, 40, 6, 9), (40, 40, 3, 2), dict(stride=(2, 1), padding=(1, 0), dilation=(2, 1)),
-     "numba:direct-nhwc-c64"),
-    ((2, 35, 8, 7), (40, 35, 4, 2), dict(padding="same", dilation=(2, 1)), "numba:direct-nhwc-c64"),
-    ((1, 64, 5, 5), (64, 64, 1, 1), dict(), "numba:direct-nhwc-c64"),
-    ((2, 32, 9, 9), (64, 32, 3, 3), dict(stride=2, padding=1), "numba:direct-nhwc-c64"),
-    ((1, 32, 4, 3), (32, 32, 3, 3), dict(padding=(3, 1)), "numba:direct-nhwc-c64"),  # pad > kernel
-    ((2, 8, 5, 3), (64, 8, 3, 2), dict(), "numba:direct-nhwc-c64"),  # rows narrower than a block
+     DIRECT),
+    ((2, 35, 8, 7), (40, 35, 4, 2), dict(padding="same", dilation=(2, 1)), DIRECT),
+    ((1, 64, 5, 5), (64, 64, 1, 1), dict(), DIRECT),
+    ((2, 32, 9, 9), (64, 32, 3, 3), dict(stride=2, padding=1), DIRECT),
+    ((1, 32, 4, 3), (32, 32, 3, 3), dict(padding=(3, 1)), DIRECT),  # pad > kernel
+    ((2, 8, 5, 3), (64, 8, 3, 2), dict(), DIRECT),  # rows narrower than a block
+    ((2, 16, 7, 7), (40, 16, 3, 3), dict(), DIRECT),  # 5 columns: narrower than a 256-bit block
+    ((2, 1, 9, 9), (32, 1, 3, 3), dict(stride=2), DIRECT),  # a run (kW*C_in) shorter than a block
     # padded-plane path (few channels, stride 1): first layers, dilation, even kernels, padding
     # larger than the kernel (grad-input falls back to the generic scatter)
     ((2, 1, 12, 11), (32, 1, 3, 3), dict(), "numba:plane"),
@@ -77,11 +80,24 @@ CONV_CASES = [
 ]
 
 
+@pytest.fixture(params=[512, 256], ids=["v512", "v256"])
+def vector_bits(request, monkeypatch):
+    """Both families of register-blocked kernels, whatever this CPU: the LLVM-vectorized ones
+    tuned for AVX-512 and the explicit 256-bit ones (``_numba_simd``); each is correct on any
+    CPU, only its speed depends on the vector registers there."""
+    from fastconv.backends import _numba_simd
+
+    monkeypatch.setattr(_numba_simd, "WIDE_VECTORS", request.param == 512)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("x_shape, w_shape, kw, algo", CONV_CASES)
-def test_conv_paths_match_torch(rng, x_shape, w_shape, kw, algo, dtype):
+def test_conv_paths_match_torch(rng, x_shape, w_shape, kw, algo, dtype, vector_bits):
     if isinstance(algo, tuple):
         algo = algo[0] if dtype == np.float32 else algo[1]
+    if algo == DIRECT and vector_bits == 256:
+        algo = "numba:direct-nhwc-v256"
     check_conv("numba", rng, x_shape, w_shape, dtype=dtype, **kw)
     fc.conv2d(np.zeros(x_shape, dtype), np.zeros(w_shape, dtype), backend="numba", **kw)
     assert fc.last_algorithm("conv2d") == algo
@@ -173,7 +189,7 @@ def test_nan_propagates_to_exactly_the_outputs_it_touches(rng, width, algo):
     assert np.isnan(y[0][:, touched]).all()
     assert not np.isnan(y[0][:, ~touched]).any()
     # Winograd mixes a whole 4x4 input tile, so it noticed the NaN and ran the exact kernel
-    assert fc.last_algorithm("conv2d") == DIRECT
+    assert fc.last_algorithm("conv2d").startswith(DIRECT_FAMILY)
 
 
 @pytest.mark.parametrize("where", WINOGRAD_NON_FINITE)
@@ -184,7 +200,7 @@ def test_winograd_hands_non_finite_values_to_the_exact_kernels(rng, where):
     took over where the transforms saw a non-finite value."""
     pytest.importorskip("torch")
     forward, backward = check_winograd_non_finite("numba", rng, where)
-    assert forward == (WINO if where in ("dy", "b") else DIRECT)
+    assert forward.startswith(WINO if where in ("dy", "b") else DIRECT_FAMILY)
     assert backward.startswith("numba:winograd(input:winograd,weight:winograd)")
     assert ("+numba:" in backward) == (where != "b"), backward
 
@@ -199,7 +215,7 @@ def test_winograd_is_float32_only_and_reports_its_passes(rng):
     assert fc.last_algorithm("conv2d_backward") == \
         "numba:winograd(input:winograd,weight:winograd)"
     fc.conv2d(x, w, backend="numba")
-    assert fc.last_algorithm("conv2d") == DIRECT
+    assert fc.last_algorithm("conv2d").startswith(DIRECT_FAMILY)
 
 
 # --------------------------------------------------------------------------------- pool

@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._numba_options import PARALLEL, U
+from ._numba_simd import vfma, vload, vsplat, vstore, vzero
 from ._numba_stack import stack_array
 
 CB = 64  # output channels per register block (the padding unit of Cp)
@@ -261,3 +262,133 @@ def conv_grad_weight_c16(x1, xw, hp_, xbase, dy4, part, dh):
             for i in range(ACC16):
                 p1[U(pb + r0 * C16 + i)] = acc[U(i)]
     return part
+
+
+# ----------------------------------------------------------- 256-bit register blocks (AVX2)
+
+VOB = 6  # output columns per block of the explicit-vector forward kernel
+VNV = 2  # vectors of output channels per block: 6 x 2 accumulators + 2 weights + 1 broadcast
+
+
+def _make_forward_vec(lanes):
+    """:func:`conv_forward_direct` with an explicit VOB x (VNV*lanes) block of ``lanes``-wide
+    vectors (``_numba_simd``), for CPUs without AVX-512; Cp must be a multiple of VNV*lanes."""
+    vc = VNV * lanes  # output channels per block
+    nacc = VOB * vc
+
+    @njit(**PARALLEL)
+    def conv_forward_direct_vec(xp2, wk, bias, y1, ys, co_, ho, wo, c_in, sh, sw, dh, x0):
+        """The contract of :func:`conv_forward_direct` (same arguments, same result)."""
+        # Loop order: as conv_forward_direct, with VOB columns x vc channels per block: per run
+        # element r, two weight vectors are loaded once and used by all VOB columns, each
+        # column broadcasting its one input value (12 FMAs per 2 loads + 6 broadcasts).
+        n_, hp_, xw = xp2.shape
+        kh_, r_, cp = wk.shape
+        y0, ysn, ysc, ysh, ysw = ys[0], ys[1], ys[2], ys[3], ys[4]
+        x1 = xp2.ravel()
+        w1 = wk.ravel()
+        # Blocks of VOB columns, the last shifted left to end at W_out; rows narrower than VOB
+        # run as one block of ``wo`` columns, the unused columns reading column 0.
+        nblk = (wo + VOB - 1) // VOB if wo >= VOB else 1
+        step = sw * c_in
+        for t in prange(n_ * ho):
+            n = t // ho
+            oh = t % ho
+            row = np.empty(max(wo, VOB) * cp, dtype=y1.dtype)
+            acc = stack_array(nacc, y1.dtype)
+            for cb in range(0, cp, vc):
+                for ob in range(nblk):
+                    ow0 = min(ob * VOB, wo - VOB) if wo >= VOB else 0
+                    for i in range(VOB * VNV):
+                        vstore(acc, i * lanes, vzero(acc))
+                    for kh in range(kh_):
+                        xb = x0 + (n * hp_ + oh * sh + kh * dh) * xw + ow0 * step
+                        wb = kh * r_ * cp + cb
+                        for r in range(r_):
+                            wa = vload(w1, U(wb + r * cp))
+                            wz = vload(w1, U(wb + r * cp + lanes))
+                            for c in range(VOB):
+                                cc = c if wo >= VOB or c < wo else 0
+                                xv = vsplat(x1[U(xb + cc * step + r)])
+                                k = 2 * c * lanes
+                                vstore(acc, k, vfma(xv, wa, vload(acc, k)))
+                                vstore(acc, k + lanes, vfma(xv, wz, vload(acc, k + lanes)))
+                    for c in range(VOB):
+                        for o in range(vc):
+                            row[U((ow0 + c) * cp + cb + o)] = acc[U(c * vc + o)] + bias[U(cb + o)]
+            for co in range(co_):
+                dst = y0 + n * ysn + co * ysc + oh * ysh
+                for ow in range(wo):
+                    y1[U(dst + ow * ysw)] = row[U(ow * cp + co)]
+        return y1
+
+    return conv_forward_direct_vec
+
+
+conv_forward_direct_vec32 = _make_forward_vec(8)
+conv_forward_direct_vec64 = _make_forward_vec(4)
+
+
+def _make_grad_weight_vec(lanes):
+    """:func:`conv_grad_weight_direct` with an explicit VOB run-row x (VNV*lanes) channel
+    block of ``lanes``-wide vectors, for CPUs without AVX-512; Cp must be a multiple of
+    VNV*lanes."""
+    vc = VNV * lanes
+    nacc = VOB * vc
+
+    @njit(**PARALLEL)
+    def conv_grad_weight_direct_vec(xp2, dyt, xbase, part, c_in, dh):
+        """The contract of :func:`conv_grad_weight_direct` (same arguments, same result up to
+        rounding: the same sums over the same pixel chunks)."""
+        # Loop order: one task per (pixel chunk, kernel row, channel block), owning
+        # part[t, kh, :, cb:cb+vc]; sub-chunks of MCHUNK pixels, then blocks of VOB run rows,
+        # then the pixels: two dy vectors loaded once for VOB broadcasts of x (12 FMAs). The
+        # last, partial block of run rows recomputes rows of the one before it (same result,
+        # written once).
+        n_, hp_, xw = xp2.shape
+        t_, kh_, r_, cp = part.shape
+        m_ = dyt.shape[0]
+        x1 = xp2.ravel()
+        d1 = dyt.ravel()
+        p1 = part.ravel()
+        ncb = cp // vc
+        nrb = (r_ + VOB - 1) // VOB
+        for task in prange(t_ * kh_ * ncb):
+            t = task // (kh_ * ncb)
+            kh = (task // ncb) % kh_
+            cb = task % ncb * vc
+            pb = (t * kh_ + kh) * r_ * cp + cb
+            acc = stack_array(nacc, part.dtype)
+            for r in range(r_):
+                for o in range(vc):
+                    p1[U(pb + r * cp + o)] = 0
+            koff = kh * dh * xw
+            for m0 in range(t * m_ // t_, (t + 1) * m_ // t_, MCHUNK):
+                m1 = min(m0 + MCHUNK, (t + 1) * m_ // t_)
+                for rb in range(nrb):
+                    r0 = min(rb * VOB, r_ - VOB) if r_ >= VOB else 0
+                    for i in range(VOB * VNV):
+                        vstore(acc, i * lanes, vzero(acc))
+                    for m in range(m0, m1):
+                        xb = xbase[U(m)] + koff + r0
+                        da = vload(d1, U(m * cp + cb))
+                        dz = vload(d1, U(m * cp + cb + lanes))
+                        for c in range(VOB):
+                            cc = c if r_ >= VOB or c < r_ else 0
+                            xv = vsplat(x1[U(xb + cc)])
+                            k = 2 * c * lanes
+                            vstore(acc, k, vfma(xv, da, vload(acc, k)))
+                            vstore(acc, k + lanes, vfma(xv, dz, vload(acc, k + lanes)))
+                    # rows this block shares with the previous one were added there already
+                    first = 0 if rb * VOB == r0 else rb * VOB - r0
+                    for c in range(first, min(VOB, r_)):
+                        wb = pb + (r0 + c) * cp
+                        for o in range(vc):
+                            p1[U(wb + o)] += acc[U(c * vc + o)]
+        return part
+
+    return conv_grad_weight_direct_vec
+
+
+conv_grad_weight_direct_vec32 = _make_grad_weight_vec(8)
+conv_grad_weight_direct_vec64 = _make_grad_weight_vec(4)

@@ -126,8 +126,36 @@ def _nchw_strides(y, base=0):
     return np.array([base, c * h * w, h * w, w, 1], np.int64)
 
 
-def _padded_channels(c: int) -> int:
-    return -(-c // 64) * 64
+def _padded_channels(c: int, unit: int = 64) -> int:
+    return -(-c // unit) * unit
+
+
+def _direct_grad_weight_kernel(direct, dtype):
+    """(kernel, channel unit, name) of the register-blocked direct grad-weight for this CPU
+    (as :func:`_direct_forward_kernel`)."""
+    from . import _numba_simd as simd
+
+    if simd.WIDE_VECTORS:
+        kernel = (direct.conv_grad_weight_direct if np.dtype(dtype) == np.float32
+                  else direct.conv_grad_weight_direct64)
+        return kernel, direct.CB, f"c{direct.CB}"
+    lanes = simd.LANES[np.dtype(dtype)]
+    kernel = (direct.conv_grad_weight_direct_vec32 if lanes == 8
+              else direct.conv_grad_weight_direct_vec64)
+    return kernel, direct.VNV * lanes, "v256"
+
+
+def _direct_forward_kernel(direct, dtype):
+    """(kernel, channel unit, name) of the register-blocked direct forward for this CPU: the
+    LLVM-vectorized 4 x 64 block where Numba compiles for AVX-512, else the explicit 6-column
+    block of 256-bit vectors (``_numba_simd``: the 4 x 64 block spills there)."""
+    from . import _numba_simd as simd
+
+    if simd.WIDE_VECTORS:
+        return direct.conv_forward_direct, direct.CB, f"c{direct.CB}"
+    lanes = simd.LANES[np.dtype(dtype)]
+    kernel = direct.conv_forward_direct_vec32 if lanes == 8 else direct.conv_forward_direct_vec64
+    return kernel, direct.VNV * lanes, "v256"
 
 
 def _direct_ok(p, c_out: int) -> bool:
@@ -249,16 +277,17 @@ def conv2d(x, w, b, p):
         return y
     xp = _padded_input(conv, run, x, p)
     if _direct_ok(p, c_out):
-        cp = _padded_channels(c_out)
+        kernel, unit, name = _direct_forward_kernel(direct, x.dtype)
+        cp = _padded_channels(c_out, unit)
         wk = np.zeros((kh, kw * c_in, cp), x.dtype)
         wk[:, :, :c_out] = w.transpose(2, 3, 1, 0).reshape(kh, kw * c_in, c_out)
         bias = np.zeros(cp, x.dtype)
         if b is not None:
             bias[:c_out] = b
         xp2 = xp.reshape(xp.shape[0], xp.shape[1], -1)
-        run(direct.conv_forward_direct, xp2, wk, bias, y.reshape(-1), _nchw_strides(y), c_out,
-            *p.out_hw, c_in, p.stride[0], p.stride[1], p.dilation[0], 0)
-        record_algorithm("conv2d", f"numba:direct-nhwc-c{direct.CB}")
+        run(kernel, xp2, wk, bias, y.reshape(-1), _nchw_strides(y), c_out, *p.out_hw, c_in,
+            p.stride[0], p.stride[1], p.dilation[0], 0)
+        record_algorithm("conv2d", f"numba:direct-nhwc-{name}")
         return y
     wr = _weight_gkkio(w, p.groups)
     bias = np.zeros(c_out, x.dtype) if b is None else b
@@ -580,7 +609,8 @@ def _conv2d_backward_direct(conv, direct, run, dy, x, w, p, needs):
                 *p.dilation)
             dx = run(conv.crop_nhwc_to_nchw, dxp, np.empty_like(x), *p.padding)
     if "weight" in needs or "bias" in needs:
-        cp = _padded_channels(c_out)
+        kernel, unit, _ = _direct_grad_weight_kernel(direct, x.dtype)
+        cp = _padded_channels(c_out, unit)
         dyt = run(direct.nchw_to_nhwc_padded, dy, np.empty((n, ho, wo, cp), dy.dtype), cp)
         dyt = dyt.reshape(n * ho * wo, cp)
         if "weight" in needs:
@@ -589,8 +619,6 @@ def _conv2d_backward_direct(conv, direct, run, dy, x, w, p, needs):
             xbase = _run_offsets(n, ho, wo, hp, wp, c_in, *p.stride)
             chunks = min(dyt.shape[0], WEIGHT_CHUNKS)
             part = np.empty((chunks, kh, kw * c_in, cp), x.dtype)
-            kernel = (direct.conv_grad_weight_direct if x.dtype == np.float32
-                      else direct.conv_grad_weight_direct64)
             run(kernel, xp.reshape(n, hp, -1), dyt, xbase, part, c_in,
                 p.dilation[0])
             dwk = _sum_chunks(part)
@@ -641,7 +669,8 @@ def _grad_input_as_forward(conv, direct, run, dy, w, x_shape, p):
         return None
     dx = np.zeros(x_shape, dy.dtype) if any(not ph[3] for ax in axes for ph in ax) else \
         np.empty(x_shape, dy.dtype)
-    cp = _padded_channels(c_in)
+    kernel, unit, _ = _direct_forward_kernel(direct, dy.dtype)
+    cp = _padded_channels(c_in, unit)
     zeros = np.zeros(cp, dy.dtype)
     (sh, sw), (ph_, pw_) = p.stride, p.padding
     # dy is padded once, for all phases: phase (top_h, top_w) starts at row th0 - top_h and
@@ -663,8 +692,7 @@ def _grad_input_as_forward(conv, direct, run, dy, w, x_shape, p):
         base = (sh * ah + rh - ph_) * w_ + (sw * aw + rw - pw_)
         ys = np.array([base, c_in * h * w_, h * w_, sh * w_, sw], np.int64)
         x0 = ((th0 - top_h) * wp + (tw0 - top_w)) * c_out
-        run(direct.conv_forward_direct, dyp2, wk, zeros, dx.reshape(-1), ys, c_in, nh, nw,
-            c_out, 1, 1, step_h, x0)
+        run(kernel, dyp2, wk, zeros, dx.reshape(-1), ys, c_in, nh, nw, c_out, 1, 1, step_h, x0)
     return dx
 
 
