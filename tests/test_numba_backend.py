@@ -104,6 +104,28 @@ def test_conv_paths_match_torch(rng, x_shape, w_shape, kw, algo, dtype, vector_b
     assert fc.last_algorithm("conv2d_backward").startswith(algo.split("-")[0])
 
 
+@pytest.mark.parametrize("m, k, n", [(1, 9, 64), (5, 33, 65), (6, 8, 70), (13, 70, 64),
+                                     (64, 256, 196)])
+def test_matrix_products_match_numpy_in_both_vector_families(rng, m, k, n, vector_bits):
+    """The matrix products behind 1x1 convolutions and ``nn.Dense`` (N >= 64, their contract):
+    fewer rows than a block,
+    shifted last row and column blocks, the inner dimension in 3 chunks with the bias in the
+    first; and the batched sum of products behind the 1x1 grad-weight."""
+    from fastconv.backends import _numba_gemm as gemm
+
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((2, k, n)).astype(np.float32)
+    bias = rng.standard_normal(m).astype(np.float32)
+    part = gemm.chunks_kernel()(a[:, ::1], b, bias, np.full((3, 2, m, n), np.nan, np.float32))
+    want = np.einsum("mk,bkn->bmn", a.astype(np.float64), b) + bias[:, None]
+    np.testing.assert_allclose(part.sum(axis=0), want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    a3 = rng.standard_normal((4, m, k)).astype(np.float32)
+    b3 = rng.standard_normal((4, k, n)).astype(np.float32)
+    part = gemm.sum_kernel()(a3, b3, np.full((2, m, n), np.nan, np.float32))
+    want = np.einsum("bmk,bkn->mn", a3.astype(np.float64), b3)
+    np.testing.assert_allclose(part.sum(axis=0), want, rtol=1e-4, atol=1e-4 * np.sqrt(4 * k))
+
+
 @pytest.mark.parametrize("x_shape, w_shape, kw", [
     ((3, 6, 14, 14), (16, 6, 5, 5), {}),  # LeNet's second layer (shape D)
     ((2, 5, 12, 11), (10, 5, 5, 3), dict(padding=2)),  # padded

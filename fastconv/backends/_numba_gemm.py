@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from numba import njit, prange
 
+from . import _numba_simd as simd
 from ._numba_options import PARALLEL, U
+from ._numba_simd import vfma, vload, vsplat, vstore, vzero
 from ._numba_stack import prefer_wide_vectors, stack_array
 
 RB = 4  # rows of a per register block
@@ -142,3 +144,105 @@ def transpose(a, out):
                 for k in range(k0, k1):
                     o1[U(base + k * m_ + i)] = a1[U(base + i * k_ + k)]
     return out
+
+
+# ----------------------------------------------------------- 256-bit register blocks (AVX2)
+
+VRB = 6  # rows of a per block of the explicit-vector kernels
+VL = 8  # float32 lanes of a 256-bit vector
+VCB = 2 * VL  # columns of b per block: 6 x 2 accumulators + 2 vectors of b + 1 broadcast
+VACC = VRB * VCB
+
+
+@njit(**PARALLEL)
+def matmul_chunks_vec(a, b, bias, part):
+    """:func:`matmul_chunks` (same contract, N >= VCB) with explicit VRB x VCB blocks of 256-bit
+    vectors (``_numba_simd``), for CPUs without AVX-512."""
+    # Loop order: as matmul_chunks. The last row block is shifted up to end at M, like the
+    # last column block (it recomputes rows and writes only its own); fewer than VRB rows run
+    # as one block whose unused rows read row 0.
+    m_, k_ = a.shape
+    nb, _, n_ = b.shape
+    t_ = part.shape[0]
+    nblk = (n_ + VCB - 1) // VCB
+    nrb = (m_ + VRB - 1) // VRB
+    b1 = b.ravel()
+    p1 = part.ravel()
+    for task in prange(t_ * nb * nblk):
+        t = task // (nb * nblk)
+        i_b = task // nblk % nb
+        own = (task % nblk) * VCB
+        j0 = min(own, n_ - VCB)
+        k0 = t * k_ // t_
+        k1 = (t + 1) * k_ // t_
+        bb = i_b * k_ * n_ + j0
+        pb = (t * nb + i_b) * m_ * n_
+        acc = stack_array(VACC, part.dtype)
+        for rb in range(nrb):
+            i0 = min(rb * VRB, m_ - VRB) if m_ >= VRB else 0
+            for r in range(VRB):
+                start = bias[U(i0 + r)] if t == 0 and i0 + r < m_ else bias[0] * 0
+                for o in range(VCB):
+                    acc[U(r * VCB + o)] = start
+            for k in range(k0, k1):
+                ba = vload(b1, U(bb + k * n_))
+                bz = vload(b1, U(bb + k * n_ + VL))
+                for r in range(VRB):
+                    av = vsplat(a[U(i0 + r if i0 + r < m_ else 0), U(k)])
+                    vstore(acc, 2 * r * VL, vfma(av, ba, vload(acc, 2 * r * VL)))
+                    vstore(acc, (2 * r + 1) * VL, vfma(av, bz, vload(acc, (2 * r + 1) * VL)))
+            for r in range(max(rb * VRB - i0, 0), min(VRB, m_)):
+                for o in range(own - j0, VCB):
+                    p1[U(pb + (i0 + r) * n_ + j0 + o)] = acc[U(r * VCB + o)]
+    return part
+
+
+@njit(**PARALLEL)
+def matmul_sum_vec(a, b, part):
+    """:func:`matmul_sum` (same contract, N >= VCB) with explicit VRB x VCB blocks of 256-bit
+    vectors, for CPUs without AVX-512."""
+    # Loop order: as matmul_sum; row blocks as in matmul_chunks_vec.
+    nb, m_, k_ = a.shape
+    n_ = b.shape[2]
+    t_ = part.shape[0]
+    nblk = (n_ + VCB - 1) // VCB
+    nrb = (m_ + VRB - 1) // VRB
+    a1 = a.ravel()
+    b1 = b.ravel()
+    p1 = part.ravel()
+    for task in prange(t_ * nblk):
+        t = task // nblk
+        own = (task % nblk) * VCB
+        j0 = min(own, n_ - VCB)
+        pb = t * m_ * n_
+        acc = stack_array(VACC, part.dtype)
+        for rb in range(nrb):
+            i0 = min(rb * VRB, m_ - VRB) if m_ >= VRB else 0
+            for i in range(VRB * 2):
+                vstore(acc, i * VL, vzero(acc))
+            for i_b in range(t * nb // t_, (t + 1) * nb // t_):
+                ab = i_b * m_ * k_
+                bb = i_b * k_ * n_ + j0
+                for k in range(k_):
+                    ba = vload(b1, U(bb + k * n_))
+                    bz = vload(b1, U(bb + k * n_ + VL))
+                    for r in range(VRB):
+                        row = i0 + r if i0 + r < m_ else 0
+                        av = vsplat(a1[U(ab + row * k_ + k)])
+                        vstore(acc, 2 * r * VL, vfma(av, ba, vload(acc, 2 * r * VL)))
+                        vstore(acc, (2 * r + 1) * VL, vfma(av, bz, vload(acc, (2 * r + 1) * VL)))
+            for r in range(max(rb * VRB - i0, 0), min(VRB, m_)):
+                for o in range(own - j0, VCB):
+                    p1[U(pb + (i0 + r) * n_ + j0 + o)] = acc[U(r * VCB + o)]
+    return part
+
+
+def chunks_kernel():
+    """:func:`matmul_chunks` where Numba compiles for AVX-512, else :func:`matmul_chunks_vec`
+    (the 4 x 64 block spills without AVX-512's 32 registers)."""
+    return matmul_chunks if simd.WIDE_VECTORS else matmul_chunks_vec
+
+
+def sum_kernel():
+    """:func:`matmul_sum` or :func:`matmul_sum_vec`, as :func:`chunks_kernel` chooses."""
+    return matmul_sum if simd.WIDE_VECTORS else matmul_sum_vec

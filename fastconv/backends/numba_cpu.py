@@ -229,7 +229,7 @@ def _pointwise(run, w2, a, bias, out_channels):
     n = a.shape[0]
     bias = np.zeros(out_channels, a.dtype) if bias is None else bias
     part = np.empty((1, n, out_channels, a.shape[2]), a.dtype)
-    return run(gemm.matmul_chunks, w2, a, bias, part)[0]
+    return run(gemm.chunks_kernel(), w2, a, bias, part)[0]
 
 
 # ------------------------------------------------------------------------------------ conv
@@ -334,7 +334,7 @@ def _conv2d_backward_pointwise(run, dy, x, w, needs):
     if "weight" in needs:
         dyt = run(gemm.transpose, dy.reshape(n, c_out, hw), np.empty((n, hw, c_out), dy.dtype))
         part = np.empty((min(n, WEIGHT_CHUNKS), c_in, c_out), x.dtype)
-        run(gemm.matmul_sum, x.reshape(n, c_in, hw), dyt, part)
+        run(gemm.sum_kernel(), x.reshape(n, c_in, hw), dyt, part)
         dw = np.ascontiguousarray(_sum_chunks(part).T).reshape(w.shape)
     if "bias" in needs:
         part = np.empty((min(n, WEIGHT_CHUNKS), c_out), dy.dtype)

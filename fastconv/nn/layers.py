@@ -309,7 +309,7 @@ class Dense(Layer):
         xt = run(gemm.transpose, np.ascontiguousarray(x)[None],
                  np.empty((1, *x.shape[::-1]), x.dtype))
         chunks = min(_FORWARD_CHUNKS, x.shape[1])
-        part = run(gemm.matmul_chunks, w, xt,
+        part = run(gemm.chunks_kernel(), w, xt,
                    np.zeros(w.shape[0], x.dtype) if bias is None else bias,
                    np.empty((chunks, 1, w.shape[0], x.shape[0]), x.dtype))
         yt = part[0, 0].copy()
@@ -327,10 +327,10 @@ class Dense(Layer):
         else:
             gemm, run = compiled
             x = np.ascontiguousarray(x)
-            self.grads["weight"] = run(gemm.matmul_chunks, grad.T, x[None],
+            self.grads["weight"] = run(gemm.chunks_kernel(), grad.T, x[None],
                                        np.zeros(w.shape[0], x.dtype),
                                        np.empty((1, 1, *w.shape), x.dtype))[0, 0]
-            dx = run(gemm.matmul_chunks, grad, np.ascontiguousarray(w)[None],
+            dx = run(gemm.chunks_kernel(), grad, np.ascontiguousarray(w)[None],
                      np.zeros(x.shape[0], x.dtype),
                      np.empty((1, 1, *x.shape), x.dtype))[0, 0] if input_grad else None
         if "bias" in self.params:
