@@ -26,6 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._numba_options import PARALLEL, U
+from ._numba_simd import vfma, vload, vsplat, vstore, vzero
 from ._numba_stack import prefer_wide_vectors, stack_array
 from ._winograd_transforms import (  # noqa: F401  (the backend calls them through here)
     HALF, transform_weight, transform_weight_paired, weight_from_transformed)
@@ -40,6 +41,12 @@ GROUP = 64  # tiles transformed together by the grad-weight kernel (their V and 
 RB = 4  # input channels per grad-weight register block (4 x 64: 16 accumulators; 6 rows left
 # the accumulators in memory, 4x slower)
 GACC = RB * CB
+# The explicit 256-bit blocks (``_numba_simd``, CPUs without AVX-512): 6 tiles (forward) or 6
+# input channels (grad-weight) x 16 output channels, 12 accumulators.
+VL = 8  # float32 lanes of a 256-bit vector
+VTB = 6
+VCB = 2 * VL
+VACC = VTB * VCB
 
 # F(2x2, 3x3) transform matrices. Row k of B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0],
 # [0, 1, 0, -1]] is e[_BT_A[k]] + _BT_SIGN[k] * e[_BT_B[k]].
@@ -125,8 +132,31 @@ def _input_tiles(x1, xb, xw, plane, c_, ntile, v1, vbase, vstride):
             v1[U(o + k)] = top + f * bot
 
 
+@njit(**INNER)
+def _products_vec(v1, vb, c_, u1, ub, cp, m1, mb, cm, nt):
+    """m1[mb + t*cm + o] = sum over ci of v1[vb + t*c_ + ci] * u1[ub + ci*cp + o] for the tiles
+    t < nt (at most VTB; a block of fewer computes the missing ones from tile 0 and drops them)
+    and the VCB channels o of one block, in 256-bit vectors."""
+    # Loop order: input channels, then the block: two vectors of u loaded once for VTB
+    # broadcasts of V (12 FMAs). The accumulators are this function's own stack array, so
+    # that LLVM keeps them in registers whether or not it inlines the call.
+    acc = stack_array(VACC, m1.dtype)
+    for i in range(2 * VTB):
+        vstore(acc, i * VL, vzero(acc))
+    for ci in range(c_):
+        ua = vload(u1, U(ub + ci * cp))
+        uz = vload(u1, U(ub + ci * cp + VL))
+        for t in range(VTB):
+            vv = vsplat(v1[U(vb + (t if t < nt else 0) * c_ + ci)])
+            vstore(acc, 2 * t * VL, vfma(vv, ua, vload(acc, 2 * t * VL)))
+            vstore(acc, (2 * t + 1) * VL, vfma(vv, uz, vload(acc, (2 * t + 1) * VL)))
+    for t in range(nt):
+        for o in range(VCB):
+            m1[U(mb + t * cm + o)] = acc[U(t * VCB + o)]
+
+
 @njit(**PARALLEL)
-def conv_forward_winograd(xq, u, bias, y, check, paired):
+def conv_forward_winograd(xq, u, bias, y, check, paired, vec):
     """y (N, C_out, Ho, Wo) = conv(x, g) + bias[:C_out] from the transformed weights ``u`` and
     the input as :func:`pad_split` lays it out, ``xq`` (N, 2*TH + 2, 2, TW + 1, C).
 
@@ -136,6 +166,9 @@ def conv_forward_winograd(xq, u, bias, y, check, paired):
     on padding channels.
     ``check[task]`` is set to 0 when every output of that task's tile row is finite before the
     bias is added (the bias is added element by element and needs no check), else NaN.
+    ``vec`` (never with ``paired``; ``u``'s Cp then a multiple of VCB): the products run as
+    explicit VTB-tile x VCB-channel blocks of 256-bit vectors (``_numba_simd``), for CPUs
+    without AVX-512, where the TB x CB block spills.
     """
     # Loop order: one task per (image, tile row), owning y[n, :, 2*th : 2*th + 2, :], in
     # TASK_CHUNKS contiguous chunks (one scratch each). Inside: the input transform of the
@@ -147,7 +180,8 @@ def conv_forward_winograd(xq, u, bias, y, check, paired):
     cp = u.shape[2]
     co_, ho, wo = y.shape[1], y.shape[2], y.shape[3]
     cm = HALF if paired else cp  # channels per tile in M
-    tpb = 2 * TB if paired else TB  # tiles per register block
+    tpb = VTB if vec else (2 * TB if paired else TB)  # tiles per register block
+    cbw = VCB if vec else CB  # channels per register block
     tstride = CB if paired else cm  # from one row of the register block to the next, in M
     th_ = (hp_ - 2) // 2
     tw_ = wq - 1
@@ -172,12 +206,15 @@ def conv_forward_winograd(xq, u, bias, y, check, paired):
             th = task % th_
             _input_tiles(x1, (n * hp_ + 2 * th) * xw, xw, plane, c_, tw_, v1, 0, tw_ * c_)
             for xi in range(16):
-                for c0 in range(0, cm, CB):
+                for c0 in range(0, cm, cbw):
                     ub = xi * c_ * cp + c0
                     for blk in range(nblk):
-                        t0 = min(blk * tpb, tw_ - tpb)  # the last block shifted left
+                        t0 = max(min(blk * tpb, tw_ - tpb), 0)  # the last block shifted left
                         vb = (xi * tw_ + t0) * c_
                         mb = xi * ms + t0 * cm + c0
+                        if vec:  # rows narrower than VTB tiles: one block of tw_ tiles
+                            _products_vec(v1, vb, c_, u1, ub, cp, m1, mb, cm, min(VTB, tw_))
+                            continue
                         for i in range(ACC):
                             acc[i] = 0
                         if paired:
@@ -250,8 +287,36 @@ def _grad_tiles(d1, db, dw, off0, off1, cp, ntile, m1, mbase, mstride):
                             + f10 * d1[U(db + dw + off0 + k)] + f11 * d1[U(db + dw + off1 + k)])
 
 
+@njit(**INNER)
+def _grad_products_vec(v1, vx, c_, m1, mx, cp, ntile, p1, pb):
+    """p1[pb + c*cp + o] += sum over the tiles t < ntile of v1[vx + t*c_ + c] * m1[mx + t*cp + o]
+    for every input channel c < C (>= VTB) and output channel o < cp (a multiple of VCB), in
+    VTB x VCB blocks of 256-bit vectors."""
+    # Loop order: channel blocks, blocks of VTB input channels (the last shifted to end at C;
+    # it adds only the channels the one before it did not), then the tiles: two vectors of M
+    # loaded once for VTB broadcasts of V. The accumulators: as in _products_vec.
+    acc = stack_array(VACC, p1.dtype)
+    for cb in range(0, cp, VCB):
+        for rb in range((c_ + VTB - 1) // VTB):
+            c0 = min(rb * VTB, c_ - VTB)
+            for i in range(2 * VTB):
+                vstore(acc, i * VL, vzero(acc))
+            for t in range(ntile):
+                ma = vload(m1, U(mx + t * cp + cb))
+                mz = vload(m1, U(mx + t * cp + cb + VL))
+                vb = vx + t * c_ + c0
+                for c in range(VTB):
+                    vv = vsplat(v1[U(vb + c)])
+                    vstore(acc, 2 * c * VL, vfma(vv, ma, vload(acc, 2 * c * VL)))
+                    vstore(acc, (2 * c + 1) * VL, vfma(vv, mz, vload(acc, (2 * c + 1) * VL)))
+            for c in range(rb * VTB - c0, VTB):
+                wb = pb + (c0 + c) * cp + cb
+                for o in range(VCB):
+                    p1[U(wb + o)] += acc[U(c * VCB + o)]
+
+
 @njit(**PARALLEL)
-def conv_grad_weight_winograd(xq, dq, dr, ds, part):
+def conv_grad_weight_winograd(xq, dq, dr, ds, part, vec):
     """part[t] (16, C, Cp) = sum over the tiles of chunk t of V[xi, tile, c] * M[xi, tile, o]:
     the gradient of the transformed weights (see :func:`weight_from_transformed`).
 
@@ -259,7 +324,8 @@ def conv_grad_weight_winograd(xq, dq, dr, ds, part):
     C); ``dq`` is dy laid out the same way, (N, Hd, 2, Wd, Cp), with dy[n, :, 0, 0] at padded
     row dr, column ds, and zeros past H_out, W_out and C_out (so dy padded for the grad-input
     pass serves). Chunk t covers the tile rows [t*R//T, (t+1)*R//T) of the R = N*TH; the caller
-    sums part over t in order, so the result does not depend on the thread count.
+    sums part over t in order, so the result does not depend on the thread count. ``vec``:
+    the products run as explicit VTB-channel x VCB-channel blocks of 256-bit vectors.
     """
     # Loop order: one task per chunk, owning part[t]. Inside: groups of tile rows (their V and
     # M, about GROUP tiles, stay in L2), the input and gradient transforms of the group, then
@@ -301,6 +367,9 @@ def conv_grad_weight_winograd(xq, dq, dr, ds, part):
             for xi in range(16):
                 vx = xi * ntile * c_
                 mx = xi * ntile * cp
+                if vec:
+                    _grad_products_vec(v1, vx, c_, m1, mx, cp, ntile, p1, pb + xi * c_ * cp)
+                    continue
                 for cb in range(0, cp, CB):
                     for rb in range(nrb + c_ % RB):
                         if rb < nrb:

@@ -178,6 +178,15 @@ def _winograd_wide_enough(out_w: int) -> bool:
     return out_w >= 7
 
 
+def _explicit_vectors() -> bool:
+    """Whether the register-blocked kernels run as explicit 256-bit vectors (``_numba_simd``):
+    where Numba does not compile for AVX-512, whose 32 registers the LLVM-vectorized blocks
+    need."""
+    from . import _numba_simd as simd
+
+    return not simd.WIDE_VECTORS
+
+
 def _winograd_input(wino, run, x, out_hw, pt, pl, sums=None):
     """x (N, C, H, W) laid out for the Winograd kernels (``pad_split``): padded by (pt, pl) at
     the top and left, to 2*TH + 2 rows and 2*TW + 2 columns for the TH x TW tiles of an output
@@ -205,12 +214,13 @@ def _winograd_forward(wino, run, x, w, b, y, pt, pl, xq=None):
     c_out = w.shape[0]
     if xq is None:
         xq = _winograd_input(wino, run, x, y.shape[2:], pt, pl)
-    paired = c_out <= wino.HALF and xq.shape[3] - 1 >= 2 * wino.TB
+    vec = _explicit_vectors()
+    paired = not vec and c_out <= wino.HALF and xq.shape[3] - 1 >= 2 * wino.TB
     u = wino.transform_weight_paired(w) if paired else \
-        wino.transform_weight(w, _padded_channels(c_out))
+        wino.transform_weight(w, _padded_channels(c_out, wino.VCB if vec else 64))
     bias = np.zeros(c_out, x.dtype) if b is None else b
     check = np.empty(xq.shape[0] * ((xq.shape[1] - 2) // 2), x.dtype)
-    run(wino.conv_forward_winograd, xq, u, bias, y, check, paired)
+    run(wino.conv_forward_winograd, xq, u, bias, y, check, paired, vec)
     return not np.isnan(check).any()
 
 
@@ -408,7 +418,8 @@ def _conv2d_backward_winograd(run, dy, x, w, p, needs):
         xq = _winograd_input(wino, run, x, (ho, wo), pt, pl)
         part = np.empty((min(n * -(-ho // 2), WEIGHT_CHUNKS), 16, c_in, cp), x.dtype)
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite: checked just below
-            du = _sum_chunks(run(wino.conv_grad_weight_winograd, xq, dq, dr, ds, part))
+            du = _sum_chunks(run(wino.conv_grad_weight_winograd, xq, dq, dr, ds, part,
+                                  _explicit_vectors()))
         grads["weight"] = wino.weight_from_transformed(du, c_out) if np.isfinite(du).all() \
             else None
         algos.append("weight:winograd")
