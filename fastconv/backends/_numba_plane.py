@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._numba_options import PARALLEL, U
+from ._numba_simd import vfma, vload, vsplat, vstore, vzero
 from ._numba_stack import prefer_wide_vectors, stack_array
 
 LANES = 128  # the widest block of consecutive output positions (rows to spare in xp)
@@ -124,6 +125,73 @@ conv_forward_plane6 = _make_forward(64, 6)
 conv_forward_plane_few = _make_forward(FEW_LANES, FEW_PCB)
 # float64: 4 channels x 64 positions (32 zmm); the float32 blocks above spill there.
 conv_forward_plane64 = _make_forward(64, PCB64)
+
+
+def _make_forward_vec(lanes, nv, pcb):
+    """:func:`_make_forward`'s kernel with an explicit ``pcb`` channel x ``nv`` vector block of
+    ``lanes``-wide 256-bit vectors (``_numba_simd``, CPUs without AVX-512, where the blocks
+    above spill): ``nv * lanes`` consecutive output positions per block."""
+    width = nv * lanes  # output positions per block
+    pacc = pcb * width
+
+    @njit(**PARALLEL)
+    def conv_forward_plane_vec(xp, wt, bias, y, dh, dw):
+        """The contract of the kernels of :func:`_make_forward`; Cp a multiple of ``pcb``."""
+        # Loop order: as there; per tap, the nv input vectors are loaded once and used by
+        # every channel of the block, each broadcasting its one weight (pcb * nv FMAs).
+        n_, c_, hx, wp = xp.shape
+        kh_, kw_, cp = wt.shape[1], wt.shape[2], wt.shape[3]
+        co_, ho, wo = y.shape[1], y.shape[2], y.shape[3]
+        plane = hx * wp
+        nq = (ho * wp + width - 1) // width
+        x1 = xp.ravel()
+        w1 = wt.ravel()
+        y1 = y.ravel()
+        for t in prange(n_ * nq):
+            n = t // nq
+            q0 = (t % nq) * width
+            acc = stack_array(pacc, y.dtype)
+            xs = stack_array(width, y.dtype)
+            oh0 = q0 // wp
+            oh1 = min((q0 + width - 1) // wp, ho - 1)
+            for cb in range(0, cp, pcb):
+                for i in range(pcb * nv):
+                    vstore(acc, i * lanes, vzero(acc))
+                for ci in range(c_):
+                    xb = (n * c_ + ci) * plane + q0
+                    for kh in range(kh_):
+                        for kw in range(kw_):
+                            xo = xb + kh * dh * wp + kw * dw
+                            wb = ((ci * kh_ + kh) * kw_ + kw) * cp + cb
+                            for v in range(nv):
+                                vstore(xs, v * lanes, vload(x1, U(xo + v * lanes)))
+                            for co in range(pcb):
+                                wv = vsplat(w1[U(wb + co)])
+                                for v in range(nv):
+                                    k = (co * nv + v) * lanes
+                                    vstore(acc, k, vfma(wv, vload(xs, v * lanes), vload(acc, k)))
+                for co in range(min(pcb, co_ - cb)):
+                    bv = bias[U(cb + co)]
+                    for oh in range(oh0, oh1 + 1):
+                        a = max(0, q0 - oh * wp)
+                        b = min(wo, q0 + width - oh * wp)
+                        dst = ((n * co_ + cb + co) * ho + oh) * wo
+                        src = co * width + oh * wp - q0
+                        for ow in range(a, b):
+                            y1[U(dst + ow)] = acc[U(src + ow)] + bv
+        return y
+
+    return conv_forward_plane_vec
+
+
+# 256-bit blocks: 4 channels x 3 vectors (12 accumulators, 3 input vectors, 1 broadcast); 6 x 2
+# for 5 or 6 channels (LeNet's first layer and the grad-input of its second: no padding
+# channels); 2 x 5 for one or two channels (the grad-input of a first layer).
+VEC_PCB, VEC_FEW_PCB = 4, 2
+conv_forward_plane_vec32 = _make_forward_vec(8, 3, VEC_PCB)
+conv_forward_plane_vec32_6 = _make_forward_vec(8, 2, 6)
+conv_forward_plane_vec32_few = _make_forward_vec(8, 5, VEC_FEW_PCB)
+conv_forward_plane_vec64 = _make_forward_vec(4, 3, VEC_PCB)
 
 
 @njit(**PARALLEL)

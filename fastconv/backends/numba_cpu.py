@@ -103,7 +103,16 @@ def _plane_forward(plane, run, x, wt_oihw, bias, out, pt, pl, dh, dw, wrap=False
     c_out, c_in, kh, kw = wt_oihw.shape
     ho, wo = out.shape[2:]
     xp = _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dw, wrap, sums)
-    if x.dtype != np.float32:
+    if _explicit_vectors():
+        if x.dtype != np.float32:
+            kernel, pcb = plane.conv_forward_plane_vec64, plane.VEC_PCB
+        elif c_out in (5, 6):
+            kernel, pcb = plane.conv_forward_plane_vec32_6, 6
+        elif c_out > plane.VEC_FEW_PCB:
+            kernel, pcb = plane.conv_forward_plane_vec32, plane.VEC_PCB
+        else:
+            kernel, pcb = plane.conv_forward_plane_vec32_few, plane.VEC_FEW_PCB
+    elif x.dtype != np.float32:
         kernel, pcb = plane.conv_forward_plane64, plane.PCB64
     elif c_out >= plane.PCB:
         kernel, pcb = plane.conv_forward_plane, plane.PCB
