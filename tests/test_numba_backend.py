@@ -91,6 +91,24 @@ def vector_bits(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("value, wide", [("512", True), ("256", False), ("128", None)])
+def test_vector_width_override(value, wide):
+    """FASTCONV_NUMBA_VECTORS chooses the family of register blocks; a bad value is a clear
+    error naming the variable and the values accepted, on first use of the backend."""
+    code = ("import numpy as np, fastconv as fc\n"
+            "from fastconv.backends import _numba_simd as s\n"
+            "fc.conv2d(np.ones((1, 8, 5, 9), np.float32), np.ones((32, 8, 3, 3), np.float32))\n"
+            "print(s.WIDE_VECTORS, fc.last_algorithm('conv2d'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, FASTCONV_NUMBA_VECTORS=value), timeout=300)
+    if wide is None:
+        assert out.returncode != 0
+        assert "FASTCONV_NUMBA_VECTORS='128': expected '256', '512' or unset" in out.stderr
+    else:
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == [str(wide), DIRECT if wide else "numba:direct-nhwc-v256"]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("x_shape, w_shape, kw, algo", CONV_CASES)
 def test_conv_paths_match_torch(rng, x_shape, w_shape, kw, algo, dtype, vector_bits):
@@ -108,9 +126,9 @@ def test_conv_paths_match_torch(rng, x_shape, w_shape, kw, algo, dtype, vector_b
                                      (64, 256, 196)])
 def test_matrix_products_match_numpy_in_both_vector_families(rng, m, k, n, vector_bits):
     """The matrix products behind 1x1 convolutions and ``nn.Dense`` (N >= 64, their contract):
-    fewer rows than a block,
-    shifted last row and column blocks, the inner dimension in 3 chunks with the bias in the
-    first; and the batched sum of products behind the 1x1 grad-weight."""
+    fewer rows than a block, shifted last row and column blocks, the inner dimension in 3
+    chunks with the bias in the first; and the batched sum of products behind the 1x1
+    grad-weight."""
     from fastconv.backends import _numba_gemm as gemm
 
     a = rng.standard_normal((m, k)).astype(np.float32)

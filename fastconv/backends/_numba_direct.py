@@ -8,7 +8,9 @@ innermost, zero-padded to ``Cp``, a multiple of the channel block ``CB``.
 The register block is ``OB`` output columns x ``CB`` output channels (4 x 64: sixteen 512-bit
 float32 accumulators, see ``_numba_stack``), accumulated over the run ``R`` for every kernel row.
 Block sizes are module constants, so they are compile-time constants: one compiled variant per
-dtype, whatever the shape.
+dtype, whatever the shape. Without AVX-512 that block spills (32 accumulators in 16 ymm
+registers); ``conv_forward_direct_vec*`` and ``conv_grad_weight_direct_vec*`` below are the
+same kernels with an explicit VOB x (VNV vectors) block of 256-bit vectors (``_numba_simd``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ any-strided ``a`` (M, K) (the numba backend's 1x1 convolutions use it too, one i
 the register block is RB rows of ``a`` x CB columns of ``b`` (4 x 64: sixteen 512-bit float32
 accumulators): per step of the inner dimension, RB broadcasts of ``a`` and CB contiguous values
 of ``b``. The inner dimension may be split into a fixed number of chunks (partial products the
-caller adds in order), so the result does not depend on the thread count.
+caller adds in order), so the result does not depend on the thread count. Without AVX-512 that
+block spills; ``*_vec`` are the same products in explicit 256-bit vector blocks (6 x 16), and
+:func:`chunks_kernel` / :func:`sum_kernel` pick the kernel for this CPU.
 """
 
 from __future__ import annotations

@@ -35,6 +35,16 @@ Algorithms (the name recorded for ``fastconv.last_algorithm``):
   vectorized over output columns), else ``numba:generic`` (tap tables); backward
   ``numba:scatter``. All follow PyTorch's index rules exactly.
 
+Register blocks and the CPU: the block sizes above are for AVX-512 (32 vector registers of 16
+float32), where LLVM vectorizes them. Where Numba does not compile for AVX-512 (AVX2: 16
+registers of 8), those blocks spill, and the register-blocked stages (direct forward and
+grad-weight, matrix products, Winograd products, plane forward) run instead as explicit 256-bit
+vector blocks of 12 accumulators (``_numba_simd``): 6 columns x 16 channels (direct), 6 rows x
+16 columns (matrix products), 6 tiles x 16 channels (Winograd), 4 channels x 24 positions
+(plane; 6 x 16 for 5-6 channels). The direct path is then recorded as
+``numba:direct-nhwc-v256``. ``FASTCONV_NUMBA_VECTORS=512|256`` overrides the choice; both
+families are correct on any CPU.
+
 Every kernel gives the same result for every thread count (each parallel task owns its output;
 partial sums are over a fixed number of chunks, added in a fixed order).
 """
