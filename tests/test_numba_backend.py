@@ -150,7 +150,8 @@ def test_matrix_products_match_numpy_in_both_vector_families(rng, m, k, n, vecto
     ((2, 5, 11, 9), (11, 5, 3, 3), dict(padding=(2, 0), dilation=(2, 1))),  # row dilation
     ((2, 7, 6, 3), (9, 7, 4, 3), dict(padding="same")),  # a run longer than one block
 ])
-def test_few_output_channels_take_the_16_channel_grad_weight_blocks(rng, x_shape, w_shape, kw):
+def test_few_output_channels_take_the_16_channel_grad_weight_blocks(rng, x_shape, w_shape, kw,
+                                                                   vector_bits):
     """float32, stride 1, 9-16 output channels, a run of >= 12 rows, unit column dilation: dw
     by 16-channel register blocks (the last block's padding rows computed and dropped);
     float64 keeps the plane kernel."""
@@ -233,7 +234,7 @@ def test_nan_propagates_to_exactly_the_outputs_it_touches(rng, width, algo):
 
 
 @pytest.mark.parametrize("where", WINOGRAD_NON_FINITE)
-def test_winograd_hands_non_finite_values_to_the_exact_kernels(rng, where):
+def test_winograd_hands_non_finite_values_to_the_exact_kernels(rng, where, vector_bits):
     """A tile's transforms mix its 16 inputs (and a filter's 9 taps): an inf or NaN there, or
     an overflow inside the transforms, would reach outputs and gradients that PyTorch keeps
     finite. Each case gives PyTorch's values and non-finite pattern, and the exact kernels
