@@ -339,9 +339,11 @@ def _make_grad_weight_vec(lanes):
     nacc = VOB * vc
 
     @njit(**PARALLEL)
-    def conv_grad_weight_direct_vec(xp2, dyt, xbase, part, c_in, dh):
-        """The contract of :func:`conv_grad_weight_direct` (same arguments, same result up to
-        rounding: the same sums over the same pixel chunks)."""
+    def conv_grad_weight_direct_vec(xp2, dyb, xbase, part, c_in, dh):
+        """The contract of :func:`conv_grad_weight_direct` (same result up to rounding: the same
+        sums over the same pixel chunks), but dy comes in channel blocks: ``dyb`` (Cp/vc, M, vc)
+        from :func:`nchw_to_channel_blocks`, so that one task's dy is one contiguous stream
+        (15 % faster on shape F than rows of Cp)."""
         # Loop order: one task per (pixel chunk, kernel row, channel block), owning
         # part[t, kh, :, cb:cb+vc]; sub-chunks of MCHUNK pixels, then blocks of VOB run rows,
         # then the pixels: two dy vectors loaded once for VOB broadcasts of x (12 FMAs). The
@@ -349,9 +351,9 @@ def _make_grad_weight_vec(lanes):
         # written once).
         n_, hp_, xw = xp2.shape
         t_, kh_, r_, cp = part.shape
-        m_ = dyt.shape[0]
+        m_ = dyb.shape[1]
         x1 = xp2.ravel()
-        d1 = dyt.ravel()
+        d1 = dyb.ravel()
         p1 = part.ravel()
         ncb = cp // vc
         nrb = (r_ + VOB - 1) // VOB
@@ -373,8 +375,8 @@ def _make_grad_weight_vec(lanes):
                         vstore(acc, i * lanes, vzero(acc))
                     for m in range(m0, m1):
                         xb = xbase[U(m)] + koff + r0
-                        da = vload(d1, U(m * cp + cb))
-                        dz = vload(d1, U(m * cp + cb + lanes))
+                        da = vload(d1, U(cb * m_ + m * vc))  # block cb // vc, pixel m
+                        dz = vload(d1, U(cb * m_ + m * vc + lanes))
                         for c in range(VOB):
                             cc = c if r_ >= VOB or c < r_ else 0
                             xv = vsplat(x1[U(xb + cc)])
@@ -394,3 +396,27 @@ def _make_grad_weight_vec(lanes):
 
 conv_grad_weight_direct_vec32 = _make_grad_weight_vec(8)
 conv_grad_weight_direct_vec64 = _make_grad_weight_vec(4)
+
+
+@njit(**PARALLEL)
+def nchw_to_channel_blocks(a, out):
+    """out[b, n, h, w, o] = a[n, b*B + o, h, w] for B = out.shape[4] (0 past C): NHWC in
+    blocks of B channels, each block contiguous over all pixels. a (N, C, H, W) NCHW; out
+    (ceil(C/B), N, H, W, B)."""
+    # Loop order: one task per image row (n, h), owning out[:, n, h]; blocks, columns, then
+    # the block's channels: contiguous writes, reads strided across C planes of one row.
+    n_, c_, h_, w_ = a.shape
+    nb, vb = out.shape[0], out.shape[4]
+    a1 = a.ravel()
+    o1 = out.ravel()
+    for t in prange(n_ * h_):
+        n = t // h_
+        h = t % h_
+        for b in range(nb):
+            dst = ((b * n_ + n) * h_ + h) * w_ * vb
+            for w in range(w_):
+                for o in range(vb):
+                    c = b * vb + o
+                    o1[U(dst + w * vb + o)] = a1[U(((n * c_ + c) * h_ + h) * w_ + w)] \
+                        if c < c_ else 0
+    return out

@@ -149,21 +149,6 @@ def _padded_channels(c: int, unit: int = 64) -> int:
     return -(-c // unit) * unit
 
 
-def _direct_grad_weight_kernel(direct, dtype):
-    """(kernel, channel unit, name) of the register-blocked direct grad-weight for this CPU
-    (as :func:`_direct_forward_kernel`)."""
-    from . import _numba_simd as simd
-
-    if simd.WIDE_VECTORS:
-        kernel = (direct.conv_grad_weight_direct if np.dtype(dtype) == np.float32
-                  else direct.conv_grad_weight_direct64)
-        return kernel, direct.CB, f"c{direct.CB}"
-    lanes = simd.LANES[np.dtype(dtype)]
-    kernel = (direct.conv_grad_weight_direct_vec32 if lanes == 8
-              else direct.conv_grad_weight_direct_vec64)
-    return kernel, direct.VNV * lanes, "v256"
-
-
 def _direct_forward_kernel(direct, dtype):
     """(kernel, channel unit, name) of the register-blocked direct forward for this CPU: the
     LLVM-vectorized 4 x 64 block where Numba compiles for AVX-512, else the explicit 6-column
@@ -607,7 +592,7 @@ def _grad_weight_c16(run, dy, x, p):
         xp = run(conv.pad_nhwc, x, np.empty((n, hp, wp, c_in), x.dtype), *p.padding)
         dyt = run(direct.nchw_to_nhwc_padded, dy, np.empty((n, ho, wo, 16), dy.dtype), 16)
         part = np.empty((min(n * ho * wo, WEIGHT_CHUNKS), kh, r, 16), x.dtype)
-        run(direct.conv_grad_weight_direct_vec32, xp.reshape(n, hp, -1), dyt.reshape(-1, 16),
+        run(direct.conv_grad_weight_direct_vec32, xp.reshape(n, hp, -1), dyt.reshape(1, -1, 16),
             xbase, part, c_in, dh)
         dwk = _sum_chunks(part)[..., :c_out]
         return np.ascontiguousarray(dwk.reshape(kh, kw, c_in, c_out).transpose(3, 2, 0, 1))
@@ -620,6 +605,30 @@ def _grad_weight_c16(run, dy, x, p):
     run(direct.conv_grad_weight_c16, flat, wp * c_in, hp, xbase, dy4.reshape(-1, 64), part, dh)
     dwk = _sum_chunks(part)[:, :r, :c_out]
     return np.ascontiguousarray(dwk.reshape(kh, kw, c_in, c_out).transpose(3, 2, 0, 1))
+
+
+def _grad_weight_direct_vec(conv, direct, run, dy, x, p):
+    """dw (groups 1, unit column dilation) by the 256-bit vector blocks of
+    ``conv_grad_weight_direct_vec*``: dy in blocks of 16 (float64: 8) channels, partial sums
+    over WEIGHT_CHUNKS pixel chunks added in order."""
+    from . import _numba_simd as simd
+
+    n, c_in = x.shape[:2]
+    c_out, (kh, kw), (ho, wo) = dy.shape[1], p.kernel_hw, p.out_hw
+    lanes = simd.LANES[x.dtype]
+    unit = direct.VNV * lanes
+    cp = _padded_channels(c_out, unit)
+    dyb = run(direct.nchw_to_channel_blocks, dy, np.empty((cp // unit, n, ho, wo, unit), dy.dtype))
+    xp = _padded_input(conv, run, x, p)
+    hp, wp = xp.shape[1], xp.shape[2]
+    xbase = _run_offsets(n, ho, wo, hp, wp, c_in, *p.stride)
+    part = np.empty((min(n * ho * wo, WEIGHT_CHUNKS), kh, kw * c_in, cp), x.dtype)
+    kernel = direct.conv_grad_weight_direct_vec32 if lanes == 8 else \
+        direct.conv_grad_weight_direct_vec64
+    run(kernel, xp.reshape(n, hp, -1), dyb.reshape(cp // unit, -1, unit), xbase, part, c_in,
+        p.dilation[0])
+    dwk = _sum_chunks(part)
+    return np.ascontiguousarray(dwk.reshape(kh, kw, c_in, cp)[..., :c_out].transpose(3, 2, 0, 1))
 
 
 def _conv2d_backward_direct(conv, direct, run, dy, x, w, p, needs):
@@ -647,9 +656,19 @@ def _conv2d_backward_direct(conv, direct, run, dy, x, w, p, needs):
             run(conv.conv_grad_input_generic, dyt, _weight_gkkio(w, 1), dxp, *p.stride,
                 *p.dilation)
             dx = run(conv.crop_nhwc_to_nchw, dxp, np.empty_like(x), *p.padding)
-    if "weight" in needs or "bias" in needs:
-        kernel, unit, _ = _direct_grad_weight_kernel(direct, x.dtype)
-        cp = _padded_channels(c_out, unit)
+    if _explicit_vectors():  # dy in channel blocks for dw; db from dy as it is
+        from . import _numba_plane as plane
+
+        if "weight" in needs:
+            dw = _grad_weight_direct_vec(conv, direct, run, dy, x, p)
+            algos.append("weight:direct")
+        if "bias" in needs:
+            part = np.empty((min(n, WEIGHT_CHUNKS), c_out), dy.dtype)
+            db = _sum_chunks(run(plane.plane_sums, dy.reshape(n, c_out, ho * wo), part))
+    elif "weight" in needs or "bias" in needs:
+        kernel = (direct.conv_grad_weight_direct if x.dtype == np.float32
+                  else direct.conv_grad_weight_direct64)
+        cp = _padded_channels(c_out)
         dyt = run(direct.nchw_to_nhwc_padded, dy, np.empty((n, ho, wo, cp), dy.dtype), cp)
         dyt = dyt.reshape(n * ho * wo, cp)
         if "weight" in needs:
