@@ -62,18 +62,24 @@ def pad_plane(x, xp, pt, pl, sums):
     return xp
 
 
-def _make_forward(lanes, pcb):
+def _make_forward(lanes, pcb, vector_lanes=0):
     """The plane forward kernel with a ``pcb`` channel x ``lanes`` position register block (the
-    sizes are closure constants: each variant is compiled, and cached, once per dtype)."""
+    sizes are closure constants: each variant is compiled, and cached, once per dtype).
+
+    ``vector_lanes`` > 0: the block is written in explicit vectors of that many lanes
+    (``_numba_simd``, for CPUs without AVX-512, where the LLVM-vectorized blocks spill), lanes
+    a multiple of it; else LLVM vectorizes the lane loop."""
     pacc = pcb * lanes
+    nv = lanes // vector_lanes if vector_lanes else 0  # vectors of positions per channel
 
     @njit(**PARALLEL)
     def conv_forward_plane(xp, wt, bias, y, dh, dw):
         """y (N, C_out, H_out, W_out) = conv(xp, wt) + bias[:C_out], stride 1; C_out <= Cp."""
         # Loop order: one task per (image, block of lanes output positions), owning those pixels of
         # every output channel. Inside: channel block, input channel, taps, then the pcb x lanes
-        # block: one broadcast weight per channel, FMA with lanes contiguous inputs. The block is
-        # written row segment by row segment into the NCHW output (no per-element division).
+        # block: one broadcast weight per channel, FMA with lanes contiguous inputs (in vectors:
+        # the nv input vectors loaded once per tap for all pcb channels). The block is written
+        # row segment by row segment into the NCHW output (no per-element division).
         n_, c_, hx, wp = xp.shape
         kh_, kw_, cp = wt.shape[1], wt.shape[2], wt.shape[3]
         co_, ho, wo = y.shape[1], y.shape[2], y.shape[3]
@@ -86,6 +92,7 @@ def _make_forward(lanes, pcb):
             n = t // nq
             q0 = (t % nq) * lanes
             acc = stack_array(pacc, y.dtype)
+            xs = stack_array(lanes, y.dtype)  # the tap's input vectors (vector_lanes only)
             oh0 = q0 // wp
             oh1 = min((q0 + lanes - 1) // wp, ho - 1)
             for cb in range(0, cp, pcb):
@@ -97,10 +104,21 @@ def _make_forward(lanes, pcb):
                         for kw in range(kw_):
                             xo = xb + kh * dh * wp + kw * dw
                             wb = ((ci * kh_ + kh) * kw_ + kw) * cp + cb
-                            for co in range(pcb):
-                                wv = w1[U(wb + co)]
-                                for j in range(lanes):
-                                    acc[U(co * lanes + j)] += wv * x1[U(xo + j)]
+                            if vector_lanes:
+                                for v in range(nv):
+                                    k = v * vector_lanes
+                                    vstore(xs, k, vload(x1, U(xo + k)))
+                                for co in range(pcb):
+                                    wv = vsplat(w1[U(wb + co)])
+                                    for v in range(nv):
+                                        k = co * lanes + v * vector_lanes
+                                        vstore(acc, k, vfma(wv, vload(xs, v * vector_lanes),
+                                                            vload(acc, k)))
+                            else:
+                                for co in range(pcb):
+                                    wv = w1[U(wb + co)]
+                                    for j in range(lanes):
+                                        acc[U(co * lanes + j)] += wv * x1[U(xo + j)]
                 for co in range(min(pcb, co_ - cb)):
                     bv = bias[U(cb + co)]
                     for oh in range(oh0, oh1 + 1):
@@ -127,71 +145,14 @@ conv_forward_plane_few = _make_forward(FEW_LANES, FEW_PCB)
 conv_forward_plane64 = _make_forward(64, PCB64)
 
 
-def _make_forward_vec(lanes, nv, pcb):
-    """:func:`_make_forward`'s kernel with an explicit ``pcb`` channel x ``nv`` vector block of
-    ``lanes``-wide 256-bit vectors (``_numba_simd``, CPUs without AVX-512, where the blocks
-    above spill): ``nv * lanes`` consecutive output positions per block."""
-    width = nv * lanes  # output positions per block
-    pacc = pcb * width
-
-    @njit(**PARALLEL)
-    def conv_forward_plane_vec(xp, wt, bias, y, dh, dw):
-        """The contract of the kernels of :func:`_make_forward`; Cp a multiple of ``pcb``."""
-        # Loop order: as there; per tap, the nv input vectors are loaded once and used by
-        # every channel of the block, each broadcasting its one weight (pcb * nv FMAs).
-        n_, c_, hx, wp = xp.shape
-        kh_, kw_, cp = wt.shape[1], wt.shape[2], wt.shape[3]
-        co_, ho, wo = y.shape[1], y.shape[2], y.shape[3]
-        plane = hx * wp
-        nq = (ho * wp + width - 1) // width
-        x1 = xp.ravel()
-        w1 = wt.ravel()
-        y1 = y.ravel()
-        for t in prange(n_ * nq):
-            n = t // nq
-            q0 = (t % nq) * width
-            acc = stack_array(pacc, y.dtype)
-            xs = stack_array(width, y.dtype)
-            oh0 = q0 // wp
-            oh1 = min((q0 + width - 1) // wp, ho - 1)
-            for cb in range(0, cp, pcb):
-                for i in range(pcb * nv):
-                    vstore(acc, i * lanes, vzero(acc))
-                for ci in range(c_):
-                    xb = (n * c_ + ci) * plane + q0
-                    for kh in range(kh_):
-                        for kw in range(kw_):
-                            xo = xb + kh * dh * wp + kw * dw
-                            wb = ((ci * kh_ + kh) * kw_ + kw) * cp + cb
-                            for v in range(nv):
-                                vstore(xs, v * lanes, vload(x1, U(xo + v * lanes)))
-                            for co in range(pcb):
-                                wv = vsplat(w1[U(wb + co)])
-                                for v in range(nv):
-                                    k = (co * nv + v) * lanes
-                                    vstore(acc, k, vfma(wv, vload(xs, v * lanes), vload(acc, k)))
-                for co in range(min(pcb, co_ - cb)):
-                    bv = bias[U(cb + co)]
-                    for oh in range(oh0, oh1 + 1):
-                        a = max(0, q0 - oh * wp)
-                        b = min(wo, q0 + width - oh * wp)
-                        dst = ((n * co_ + cb + co) * ho + oh) * wo
-                        src = co * width + oh * wp - q0
-                        for ow in range(a, b):
-                            y1[U(dst + ow)] = acc[U(src + ow)] + bv
-        return y
-
-    return conv_forward_plane_vec
-
-
 # 256-bit blocks: 4 channels x 3 vectors (12 accumulators, 3 input vectors, 1 broadcast); 6 x 2
 # for 5 or 6 channels (LeNet's first layer and the grad-input of its second: no padding
 # channels); 2 x 5 for one or two channels (the grad-input of a first layer).
 VEC_PCB, VEC_FEW_PCB = 4, 2
-conv_forward_plane_vec32 = _make_forward_vec(8, 3, VEC_PCB)
-conv_forward_plane_vec32_6 = _make_forward_vec(8, 2, 6)
-conv_forward_plane_vec32_few = _make_forward_vec(8, 5, VEC_FEW_PCB)
-conv_forward_plane_vec64 = _make_forward_vec(4, 3, VEC_PCB)
+conv_forward_plane_vec32 = _make_forward(24, VEC_PCB, 8)
+conv_forward_plane_vec32_6 = _make_forward(16, 6, 8)
+conv_forward_plane_vec32_few = _make_forward(40, VEC_FEW_PCB, 8)
+conv_forward_plane_vec64 = _make_forward(12, VEC_PCB, 4)
 
 
 @njit(**PARALLEL)
