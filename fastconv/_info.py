@@ -32,9 +32,27 @@ def _numba_lines(probe: bool) -> list:
         f"numba: {numba.__version__}",
         f"  threading layer: configured {configured!r}, in use: {in_use}",
         f"  priority: {', '.join(numba.config.THREADING_LAYER_PRIORITY)}",
+        f"  register blocks: {_register_blocks()}",
         f"threads: numba.get_num_threads()={numba.get_num_threads()}, "
         f"os.cpu_count()={os.cpu_count()}",
     ]
+
+
+def _register_blocks() -> str:
+    """Which family of register-blocked kernels the numba backend runs here, and why."""
+    try:
+        from .backends import _numba_simd as simd
+    except Exception as e:  # e.g. a bad FASTCONV_NUMBA_VECTORS: the backend would say so too
+        return f"unknown ({e})"
+    from numba.core.registry import cpu_target
+
+    cpu = cpu_target.target_context.codegen().magic_tuple()[1]
+    forced = os.environ.get("FASTCONV_NUMBA_VECTORS", "").strip()
+    why = f"FASTCONV_NUMBA_VECTORS={forced}" if forced else (
+        f"Numba compiles for {cpu}" + ("" if simd.WIDE_VECTORS else ", without AVX-512"))
+    family = "AVX-512 blocks, LLVM-vectorized" if simd.WIDE_VECTORS else \
+        "explicit 256-bit vectors"
+    return f"{family} ({why})"
 
 
 def _probe_numba() -> None:

@@ -25,6 +25,11 @@ def test_info_lists_every_backend_and_reason():
         assert line is not None, f"backend {name} missing from:\n{out}"
         assert ("available" if reason is None else reason) in line
     assert "threads:" in out and "cuda:" in out
+    if fc.backend_status()["numba"] is None:
+        from fastconv.backends import _numba_simd
+
+        family = "AVX-512 blocks" if _numba_simd.WIDE_VECTORS else "explicit 256-bit vectors"
+        assert f"  register blocks: {family}" in out
 
 
 def test_info_in_process(capsys):
