@@ -830,6 +830,9 @@ def machine_info() -> dict:
             info["numba_threading_layer"] = _numba_threading.threading_layer()
         except ImportError:
             info["numba_threading_layer"] = None
+        from ._info import _register_blocks
+
+        info["numba_register_blocks"] = _register_blocks()
     if torch_available():
         import torch
 
@@ -851,6 +854,8 @@ def machine_line(info: dict, peak: dict | None) -> str:
              f"threads: {', '.join(f'{k} {v}' for k, v in info['threads'].items())}",
              f"numpy {info['numpy']} ({info.get('numpy_blas')}), numba {info.get('numba', '–')}, "
              f"torch {info.get('torch', '–')}, fastconv {info['fastconv']}"]
+    if info.get("numba_register_blocks"):
+        parts.append(f"numba register blocks: {info['numba_register_blocks']}")
     if peak:
         parts.append(f"measured SGEMM peak: {peak['gflops']:.0f} GFLOP/s (NumPy float32 "
                      f"{peak['n']}³ matmul, best of the run, OPENBLAS_NUM_THREADS="
