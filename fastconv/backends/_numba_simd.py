@@ -7,14 +7,14 @@ spills half the accumulators on every multiply-add, and smaller blocks (3 x 32, 
 fully unroll the short lane loops first and then emit scalar code (measured on a Zen 1: 6-12x
 slower). With a vector type the block is written exactly as it should be compiled: 12
 accumulators, 2 weight vectors and one broadcast fit AVX2's 16 registers with nothing spilled
-(a 6 x 16 float32 block ran at 34 GFLOP/s on one Zen 1 core, 87 % of its peak).
+(a 6 x 16 float32 block ran at 33-35 GFLOP/s on one Zen 1 core, about 83 % of NumPy's
+one-core SGEMM there).
 
-``vec_type(dtype)`` vectors hold ``LANES[dtype]`` elements (256 bits: 8 float32 or 4 float64);
-on other targets LLVM splits or widens them, so the kernels stay correct everywhere. Intrinsics:
+A :class:`Vector` holds ``LANES[dtype]`` elements (256 bits: 8 float32 or 4 float64); on other
+targets LLVM splits or widens it, so the kernels stay correct everywhere. Intrinsics:
 ``vzero(arr)`` (a zero vector of arr's dtype), ``vload(arr, i)`` / ``vstore(arr, i, v)`` (lanes
 ``arr[i : i + LANES]`` of a C-contiguous 1-D array, unaligned, unchecked: the caller guarantees
 the range), ``vsplat(x)`` (x in every lane), ``vfma(a, b, c)`` (a*b + c, fused, lane by lane).
-``vsum(v)`` adds the lanes.
 
 ``WIDE_VECTORS`` says whether Numba compiles for AVX-512 (the LLVM-vectorized kernels tuned
 for it are used there) or not (the kernels built on these vectors). ``FASTCONV_NUMBA_VECTORS``
@@ -136,21 +136,6 @@ def vfma(typingctx, a, b, c):
         return builder.call(fn, args)
 
     return a(a, b, c), codegen
-
-
-@intrinsic
-def vsum(typingctx, v):
-    if not isinstance(v, Vector):
-        return None
-
-    def codegen(context, builder, sig, args):
-        total = builder.extract_element(args[0], ir.Constant(ir.IntType(32), 0))
-        for lane in range(1, v.lanes):
-            total = builder.fadd(total, builder.extract_element(
-                args[0], ir.Constant(ir.IntType(32), lane)))
-        return total
-
-    return v.dtype(v), codegen
 
 
 def _compiles_for_avx512() -> bool:
