@@ -107,6 +107,7 @@ def max_pool_forward_s2(x, y, idx, h0, hn, w0, kw_, pw, dh, dw, hp):
         for ow in range(wv):
             two[ow] = 2 * ow
             arg[ow] = 0
+            arg2[ow] = 0  # lanes past W_out are computed, never written out
         for t in range(task * planes // tasks, (task + 1) * planes // tasks):
             src = t * h_ * w_
             for oh in range(ho):
