@@ -280,7 +280,7 @@ def _make_forward_vec(lanes):
 
     @njit(**PARALLEL)
     def conv_forward_direct_vec(xp2, wk, bias, y1, ys, co_, ho, wo, c_in, sh, sw, dh, x0):
-        """The contract of :func:`conv_forward_direct` (same arguments, same result)."""
+        """The contract of :func:`conv_forward_direct` (the same result up to rounding)."""
         # Loop order: as conv_forward_direct, with VOB columns x vc channels per block: per run
         # element r, two weight vectors are loaded once and used by all VOB columns, each
         # column broadcasting its one input value (12 FMAs per 2 loads + 6 broadcasts).
