@@ -97,7 +97,8 @@ def test_vector_width_override(value, wide):
     error naming the variable and the values accepted, on first use of the backend."""
     code = ("import numpy as np, fastconv as fc\n"
             "from fastconv.backends import _numba_simd as s\n"
-            "fc.conv2d(np.ones((1, 8, 5, 9), np.float32), np.ones((32, 8, 3, 3), np.float32))\n"
+            "fc.conv2d(np.ones((1, 8, 5, 9), np.float32), np.ones((32, 8, 3, 3), np.float32),\n"
+            "          backend='numba')\n"
             "print(s.WIDE_VECTORS, fc.last_algorithm('conv2d'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, FASTCONV_NUMBA_VECTORS=value), timeout=300)
