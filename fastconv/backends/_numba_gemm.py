@@ -16,6 +16,7 @@ block spills; ``*_vec`` are the same products in explicit 256-bit vector blocks 
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit, prange
 
 from . import _numba_simd as simd
@@ -151,7 +152,7 @@ def transpose(a, out):
 # ----------------------------------------------------------- 256-bit register blocks (AVX2)
 
 VRB = 6  # rows of a per block of the explicit-vector kernels
-VL = 8  # float32 lanes of a 256-bit vector
+VL = simd.LANES[np.dtype(np.float32)]  # float32 lanes of a 256-bit vector
 VCB = 2 * VL  # columns of b per block: 6 x 2 accumulators + 2 vectors of b + 1 broadcast
 VACC = VRB * VCB
 

@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._numba_options import PARALLEL, U
+from ._numba_simd import LANES as VECTOR_LANES
 from ._numba_simd import vfma, vload, vsplat, vstore, vzero
 from ._numba_stack import prefer_wide_vectors, stack_array
 
@@ -149,10 +150,11 @@ conv_forward_plane64 = _make_forward(64, PCB64)
 # for 5 or 6 channels (LeNet's first layer and the grad-input of its second: no padding
 # channels); 2 x 5 for one or two channels (the grad-input of a first layer).
 VEC_PCB, VEC_FEW_PCB = 4, 2
-conv_forward_plane_vec32 = _make_forward(24, VEC_PCB, 8)
-conv_forward_plane_vec32_6 = _make_forward(16, 6, 8)
-conv_forward_plane_vec32_few = _make_forward(40, VEC_FEW_PCB, 8)
-conv_forward_plane_vec64 = _make_forward(12, VEC_PCB, 4)
+_L32, _L64 = VECTOR_LANES[np.dtype(np.float32)], VECTOR_LANES[np.dtype(np.float64)]
+conv_forward_plane_vec32 = _make_forward(3 * _L32, VEC_PCB, _L32)
+conv_forward_plane_vec32_6 = _make_forward(2 * _L32, 6, _L32)
+conv_forward_plane_vec32_few = _make_forward(5 * _L32, VEC_FEW_PCB, _L32)
+conv_forward_plane_vec64 = _make_forward(3 * _L64, VEC_PCB, _L64)
 
 
 @njit(**PARALLEL)

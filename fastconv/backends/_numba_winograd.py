@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._numba_options import PARALLEL, U
-from ._numba_simd import vfma, vload, vsplat, vstore, vzero
+from ._numba_simd import LANES, vfma, vload, vsplat, vstore, vzero
 from ._numba_stack import prefer_wide_vectors, stack_array
 from ._winograd_transforms import (  # noqa: F401  (the backend calls them through here)
     HALF, transform_weight, transform_weight_paired, weight_from_transformed)
@@ -43,7 +43,7 @@ RB = 4  # input channels per grad-weight register block (4 x 64: 16 accumulators
 GACC = RB * CB
 # The explicit 256-bit blocks (``_numba_simd``, CPUs without AVX-512): 6 tiles (forward) or 6
 # input channels (grad-weight) x 16 output channels, 12 accumulators.
-VL = 8  # float32 lanes of a 256-bit vector
+VL = LANES[np.dtype(np.float32)]  # float32 lanes of a 256-bit vector
 VTB = 6
 VCB = 2 * VL
 VACC = VTB * VCB

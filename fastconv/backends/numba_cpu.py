@@ -577,10 +577,12 @@ def _run_offsets(n, ho, wo, hp, wp, c_in, sh, sw):
 def _grad_weight_c16(run, dy, x, p):
     """dw of a stride-1 float32 layer with C_out <= 16 and unit column dilation: the
     16-channel register blocks of ``_numba_direct.conv_grad_weight_c16`` (with 256-bit vectors:
-    ``conv_grad_weight_direct_vec32`` on 16 channels)."""
+    :func:`_grad_weight_direct_vec`, whose blocks are 16 channels wide anyway)."""
     from . import _numba_conv as conv
     from . import _numba_direct as direct
 
+    if _explicit_vectors():
+        return _grad_weight_direct_vec(conv, direct, run, dy, x, p)
     n, c_in, h, w_ = x.shape
     c_out = dy.shape[1]
     (kh, kw), (ho, wo), dh = p.kernel_hw, p.out_hw, p.dilation[0]
@@ -588,14 +590,6 @@ def _grad_weight_c16(run, dy, x, p):
     wp = wo + kw - 1
     xbase = _run_offsets(n, ho, wo, hp, wp, c_in, 1, 1)
     r = kw * c_in
-    if _explicit_vectors():  # 256-bit vectors: the direct 6-row x 16-channel blocks, as they are
-        xp = run(conv.pad_nhwc, x, np.empty((n, hp, wp, c_in), x.dtype), *p.padding)
-        dyt = run(direct.nchw_to_nhwc_padded, dy, np.empty((n, ho, wo, 16), dy.dtype), 16)
-        part = np.empty((min(n * ho * wo, WEIGHT_CHUNKS), kh, r, 16), x.dtype)
-        run(direct.conv_grad_weight_direct_vec32, xp.reshape(n, hp, -1), dyt.reshape(1, -1, 16),
-            xbase, part, c_in, dh)
-        dwk = _sum_chunks(part)[..., :c_out]
-        return np.ascontiguousarray(dwk.reshape(kh, kw, c_in, c_out).transpose(3, 2, 0, 1))
     size = n * hp * wp * c_in
     flat = np.zeros(size + direct.RUN16, x.dtype)  # spare zeros for the padded run rows
     run(conv.pad_nhwc, x, flat[:size].reshape(n, hp, wp, c_in), *p.padding)
