@@ -75,22 +75,23 @@ POINTWISE = "cython:pointwise-gemm"
 # between the dx and dw passes at either column parity, a grad-weight channel tail (C_in % 4);
 # 1x1 as matrix products (>= 64 pixels; backward needs C_out >= 64): remainder rows, a shifted
 # last 64-column block, several column blocks of dw, and C_out < 64 (backward: exact kernels).
-WB = "cython:winograd(input:winograd,weight:winograd)"
+WB = "cython:input:winograd-f2x2 weight:winograd-f2x2 bias:sum"
+POINTWISE_BWD = "cython:input:pointwise-gemm weight:pointwise-gemm bias:sum"
 WINO_CASES = [
     ((2, 33, 7, 7), (70, 33, 3, 3), dict(padding=1), WINO, WB),
     ((1, 32, 4, 4), (32, 32, 3, 3), dict(padding=3), WINO,
-     "cython:winograd(weight:winograd)+cython:input=direct-blocked"),
+     "cython:input:direct-blocked weight:winograd-f2x2 bias:sum"),
     ((2, 16, 18, 17), (32, 16, 3, 3), dict(), WINO, WB),
     ((2, 24, 9, 10), (48, 24, 3, 3), dict(padding=(2, 1)), WINO, WB),
     ((2, 64, 11, 9), (64, 64, 3, 3), dict(padding=(1, 2)), WINO, WB),
     ((2, 64, 10, 9), (64, 64, 3, 3), dict(padding=1), WINO, WB),
     ((2, 48, 6, 5), (32, 48, 3, 3), dict(padding=(0, 2)), WINO,
-     "cython:winograd(weight:winograd)+cython:input=direct-blocked"),
+     "cython:input:direct-blocked weight:winograd-f2x2 bias:sum"),
     ((3, 32, 26, 26), (64, 32, 3, 3), dict(), WINO, WB),  # shape B in small: paired dx
     ((2, 70, 8, 9), (64, 70, 1, 1), dict(), POINTWISE, POINTWISE),
     ((3, 33, 5, 13), (130, 33, 1, 1), dict(), POINTWISE, POINTWISE),
-    ((2, 16, 8, 8), (40, 16, 1, 1), dict(), POINTWISE, "cython:input=direct-blocked,"
-     "weight=direct-blocked"),
+    ((2, 16, 8, 8), (40, 16, 1, 1), dict(), POINTWISE, "cython:input:direct-blocked "
+     "weight:direct-blocked bias:sum"),
 ]
 
 
@@ -100,7 +101,8 @@ def test_winograd_and_pointwise_paths_match_torch(rng, x_shape, w_shape, kw, fwd
     check_conv("cython", rng, x_shape, w_shape, dtype=dtype, **kw)
     if dtype == np.float32:
         assert fc.last_algorithm("conv2d") == fwd
-        assert fc.last_algorithm("conv2d_backward") == bwd
+        assert fc.last_algorithm("conv2d_backward") == (POINTWISE_BWD if bwd == POINTWISE
+                                                         else bwd)
     else:  # float32 only
         assert fc.last_algorithm("conv2d") not in (WINO, POINTWISE)
         assert "winograd" not in fc.last_algorithm("conv2d_backward")
@@ -119,7 +121,7 @@ def test_winograd_and_pointwise_partial_needs(rng):
 
 
 # The fused plane backward of first layers (C_in <= 4, stride 1, groups 1, dx wanted).
-FUSED = "cython:plane-fused(input,weight,bias)"
+FUSED = "cython:input:plane-fused weight:plane-fused bias:plane-fused"
 FUSED_CASES = [
     ((5, 1, 28, 28), (32, 1, 3, 3), {}),  # shape A on 5 images (chunks of 1)
     ((9, 1, 28, 28), (6, 1, 5, 5), dict(padding=2)),  # shape C on 9 images (uneven chunks)
@@ -144,7 +146,7 @@ def test_first_layers_take_the_fused_backward(rng, x_shape, w_shape, kw, dtype):
 @pytest.mark.parametrize("needs", [("input",), ("input", "bias"), ("input", "weight")])
 def test_fused_backward_computes_what_is_asked(rng, needs):
     algorithm = check_partial_needs("cython", rng, needs)
-    assert algorithm == f"cython:plane-fused({','.join(needs)})"
+    assert algorithm == "cython:" + " ".join(f"{g}:plane-fused" for g in needs)
 
 
 def test_fused_backward_leaves_non_finite_x_to_the_exact_kernels(rng):
@@ -157,7 +159,7 @@ def test_fused_backward_leaves_non_finite_x_to_the_exact_kernels(rng):
     fc.conv2d_backward(dy, x, w, padding=1, backend="cython")
     assert "plane-fused" not in fc.last_algorithm("conv2d_backward")
     dx = fc.conv2d_backward(dy, x, w, padding=1, backend="cython", needs=("input",))[0]
-    assert fc.last_algorithm("conv2d_backward") == "cython:plane-fused(input)"
+    assert fc.last_algorithm("conv2d_backward") == "cython:input:plane-fused"
     np.testing.assert_allclose(dx, fc.conv2d_backward(dy, x, w, padding=1, backend="numpy",
                                                       needs=("input",))[0], rtol=1e-4, atol=1e-4)
 
@@ -175,7 +177,8 @@ def test_nan_propagates_to_exactly_the_outputs_it_touches(rng, width, algo):
     assert np.isnan(y[0][:, touched]).all()
     assert not np.isnan(y[0][:, ~touched]).any()
     # Winograd mixes a whole 4x4 input tile, so it noticed the NaN and ran the exact kernel
-    assert fc.last_algorithm("conv2d") == "cython:direct-blocked"
+    exact = f"{WINO}>direct-blocked" if algo == WINO else algo
+    assert fc.last_algorithm("conv2d") == exact
 
 
 @pytest.mark.parametrize("where", WINOGRAD_NON_FINITE)
@@ -186,9 +189,10 @@ def test_winograd_hands_non_finite_values_to_the_exact_kernels(rng, where):
     took over where the transforms saw a non-finite value."""
     pytest.importorskip("torch")
     forward, backward = check_winograd_non_finite("cython", rng, where)
-    assert forward == (WINO if where in ("dy", "b") else "cython:direct-blocked")
-    assert backward.startswith("cython:winograd(input:winograd,weight:winograd)")
-    assert ("+cython:" in backward) == (where != "b"), backward
+    assert forward == (WINO if where in ("dy", "b") else f"{WINO}>direct-blocked")
+    assert backward.startswith("cython:input:winograd-f2x2")
+    assert "weight:winograd-f2x2" in backward
+    assert (">" in backward) == (where != "b"), backward
 
 
 def _new_algorithm_results(fc_, np_):
@@ -235,9 +239,9 @@ def test_winograd_and_pointwise_identical_for_one_and_two_threads():
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout + run.stderr
         outs.append(run.stdout.split())
-    assert "cython:winograd(input:winograd,weight:winograd)" in outs[0]
-    assert "cython:pointwise-gemm" in outs[0]
-    assert FUSED in outs[0]
+    assert WB in " ".join(outs[0])
+    assert POINTWISE_BWD in " ".join(outs[0])
+    assert FUSED in " ".join(outs[0])
     assert outs[0] == outs[1]
 
 

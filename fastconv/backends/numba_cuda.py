@@ -260,21 +260,21 @@ def conv2d_backward(dy, x, w, p, needs):
             items = x.shape[0] * x.shape[1] * tiles_h * tiles_w
             _launch("conv_grad_input_tiled", k.conv_grad_input_tiled, _grid(items), (t, t),
                     shared, dyd, wd, dx, *geo, tiles_h, tiles_w)
-            algos.append("input=gather-smem")
+            algos.append("input:gather-smem")
         else:
             _launch("conv_grad_input_direct", k.conv_grad_input_direct,
                     _grid(math.ceil(math.prod(x.shape) / t**2)), t * t, 0, dyd, wd, dx, *geo)
-            algos.append("input=gather-direct")
+            algos.append("input:gather-direct")
     if "weight" in needs:
         dw = _empty(w.shape, x.dtype)
         _launch("conv_grad_weight", k.conv_grad_weight, _grid(math.prod(w.shape)), t * t, 0,
                 dyd, xd, dw, *geo)
-        algos.append("weight=block-reduce")
+        algos.append("weight:block-reduce")
     if "bias" in needs:
         db = _empty((w.shape[0],), x.dtype)
         _launch("conv_grad_bias", k.conv_grad_bias, _grid(w.shape[0]), t * t, 0, dyd, db)
-        algos.append("bias=block-reduce")
-    record_algorithm("conv2d_backward", "cuda:" + (",".join(algos) or "nothing"))
+        algos.append("bias:block-reduce")
+    record_algorithm("conv2d_backward", "cuda:" + (" ".join(algos) or "nothing"))
     return arrays.out(dx), arrays.out(dw), arrays.out(db)
 
 
