@@ -8,6 +8,10 @@ A backend is one module in ``fastconv.backends`` with the same five functions::
     max_pool2d_backward(dy, idx, input_shape) -> dx
     unavailable_reason() -> str | None      # None when the backend can run here
 
+and the ops ``fastconv.nn`` needs (``relu``, ``relu_backward``, ``dropout``,
+``dropout_backward``, ``dense``, ``dense_backward``, ``sgd_update``, ``adam_update``; NumPy
+versions in ``backends._host_ops``), which the layers reach through :func:`resolve`.
+
 Arguments arrive validated (``fastconv._validate``): C-contiguous, one float dtype, consistent
 shapes. Modules are imported only when first used, so ``import fastconv`` never imports numba.
 A module whose import fails is unavailable, with the import error as the reason.

@@ -136,11 +136,11 @@ def test_dense_on_numba_kernels_matches_float64_and_torch(rng, monkeypatch, batc
     """Beside the numba backend, large float32 Dense products run on the register-blocked
     kernels (remainder rows, a shifted last column block, the forward's inner-dimension chunks
     all exercised here): float64 NumPy is the reference, torch.nn.Linear the second opinion."""
-    from fastconv.nn import layers
+    from fastconv.backends import _numba_nn
 
     used = []
-    real = layers._matmul_kernels
-    monkeypatch.setattr(layers, "_matmul_kernels",
+    real = _numba_nn._gemm
+    monkeypatch.setattr(_numba_nn, "_gemm",
                         lambda *a: used.append(real(*a) is not None) or real(*a))
     dense = nn.Dense(n_in, n_out, rng=3, backend="numba")
     x = rng.standard_normal((batch, n_in)).astype(np.float32)
@@ -265,6 +265,30 @@ def test_adam_follows_torch(kw, fused, rng):
     opt = _trajectories(lambda: nn.Adam(**kw, fused=fused),
                         lambda ps: torch.optim.Adam(ps, **kw), rng)
     assert opt.t == 6
+
+
+@pytest.mark.parametrize("backend", fc.available_backends())
+def test_every_backend_serves_the_nn_ops(backend, rng):
+    """The nn ops are part of the backend contract: each backend has them all, and SGD, Adam,
+    ReLU, Dropout and Dense on ``backend=`` give the reference's values (torch's updates; the
+    NumPy backend's layers, the same dropout mask from the same seed)."""
+    from fastconv import _dispatch
+    from fastconv.backends._host_ops import NN_OPS
+
+    module = _dispatch.get_backend(backend)
+    assert [op for op in NN_OPS if not callable(getattr(module, op, None))] == []
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=0.01)
+    _trajectories(lambda: nn.SGD(**kw, backend=backend), lambda ps: torch.optim.SGD(ps, **kw),
+                  rng, steps=3)
+    _trajectories(lambda: nn.Adam(1e-2, backend=backend), lambda ps: torch.optim.Adam(ps, 1e-2),
+                  rng, steps=3)
+    x = rng.standard_normal((70, 40)).astype(np.float32)
+    g = rng.standard_normal((70, 40)).astype(np.float32)
+    for make in (lambda b: nn.ReLU(backend=b), lambda b: nn.Dropout(0.3, rng=1, backend=b),
+                 lambda b: nn.Dense(40, 40, rng=2, backend=b)):
+        ours, ref = make(backend), make("numpy")
+        np.testing.assert_allclose(ours.forward(x), ref.forward(x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ours.backward(g), ref.backward(g), rtol=1e-5, atol=1e-5)
 
 
 def test_optimizer_state_round_trips_exactly(rng):

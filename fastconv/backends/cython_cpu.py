@@ -42,6 +42,9 @@ import os
 import numpy as np
 
 from .._dispatch import record_algorithm
+# The ops fastconv.nn needs (the backend contract: see ``_host_ops``).
+from ._host_ops import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F401
+                        dropout, dropout_backward, relu, relu_backward, sgd_update)
 from .._validate import pool_index_error
 from . import _plan
 from ._openmp import forked_from_gnu_openmp_parent  # (sets OMP_WAIT_POLICY first)

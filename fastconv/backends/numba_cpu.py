@@ -47,6 +47,9 @@ from typing import NamedTuple
 import numpy as np
 
 from .._dispatch import record_algorithm
+# The ops fastconv.nn needs (the backend contract: see ``_host_ops``).
+from ._numba_nn import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F401
+                        dropout, dropout_backward, relu, relu_backward, sgd_update)
 from .._validate import pool_index_error
 from . import _plan
 from ._plan import WEIGHT_CHUNKS, chunks, round_up, sum_chunks

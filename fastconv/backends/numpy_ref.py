@@ -19,6 +19,9 @@ from __future__ import annotations
 import numpy as np
 
 from .._dispatch import record_algorithm
+# The ops fastconv.nn needs (the backend contract: see ``_host_ops``).
+from ._host_ops import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F401
+                        dropout, dropout_backward, relu, relu_backward, sgd_update)
 
 
 def unavailable_reason():

@@ -18,7 +18,7 @@ import numpy as np
 
 import fastconv as fc
 
-from .. import _dispatch, _splitmix, _validate
+from .. import _dispatch, _validate
 from . import init as _init
 
 
@@ -27,17 +27,10 @@ def _rng(rng) -> np.random.Generator:
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
-def _elementwise_kernels(backend, x):
-    """The parallel element-wise kernels (``backends._numba_elementwise``) when this layer runs
-    beside the numba backend on a float32/float64 host array, else None (NumPy ufuncs)."""
-    if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64):
-        return None
-    name = backend if backend is not None else _dispatch.current_backend_name(x)
-    if name != "numba" or _dispatch._load("numba")[0] is None:
-        return None
-    from ..backends import _numba_elementwise, _numba_threading
-
-    return _numba_elementwise, _numba_threading.run
+def _ops(backend, *arrays):
+    """The backend module whose ops (``relu``, ``dense``, ...: the contract of
+    ``fastconv._dispatch``) this layer runs: ``backend=``, else the selection order."""
+    return _dispatch.resolve(backend, *arrays)
 
 
 class Layer:
@@ -209,18 +202,11 @@ class MaxPool2D(Layer):
 
 class ReLU(Layer):
     """``max(x, 0)`` (NaN stays NaN); the gradient is 0 where ``x <= 0``, else ``grad`` (a select,
-    exactly as PyTorch's: 0 even where ``grad`` is NaN, passed on where ``x`` is NaN). Beside
-    the numba backend both passes run as parallel kernels."""
+    exactly as PyTorch's: 0 even where ``grad`` is NaN, passed on where ``x`` is NaN): the
+    backend's ``relu`` / ``relu_backward`` (parallel kernels on the numba backend)."""
 
     def forward(self, x, training=True):
-        compiled = _elementwise_kernels(self.backend, x)
-        if compiled is None:
-            y = np.maximum(x, x.dtype.type(0))
-        else:
-            kernels, run = compiled
-            x = np.ascontiguousarray(x)
-            y = np.empty_like(x)
-            run(kernels.relu_forward, x.reshape(-1), y.reshape(-1))
+        y = _ops(self.backend, x).relu(x)
         self._cache = y  # the output itself: backward needs only where it is <= 0
         return y
 
@@ -229,14 +215,7 @@ class ReLU(Layer):
         if not input_grad:
             return None
         grad = np.asarray(grad, dtype=y.dtype)
-        compiled = _elementwise_kernels(self.backend, grad)
-        if compiled is None or grad.shape != y.shape:
-            return np.where(y <= 0, y.dtype.type(0), grad)
-        kernels, run = compiled
-        grad = np.ascontiguousarray(grad)
-        out = np.empty_like(grad)
-        return run(kernels.relu_backward, grad.reshape(-1), y.reshape(-1), out.reshape(-1)
-                   ).reshape(y.shape)
+        return _ops(self.backend, grad).relu_backward(grad, y)
 
 
 class Flatten(Layer):
@@ -254,29 +233,12 @@ class Flatten(Layer):
         return (int(np.prod(input_shape)),)
 
 
-def _matmul_kernels(backend, a, m, k, n):
-    """(``backends._numba_gemm``, run) for a float32 product (m, k) @ (k, n) beside the numba
-    backend when it is large enough for the register blocks (n >= 64) to pay, else None."""
-    if a.dtype != np.float32 or n < 64 or m * k * n < 1 << 20:
-        return None
-    if _elementwise_kernels(backend, a) is None:
-        return None
-    from ..backends import _numba_gemm, _numba_threading
-
-    return _numba_gemm, _numba_threading.run
-
-
-# Fixed number of partial products of the forward pass (its inner dimension is split so that
-# both cores work on a batch of 64): the result does not depend on the thread count.
-_FORWARD_CHUNKS = 8
-
-
 class Dense(Layer):
     """Fully connected: ``y = x @ weight.T + bias``, weight ``(out, in)`` as ``torch.nn.Linear``.
 
-    Input ``(N, in_features)``, output ``(N, out_features)``. Beside the numba backend, large
-    float32 products run as parallel register-blocked kernels (``backends._numba_gemm``) on
-    numba's threads; otherwise NumPy's matmul (BLAS).
+    Input ``(N, in_features)``, output ``(N, out_features)``. The products are the backend's
+    ``dense`` / ``dense_backward`` (on the numba backend, large float32 products run as
+    register-blocked kernels on numba's threads; elsewhere NumPy's matmul, BLAS).
     """
 
     _positional = ("in_features", "out_features")
@@ -296,43 +258,12 @@ class Dense(Layer):
                 f"Dense expects input (N, {self.in_features}), got shape {tuple(x.shape)}"
             )
         self._cache = x
-        w = self.params["weight"]
-        compiled = _matmul_kernels(self.backend, x, w.shape[0], w.shape[1], x.shape[0])
-        bias = self.params.get("bias")
-        if compiled is None or w.dtype != x.dtype:
-            y = x @ w.T
-            if bias is not None:
-                y += bias
-            return y
-        # y.T = w @ x.T (+ bias): the batch is the contiguous, vectorized dimension
-        gemm, run = compiled
-        xt = run(gemm.transpose, np.ascontiguousarray(x)[None],
-                 np.empty((1, *x.shape[::-1]), x.dtype))
-        chunks = min(_FORWARD_CHUNKS, x.shape[1])
-        part = run(gemm.chunks_kernel(), w, xt,
-                   np.zeros(w.shape[0], x.dtype) if bias is None else bias,
-                   np.empty((chunks, 1, w.shape[0], x.shape[0]), x.dtype))
-        yt = part[0, 0].copy()
-        for t in range(1, chunks):
-            yt += part[t, 0]
-        return np.ascontiguousarray(yt.T)
+        return _ops(self.backend, x).dense(x, self.params["weight"], self.params.get("bias"))
 
     def backward(self, grad, input_grad=True):
         x = self._no_cache()
-        w = self.params["weight"]
-        compiled = _matmul_kernels(self.backend, grad, w.shape[0], grad.shape[0], x.shape[1])
-        if compiled is None or not (grad.dtype == x.dtype == w.dtype):
-            self.grads["weight"] = grad.T @ x
-            dx = grad @ w if input_grad else None
-        else:
-            gemm, run = compiled
-            x = np.ascontiguousarray(x)
-            self.grads["weight"] = run(gemm.chunks_kernel(), grad.T, x[None],
-                                       np.zeros(w.shape[0], x.dtype),
-                                       np.empty((1, 1, *w.shape), x.dtype))[0, 0]
-            dx = run(gemm.chunks_kernel(), grad, np.ascontiguousarray(w)[None],
-                     np.zeros(x.shape[0], x.dtype),
-                     np.empty((1, 1, *x.shape), x.dtype))[0, 0] if input_grad else None
+        dx, self.grads["weight"] = _ops(self.backend, grad).dense_backward(
+            grad, x, self.params["weight"], input_grad)
         if "bias" in self.params:
             self.grads["bias"] = grad.sum(axis=0)
         return dx
@@ -374,22 +305,10 @@ class Dropout(Layer):
             self._cache = None
             return x
         scale = x.dtype.type(1.0 / (1.0 - self.p))
-        # One draw from the generator per call seeds a counter-based stream (``_splitmix``): the
-        # compiled kernel and NumPy give the same mask from the same seed.
+        # One draw from the generator per call seeds a counter-based stream (``_splitmix``):
+        # every backend gives the same mask from the same seed.
         seed = np.uint64(self.rng.bit_generator.random_raw())
-        threshold = self._threshold()
-        compiled = _elementwise_kernels(self.backend, x)
-        if compiled is None:
-            keep = (_splitmix.hi32(seed, x.size) >= threshold).reshape(x.shape)
-            with np.errstate(invalid="ignore"):  # inf * 0 = NaN, as in PyTorch
-                y = x * np.where(keep, scale, x.dtype.type(0))
-        else:
-            kernels, run = compiled
-            x = np.ascontiguousarray(x)
-            y = np.empty_like(x)
-            keep = np.empty(x.shape, np.uint8)
-            run(kernels.dropout_forward, x.reshape(-1), seed, np.uint64(threshold), scale,
-                y.reshape(-1), keep.reshape(-1))
+        y, keep = _ops(self.backend, x).dropout(x, seed, self._threshold(), scale)
         self._cache = (keep, scale)
         return y
 
@@ -400,15 +319,7 @@ class Dropout(Layer):
             return grad
         keep, scale = self._cache
         grad = np.asarray(grad)
-        compiled = _elementwise_kernels(self.backend, grad)
-        if compiled is None or grad.shape != keep.shape or grad.dtype != scale.dtype:
-            with np.errstate(invalid="ignore"):
-                return grad * np.where(keep, scale, scale.dtype.type(0))
-        kernels, run = compiled
-        grad = np.ascontiguousarray(grad)
-        out = np.empty_like(grad)
-        return run(kernels.dropout_backward, grad.reshape(-1), keep.reshape(-1), scale,
-                   out.reshape(-1)).reshape(grad.shape)
+        return _ops(self.backend, grad).dropout_backward(grad, keep, scale)
 
     def get_config(self):
         return dict(p=self.p)

@@ -4,7 +4,8 @@ An optimizer is not bound to a model: ``step(params, grads)`` takes two dicts wi
 (``Sequential.named_parameters()`` / ``named_grads()``) and updates the parameter arrays in
 place. Its state (momentum buffers, Adam moments, step count) is keyed by those names, and
 ``state_dict()`` / ``load_state_dict()`` move it in and out of checkpoints. ``lr`` is a plain
-attribute, so a schedule can set it between steps.
+attribute, so a schedule can set it between steps. The update itself is the backend's
+``sgd_update`` / ``adam_update`` (``backend=``, else the selection order, as for the layers).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 
 import numpy as np
 
+from .. import _dispatch
 from .._validate import check_finite_scalar
 
 
@@ -24,8 +26,13 @@ def _nonneg(name, v):
 
 
 class Optimizer:
-    def __init__(self, lr):
+    def __init__(self, lr, backend=None):
         self.lr = _nonneg("lr", lr)
+        self.backend = backend
+
+    def _ops(self, p):
+        """The backend module whose update runs on parameter ``p``."""
+        return _dispatch.resolve(self.backend, p)
 
     def step(self, params: dict, grads: dict) -> None:
         raise NotImplementedError
@@ -43,38 +50,6 @@ class Optimizer:
             raise KeyError(f"no gradient for parameters {sorted(missing)} (run backward first)")
 
 
-_FUSED_ADAM = None
-
-
-def _adam_update(p, g, m, v, b1, b2, eps, step_size, bc2_sqrt, weight_decay):
-    """One fused pass over flat float arrays (compiled by Numba when it is installed): the
-    NumPy version makes about 13 passes over model-sized arrays per step."""
-    one = p.dtype.type(1)
-    for i in range(p.size):
-        gi = g[i] + weight_decay * p[i]
-        mi = b1 * m[i] + (one - b1) * gi
-        vi = b2 * v[i] + (one - b2) * gi * gi
-        m[i] = mi
-        v[i] = vi
-        p[i] -= step_size * (mi / (np.sqrt(vi) / bc2_sqrt + eps))
-
-
-def _fused_adam():
-    """The compiled fused Adam update, or None without Numba (NumPy fallback)."""
-    global _FUSED_ADAM
-    if _FUSED_ADAM is None:
-        try:
-            from numba import njit
-
-            from ..backends._numba_options import CACHE
-        except ImportError:
-            _FUSED_ADAM = False
-        else:
-            # Serial on purpose: safe in any thread and after fork; one pass is memory-bound.
-            _FUSED_ADAM = njit(cache=CACHE, nogil=True, error_model="numpy")(_adam_update)
-    return _FUSED_ADAM or None
-
-
 def _copy_tree(d: dict) -> dict:
     return {k: np.array(v, copy=True) for k, v in d.items()}
 
@@ -89,8 +64,9 @@ class SGD(Optimizer):
         p -= lr * g
     """
 
-    def __init__(self, lr=0.01, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
-        super().__init__(lr)
+    def __init__(self, lr=0.01, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                 backend=None):
+        super().__init__(lr, backend)
         self.momentum = _nonneg("momentum", momentum)
         self.dampening = _nonneg("dampening", dampening)
         self.weight_decay = _nonneg("weight_decay", weight_decay)
@@ -102,18 +78,11 @@ class SGD(Optimizer):
     def step(self, params, grads):
         self._check(params, grads)
         for name, p in params.items():
-            g = grads[name]
-            if self.weight_decay:
-                g = g + self.weight_decay * p
-            if self.momentum:
-                buf = self.buffers.get(name)
-                if buf is None:
-                    buf = self.buffers[name] = np.array(g, copy=True)
-                else:
-                    buf *= self.momentum
-                    buf += (1.0 - self.dampening) * g
-                g = g + self.momentum * buf if self.nesterov else buf
-            p -= self.lr * g
+            buf = self._ops(p).sgd_update(p, grads[name], self.buffers.get(name), self.lr,
+                                          self.momentum, self.dampening, self.weight_decay,
+                                          self.nesterov)
+            if buf is not None:
+                self.buffers[name] = buf
 
     def state_dict(self):
         return {"lr": self.lr, "momentum_buffer": _copy_tree(self.buffers)}
@@ -135,9 +104,12 @@ class Adam(Optimizer):
         p -= lr / (1 - b1**t) * m / (sqrt(v) / sqrt(1 - b2**t) + eps)
     """
 
-    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=None):
-        super().__init__(lr)
-        self.fused = fused  # None: the fused Numba update when Numba is installed
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=None,
+                 backend=None):
+        super().__init__(lr, backend)
+        # None: the backend's update (one compiled pass on numba); True: insist on a compiled
+        # one; False: NumPy's
+        self.fused = fused
         b1, b2 = (check_finite_scalar("betas", b) for b in betas)
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
             raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)!r}")
@@ -154,38 +126,17 @@ class Adam(Optimizer):
         b1, b2 = self.betas
         step_size = self.lr / (1.0 - b1 ** self.t)
         bc2_sqrt = math.sqrt(1.0 - b2 ** self.t)
-        kernel = _fused_adam() if self.fused in (None, True) else None
-        if self.fused and kernel is None:
-            raise RuntimeError("Adam(fused=True) needs Numba")
         for name, p in params.items():
-            g = grads[name]
             m = self.exp_avg.get(name)
             if m is None:
                 m = self.exp_avg[name] = np.zeros_like(p)
                 self.exp_avg_sq[name] = np.zeros_like(p)
-            v = self.exp_avg_sq[name]
-            if kernel is not None and p.flags.c_contiguous and g.shape == p.shape:
-                f = p.dtype.type
-                kernel(p.reshape(-1), np.ascontiguousarray(g, p.dtype).reshape(-1),
-                       m.reshape(-1), v.reshape(-1), f(b1), f(b2), f(self.eps), f(step_size),
-                       f(bc2_sqrt), f(self.weight_decay))
-                continue
-            if self.weight_decay:
-                g = g + self.weight_decay * p
-            # In place, with one temporary: these arrays are the model's size on every step.
-            m *= b1
-            tmp = np.multiply(g, 1.0 - b1, dtype=p.dtype)
-            m += tmp
-            v *= b2
-            np.multiply(g, g, out=tmp)
-            tmp *= 1.0 - b2
-            v += tmp
-            np.sqrt(v, out=tmp)
-            tmp /= bc2_sqrt
-            tmp += self.eps
-            np.divide(m, tmp, out=tmp)
-            tmp *= step_size
-            p -= tmp
+            ops = _dispatch.get_backend("numpy") if self.fused is False else self._ops(p)
+            if self.fused and not ops.COMPILED_ADAM:
+                raise RuntimeError("Adam(fused=True) needs a backend with a compiled update "
+                                   f"(numba), not {self.backend or 'the one selected'!r}")
+            ops.adam_update(p, grads[name], m, self.exp_avg_sq[name], b1, b2, self.eps,
+                            step_size, bc2_sqrt, self.weight_decay)
 
     def state_dict(self):
         return {"lr": self.lr, "step": self.t, "exp_avg": _copy_tree(self.exp_avg),

@@ -1,0 +1,141 @@
+"""The numba backend's versions of the ops ``fastconv.nn`` needs (see ``_host_ops``): ReLU
+and dropout as parallel element-wise kernels (``_numba_elementwise``), large float32 Dense
+products as register-blocked kernels on numba's threads (``_numba_gemm``), and Adam as one
+compiled pass. Each falls back to the NumPy version for the dtypes and sizes its kernel does
+not take. Numba is imported on first call, not with this module.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _host_ops
+from ._host_ops import sgd_update  # noqa: F401  (NumPy: a handful of passes already)
+
+COMPILED_ADAM = True
+#: Fixed number of partial products of the Dense forward (its inner dimension is split so that
+#: both cores work on a batch of 64): the result does not depend on the thread count.
+DENSE_CHUNKS = 8
+
+
+def _compiled(*arrays) -> bool:
+    return all(isinstance(a, np.ndarray) and a.dtype in (np.float32, np.float64) for a in arrays)
+
+
+def _elementwise():
+    from . import _numba_elementwise, _numba_threading
+
+    return _numba_elementwise, _numba_threading.run
+
+
+def relu(x):
+    if not _compiled(x):
+        return _host_ops.relu(x)
+    kernels, run = _elementwise()
+    x = np.ascontiguousarray(x)
+    y = np.empty_like(x)
+    run(kernels.relu_forward, x.reshape(-1), y.reshape(-1))
+    return y
+
+
+def relu_backward(grad, y):
+    if not _compiled(grad) or grad.shape != y.shape:
+        return _host_ops.relu_backward(grad, y)
+    kernels, run = _elementwise()
+    grad = np.ascontiguousarray(grad)
+    out = np.empty_like(grad)
+    return run(kernels.relu_backward, grad.reshape(-1), y.reshape(-1), out.reshape(-1)
+               ).reshape(y.shape)
+
+
+def dropout(x, seed, threshold, scale):
+    if not _compiled(x):
+        return _host_ops.dropout(x, seed, threshold, scale)
+    kernels, run = _elementwise()
+    x = np.ascontiguousarray(x)
+    y = np.empty_like(x)
+    keep = np.empty(x.shape, np.uint8)
+    run(kernels.dropout_forward, x.reshape(-1), seed, np.uint64(threshold), scale,
+        y.reshape(-1), keep.reshape(-1))
+    return y, keep
+
+
+def dropout_backward(grad, keep, scale):
+    if not _compiled(grad) or grad.shape != keep.shape or grad.dtype != scale.dtype:
+        return _host_ops.dropout_backward(grad, keep, scale)
+    kernels, run = _elementwise()
+    grad = np.ascontiguousarray(grad)
+    out = np.empty_like(grad)
+    return run(kernels.dropout_backward, grad.reshape(-1), keep.reshape(-1), scale,
+               out.reshape(-1)).reshape(grad.shape)
+
+
+def _gemm(a, m, k, n):
+    """(``_numba_gemm``, run) for a float32 product (m, k) @ (k, n) large enough for the
+    register blocks (n >= 64) to pay, else None."""
+    if not _compiled(a) or a.dtype != np.float32 or n < 64 or m * k * n < 1 << 20:
+        return None
+    from . import _numba_gemm, _numba_threading
+
+    return _numba_gemm, _numba_threading.run
+
+
+def dense(x, w, b):
+    compiled = _gemm(x, w.shape[0], w.shape[1], x.shape[0])
+    if compiled is None or w.dtype != x.dtype:
+        return _host_ops.dense(x, w, b)
+    # y.T = w @ x.T (+ bias): the batch is the contiguous, vectorized dimension
+    gemm, run = compiled
+    xt = run(gemm.transpose, np.ascontiguousarray(x)[None], np.empty((1, *x.shape[::-1]), x.dtype))
+    chunks = min(DENSE_CHUNKS, x.shape[1])
+    part = run(gemm.chunks_kernel(), w, xt, np.zeros(w.shape[0], x.dtype) if b is None else b,
+               np.empty((chunks, 1, w.shape[0], x.shape[0]), x.dtype))
+    yt = part[0, 0].copy()
+    for t in range(1, chunks):
+        yt += part[t, 0]
+    return np.ascontiguousarray(yt.T)
+
+
+def dense_backward(grad, x, w, input_grad=True):
+    compiled = _gemm(grad, w.shape[0], grad.shape[0], x.shape[1])
+    if compiled is None or not (grad.dtype == x.dtype == w.dtype):
+        return _host_ops.dense_backward(grad, x, w, input_grad)
+    gemm, run = compiled
+    x = np.ascontiguousarray(x)
+    dw = run(gemm.chunks_kernel(), grad.T, x[None], np.zeros(w.shape[0], x.dtype),
+             np.empty((1, 1, *w.shape), x.dtype))[0, 0]
+    dx = run(gemm.chunks_kernel(), grad, np.ascontiguousarray(w)[None],
+             np.zeros(x.shape[0], x.dtype), np.empty((1, 1, *x.shape), x.dtype))[0, 0] \
+        if input_grad else None
+    return dx, dw
+
+
+def _adam_pass(p, g, m, v, b1, b2, eps, step_size, bc2_sqrt, weight_decay):
+    """One fused pass over flat float arrays (the NumPy version makes about 13 passes over
+    model-sized arrays per step)."""
+    one = p.dtype.type(1)
+    for i in range(p.size):
+        gi = g[i] + weight_decay * p[i]
+        mi = b1 * m[i] + (one - b1) * gi
+        vi = b2 * v[i] + (one - b2) * gi * gi
+        m[i] = mi
+        v[i] = vi
+        p[i] -= step_size * (mi / (np.sqrt(vi) / bc2_sqrt + eps))
+
+
+_ADAM = []
+
+
+def adam_update(p, g, m, v, b1, b2, eps, step_size, bc2_sqrt, weight_decay):
+    if not (_compiled(p) and p.flags.c_contiguous and g.shape == p.shape):
+        return _host_ops.adam_update(p, g, m, v, b1, b2, eps, step_size, bc2_sqrt, weight_decay)
+    if not _ADAM:
+        from numba import njit
+
+        from ._numba_options import CACHE
+
+        # Serial on purpose: safe in any thread and after fork; one pass is memory-bound.
+        _ADAM.append(njit(cache=CACHE, nogil=True, error_model="numpy")(_adam_pass))
+    f = p.dtype.type
+    _ADAM[0](p.reshape(-1), np.ascontiguousarray(g, p.dtype).reshape(-1), m.reshape(-1),
+             v.reshape(-1), f(b1), f(b2), f(eps), f(step_size), f(bc2_sqrt), f(weight_decay))
