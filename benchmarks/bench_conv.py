@@ -3,7 +3,7 @@ pytest-benchmark group per (op, shape). Shapes and modes: see ``conftest.py``.""
 
 from __future__ import annotations
 
-from fastconv import _bench as b
+from fastconv._cli import bench as b
 
 KIND = "conv"
 

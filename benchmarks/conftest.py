@@ -8,7 +8,8 @@ full-shape times; the factor is in ``extra_info["scale"]``) and PyTorch when ins
 Two modes:
 
 * CI (the default; ``pyproject.toml`` passes ``--benchmark-disable``): tiny shapes
-  (``fastconv._bench.SMALL_SHAPES``); each benchmark runs once, as a test, and checks its result.
+  (``fastconv._cli.bench.SMALL_SHAPES``); each benchmark runs once, as a test, and checks its
+  result.
 * Full (``--benchmark-enable`` or ``FASTCONV_BENCH_FULL=1``): the DESIGN §6 shapes A-G, P1-P3.
   ``FASTCONV_BENCH_SHAPES=B,P1`` restricts them; ``FASTCONV_BENCH_THREADS=2`` sets the numba and
   torch thread counts (OpenMP/BLAS threads come from ``OMP_NUM_THREADS``/``OPENBLAS_NUM_THREADS``).
@@ -27,7 +28,7 @@ import time
 
 import pytest
 
-from fastconv import _bench as b
+from fastconv._cli import bench as b
 
 CI_NAIVE_WORK = 100_000  # smaller naive slices in CI: a few hundred ms in all
 

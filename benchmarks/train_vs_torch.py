@@ -204,7 +204,7 @@ def main(argv=None):
 
         numba.set_num_threads(args.threads)
     if args.blas_threads:
-        from fastconv.nn._blas import limit_blas_threads
+        from fastconv._cli.blas import limit_blas_threads
 
         limit_blas_threads(args.blas_threads)
     torch_proc = TorchProcess(args) if args.torch_process == "separate" else None

@@ -9,7 +9,7 @@ Ctrl-C writes a checkpoint and exits with status 130; --resume continues exactly
 
 import sys
 
-from fastconv.cli import main
+from fastconv._cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -22,7 +22,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default=None, help="fastconv backend (default: auto)")
     args = p.parse_args(argv)
 
-    from fastconv import _plots, nn
+    from fastconv import nn
+    from fastconv._cli import plots as _plots
     from fastconv.datasets import DatasetError, load_mnist, normalize
 
     missing = _plots.missing_reason()

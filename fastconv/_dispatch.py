@@ -34,9 +34,9 @@ from ._validate import is_device_array
 BACKEND_MODULES = {
     "naive": "fastconv.backends.naive",
     "numpy": "fastconv.backends.numpy_ref",
-    "numba": "fastconv.backends.numba_cpu",
-    "cython": "fastconv.backends.cython_cpu",
-    "cuda": "fastconv.backends.numba_cuda",
+    "numba": "fastconv.backends.numba.executor",
+    "cython": "fastconv.backends.cython.executor",
+    "cuda": "fastconv.backends.cuda.executor",
 }
 AUTO_ORDER = ("numba", "cython", "numpy")
 

@@ -1,7 +1,7 @@
 """splitmix64 of a counter (Steele, Lea & Flood, 2014): the random stream of ``nn.Dropout``.
 
 Element ``i`` of a call's mask is a pure function of (seed, i), so the compiled kernel
-(``backends._numba_elementwise.dropout_forward``) draws it in parallel, in any order, and
+(``backends.numba._elementwise.dropout_forward``) draws it in parallel, in any order, and
 :func:`hi32` below, the NumPy version, gives the same bits.
 """
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import fastconv as fc
-from fastconv import _bench as b
-from fastconv import _bench_cli
+from fastconv._cli import bench as b
+from fastconv._cli import bench_cmd as _bench_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -124,7 +124,7 @@ def test_bench_small_prints_table_and_writes_json_and_png(tmp_path):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     env = dict(os.environ, OPENBLAS_CORETYPE="Haswell")  # the re-exec must drop it
     env.pop(_bench_cli.REEXEC_MARKER, None)
-    cmd = [sys.executable, "-m", "fastconv.cli", "bench", "--shapes", "small", "--repeat", "2",
+    cmd = [sys.executable, "-m", "fastconv", "bench", "--shapes", "small", "--repeat", "2",
            "--threads", "1", "--naive-work", "20000", "--sgemm-size", "256",
            "--json", str(out_json), "--plot", str(out_png)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -5,7 +5,7 @@ a compiled backend fails the test through its exit status or a timeout instead o
 freezing pytest. The reference for the threaded results is the same backend called serially in
 the same process: calls from 8 threads must give bitwise-identical arrays.
 
-The fork check follows ``fastconv.backends._numba_threading``: a child forked after the parent
+The fork check follows ``fastconv.backends.numba._threading``: a child forked after the parent
 ran OpenMP threads must either compute the right result (Numba runs serial builds there, with a
 ``RuntimeWarning``) or fail with a clear Python error; it must never hang or die.
 """

@@ -30,7 +30,7 @@ from helpers import (  # noqa: E402
     to_host,
 )
 
-from fastconv.backends import numba_cuda  # noqa: E402
+from fastconv.backends.cuda import executor as numba_cuda  # noqa: E402
 
 F32, F64 = np.float32, np.float64
 
@@ -260,7 +260,7 @@ def test_pool_one_by_one_output(rng):
 _NO_GPU_CHILD = textwrap.dedent("""
     import sys, warnings
     import numpy as np
-    import fastconv.backends.numba_cuda as nc
+    import fastconv.backends.cuda.executor as nc
     assert "numba.cuda" not in sys.modules, "numba.cuda imported at module import"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

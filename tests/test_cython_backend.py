@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _kernels():
-    from fastconv.backends import cython_cpu
+    from fastconv.backends.cython import executor as cython_cpu
 
     return cython_cpu
 
@@ -337,7 +337,7 @@ _DEBUG_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {build!r})
     sys.path.insert(0, {tests!r})
     import _cython_kernels as debug_kernels
-    from fastconv.backends import cython_cpu
+    from fastconv.backends.cython import executor as cython_cpu
     from helpers import check_conv, check_pool
     assert debug_kernels.BOUNDSCHECK, "the debug build has bounds checks off"
     # An out-of-bounds index must raise in this build (proves the checks are live).

@@ -267,7 +267,7 @@ def test_damaged_real_mnist_files_name_the_file(mnist_copy, tmp_path, how):
 
 
 def test_train_cli_names_a_damaged_dataset_file(mnist_copy, tmp_path, capsys):
-    from fastconv import _train_cli
+    from fastconv._cli import train as _train_cli
 
     root = tmp_path / "data"
     shutil.copytree(mnist_copy, root)

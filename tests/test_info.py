@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import fastconv as fc
-from fastconv import _info
+from fastconv._cli import info as _info
 
 
 def _run_info(env=None):
-    return subprocess.run([sys.executable, "-m", "fastconv.cli", "info"], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "fastconv", "info"], capture_output=True,
                           text=True, timeout=120, env=env)
 
 
@@ -26,7 +26,7 @@ def test_info_lists_every_backend_and_reason():
         assert ("available" if reason is None else reason) in line
     assert "threads:" in out and "cuda:" in out
     if fc.backend_status()["numba"] is None:
-        from fastconv.backends import _numba_simd
+        from fastconv.backends.numba import _simd as _numba_simd
 
         family = "AVX-512 blocks" if _numba_simd.WIDE_VECTORS else "explicit 256-bit vectors"
         assert f"  register blocks: {family}" in out

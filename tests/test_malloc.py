@@ -1,4 +1,4 @@
-"""``fastconv._malloc``: freed activations stay in the heap, so a training step's arrays do not
+"""``fastconv._cli.malloc``: freed activations stay in the heap, so a training step's arrays do not
 page-fault in again (run in a subprocess: the setting is process-wide)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 STEPS = """
 import resource, sys
 import numpy as np
-from fastconv import _malloc
+from fastconv._cli import malloc as _malloc
 if sys.argv[1] == "on":
     assert _malloc.keep_freed_memory()
 def step():  # two 9.4 MB arrays, as a conv layer's output and its ReLU

@@ -136,7 +136,7 @@ def test_dense_on_numba_kernels_matches_float64_and_torch(rng, monkeypatch, batc
     """Beside the numba backend, large float32 Dense products run on the register-blocked
     kernels (remainder rows, a shifted last column block, the forward's inner-dimension chunks
     all exercised here): float64 NumPy is the reference, torch.nn.Linear the second opinion."""
-    from fastconv.backends import _numba_nn
+    from fastconv.backends.numba import _nn as _numba_nn
 
     used = []
     real = _numba_nn._gemm

@@ -83,9 +83,9 @@ CONV_CASES = [
 @pytest.fixture(params=[512, 256], ids=["v512", "v256"])
 def vector_bits(request, monkeypatch):
     """Both families of register-blocked kernels, whatever this CPU: the LLVM-vectorized ones
-    tuned for AVX-512 and the explicit 256-bit ones (``_numba_simd``); each is correct on any
-    CPU, only its speed depends on the vector registers there."""
-    from fastconv.backends import _numba_simd
+    tuned for AVX-512 and the explicit 256-bit ones (``backends.numba._simd``); each is correct
+    on any CPU, only its speed depends on the vector registers there."""
+    from fastconv.backends.numba import _simd as _numba_simd
 
     monkeypatch.setattr(_numba_simd, "WIDE_VECTORS", request.param == 512)
     return request.param
@@ -96,7 +96,7 @@ def test_vector_width_override(value, wide):
     """FASTCONV_NUMBA_VECTORS chooses the family of register blocks; a bad value is a clear
     error naming the variable and the values accepted, on first use of the backend."""
     code = ("import numpy as np, fastconv as fc\n"
-            "from fastconv.backends import _numba_simd as s\n"
+            "from fastconv.backends.numba import _simd as s\n"
             "fc.conv2d(np.ones((1, 8, 5, 9), np.float32), np.ones((32, 8, 3, 3), np.float32),\n"
             "          backend='numba')\n"
             "print(s.WIDE_VECTORS, fc.last_algorithm('conv2d'))")
@@ -131,7 +131,7 @@ def test_matrix_products_match_numpy_in_both_vector_families(rng, m, k, n, vecto
     fewer rows than a block, shifted last row and column blocks, the inner dimension in 3
     chunks with the bias in the first; and the batched sum of products behind the 1x1
     grad-weight."""
-    from fastconv.backends import _numba_gemm as gemm
+    from fastconv.backends.numba import _gemm as gemm
 
     a = rng.standard_normal((m, k)).astype(np.float32)
     b = rng.standard_normal((2, k, n)).astype(np.float32)
@@ -313,7 +313,7 @@ def _conv_case(rng):
 
 
 def test_parallel_kernels_use_more_than_one_thread():
-    from fastconv.backends import _numba_threading
+    from fastconv.backends.numba import _threading as _numba_threading
 
     ids = _numba_threading.run(_numba_threading.thread_ids, np.empty(64, np.int64))
     if numba.config.NUMBA_NUM_THREADS >= 2 and numba.get_num_threads() >= 2:
@@ -384,7 +384,7 @@ if pid == 0:
 os.close(wfd)
 data = os.read(r, 100000)
 _, status = os.waitpid(pid, 0)
-from fastconv.backends import _numba_threading
+from fastconv.backends.numba import _threading as _numba_threading
 print(json.dumps([status, _numba_threading.threading_layer(), json.loads(data)]))
 """
 
@@ -406,7 +406,7 @@ def test_large_pool_gradient_is_streamed_and_exact(rng, monkeypatch):
     """dx of at least STREAM_MIN_BYTES is assembled per plane and written by non-temporal
     stores: the result is still the scatter-add (threshold lowered so the case stays small;
     odd plane sizes put the 64-byte line boundaries everywhere)."""
-    from fastconv.backends import _numba_pool
+    from fastconv.backends.numba import _pool as _numba_pool
 
     monkeypatch.setattr(_numba_pool, "STREAM_MIN_BYTES", 1)
     check_pool("numba", rng, (3, 5, 13, 11), 3, stride=2, padding=1)

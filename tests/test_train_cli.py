@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastconv import _train_cli, nn
+from fastconv import nn
+from fastconv._cli import train as _train_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FASTCONV_DATA_DIR") or REPO.parent / "shared" / "data" / "mnist")
@@ -29,7 +30,7 @@ def _args(tmp_path, tag, *extra):
 
 def _subprocess(args, **kw):
     env = dict(os.environ, FASTCONV_DATA_DIR=str(DATA), PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "fastconv.cli", "train", *args], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "fastconv", "train", *args], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **kw)
 
@@ -181,7 +182,7 @@ def test_visualize_writes_the_pictures(tmp_path):
 
 def test_limit_blas_threads_finds_numpys_openblas():
     """In a subprocess (it changes a process-wide setting): every loaded OpenBLAS is found."""
-    code = ("import numpy, sys; from fastconv.nn._blas import _loaded_openblas, "
+    code = ("import numpy, sys; from fastconv._cli.blas import _loaded_openblas, "
             "limit_blas_threads; print(len(_loaded_openblas()), len(limit_blas_threads(1)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()

@@ -477,7 +477,7 @@ def backend_threads(name: str) -> int | None:
 
             return torch.get_num_threads()
         if name == "cython":
-            from .backends import cython_cpu
+            from ..backends.cython import executor as cython_cpu
 
             if not cython_cpu.OPENMP:
                 return 1
@@ -825,12 +825,12 @@ def machine_info() -> dict:
         info["numba"] = numba.__version__
         info["threads"]["numba"] = numba.get_num_threads()
         try:
-            from .backends import _numba_threading
+            from ..backends.numba import _threading as _numba_threading
 
             info["numba_threading_layer"] = _numba_threading.threading_layer()
         except ImportError:
             info["numba_threading_layer"] = None
-        from ._info import _register_blocks
+        from .info import _register_blocks
 
         info["numba_register_blocks"] = _register_blocks()
     if torch_available():
@@ -839,7 +839,7 @@ def machine_info() -> dict:
         info["torch"] = torch.__version__
         info["threads"]["torch"] = torch.get_num_threads()
     try:
-        from .backends import cython_cpu
+        from ..backends.cython import executor as cython_cpu
 
         info["cython_openmp"] = cython_cpu.OPENMP
         info["threads"]["cython"] = backend_threads("cython")

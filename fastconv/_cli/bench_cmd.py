@@ -67,7 +67,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import _bench as b
+    from . import bench as b
 
     p = argparse.ArgumentParser(
         prog="fastconv bench",
@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve_contenders(parser, spec: str) -> list:
     import fastconv as fc
 
-    from . import _bench as b
-    from ._dispatch import BACKEND_MODULES
+    from . import bench as b
+    from .._dispatch import BACKEND_MODULES
 
     if spec == "all":
         return b.default_contenders()
@@ -143,7 +143,7 @@ def child_env(threads: int, base=None) -> dict:
 
 
 def _reexec(argv: list, threads: int) -> int:
-    cmd = [sys.executable, "-m", "fastconv.cli", "bench", *argv]
+    cmd = [sys.executable, "-m", "fastconv", "bench", *argv]
     env = child_env(threads)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -160,7 +160,7 @@ def main(argv: list) -> int:
     """Run ``fastconv bench`` with ``argv`` (without the ``bench`` word); return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from . import _bench as b
+    from . import bench as b
 
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     bad = [o for o in ops if o not in b.OPS]
@@ -182,7 +182,7 @@ def main(argv: list) -> int:
 
 
 def _run(args, ops, shapes, names, threads, argv) -> int:
-    from . import _bench as b
+    from . import bench as b
 
     if args.threads or os.environ.get(REEXEC_MARKER) == "1":
         b.set_threads(threads)  # not in an in-process --no-reexec call without --threads

@@ -1,6 +1,6 @@
 """Limit the threads of the OpenBLAS that NumPy loaded (``Dense`` uses NumPy's matmul for small
 products and away from the numba backend; beside it, large float32 products run on numba's own
-threads, ``backends._numba_gemm``).
+threads, ``backends.numba._gemm``).
 
 OpenBLAS's idle worker threads busy-wait for up to 2**28 cycles (~0.1 s) after every call before
 they sleep. Beside the compiled conv backends, which already use every core, that spin starves

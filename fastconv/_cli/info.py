@@ -41,7 +41,7 @@ def _numba_lines(probe: bool) -> list:
 def _register_blocks() -> str:
     """Which family of register-blocked kernels the numba backend runs here, and why."""
     try:
-        from .backends import _numba_simd as simd
+        from ..backends.numba import _simd as simd
     except Exception as e:  # e.g. a bad FASTCONV_NUMBA_VECTORS: the backend would say so too
         return f"unknown ({e})"
     from numba.core.registry import cpu_target
@@ -67,7 +67,7 @@ def _probe_numba() -> None:
 def _cython_line(status: dict) -> str:
     if status.get("cython") is not None:
         return "cython extension: not available"
-    module = importlib.import_module("fastconv.backends.cython_cpu")
+    module = importlib.import_module("fastconv.backends.cython.executor")
     openmp = getattr(module, "OPENMP", None)
     built = {True: "yes", False: "no (serial build)", None: "unknown"}[openmp]
     return f"cython extension: built with OpenMP: {built}"

@@ -1,7 +1,7 @@
 """The ``fastconv`` command: ``fastconv info | train | bench``.
 
 Each subcommand lives in its own module and is imported only when run. ``train`` first keeps
-freed memory in the heap (``fastconv/_malloc.py``): a process-wide setting, so the library
+freed memory in the heap (``fastconv/_cli/malloc.py``): a process-wide setting, so the library
 itself never does it.
 """
 
@@ -21,14 +21,14 @@ def main(argv=None) -> int:
     args, rest = parser.parse_known_args(argv[:1])
     rest = argv[1:]
     if args.command == "info":
-        from ._info import main as run
+        from .info import main as run
     elif args.command == "train":
-        from ._malloc import keep_freed_memory
+        from .malloc import keep_freed_memory
 
-        keep_freed_memory()  # every step allocates the same large arrays again (see _malloc)
-        from ._train_cli import main as run
+        keep_freed_memory()  # every step allocates the same large arrays again (see malloc.py)
+        from .train import main as run
     else:
-        from ._bench_cli import main as run
+        from .bench_cmd import main as run
     return run(rest) or 0
 
 

@@ -88,7 +88,7 @@ def plot_filters(weight: np.ndarray, path) -> Path:
 def plot_feature_maps(model, image: np.ndarray, transform, out_dir, label=None) -> list:
     """Run one image ``(H, W)`` through ``model`` and draw the activations after each conv and
     pool layer (up to 32 channels each). One PNG per layer; returns their paths."""
-    from .nn import Conv2D, MaxPool2D
+    from ..nn import Conv2D, MaxPool2D
 
     plt = _pyplot()
     x = transform(image[None])
@@ -143,7 +143,7 @@ def plot_confusion(cm: np.ndarray, path) -> Path:
 
 def write_all(out_dir, model, history, x_test, y_test, transform) -> list:
     """All pictures into ``out_dir``; returns the paths written."""
-    from .nn import Conv2D
+    from ..nn import Conv2D
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -118,7 +118,7 @@ def _fail(msg) -> int:
 
 def _select_backend(args):
     """The backend name to use, after checking it (and applying --threads)."""
-    from . import _dispatch
+    from .. import _dispatch
 
     name = args.backend or _dispatch.current_backend_name()
     _dispatch.get_backend(name)  # clear error if unknown or unavailable
@@ -133,7 +133,7 @@ def _select_backend(args):
             print(f"note: --threads applies to the numba backend only (using {name})")
     args.kernel_threads = _kernel_threads(name, args.threads)
     if args.blas_threads:
-        from .nn._blas import limit_blas_threads
+        from .blas import limit_blas_threads
 
         limit_blas_threads(args.blas_threads)
     return name
@@ -151,7 +151,7 @@ def _kernel_threads(backend: str, requested) -> int:
 
 
 def _make_optimizer(args):
-    from . import nn
+    from .. import nn
 
     if args.optimizer == "adam":
         return nn.Adam(args.lr)
@@ -166,7 +166,7 @@ def _progress(total, desc, disabled):
 
 
 def _save_state(path, model, optimizer, rng, args, pos):
-    from .nn import save_checkpoint
+    from ..nn import save_checkpoint
 
     state = {
         "kind": "fastconv.train",
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.plots:
-        from . import _plots
+        from . import plots as _plots
 
         missing = _plots.missing_reason()
         if missing:
@@ -199,8 +199,8 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    from . import _dispatch, nn
-    from .datasets import DatasetError, load_mnist, normalize, random_shift
+    from .. import _dispatch, nn
+    from ..datasets import DatasetError, load_mnist, normalize, random_shift
 
     try:
         backend = _select_backend(args)
@@ -299,7 +299,7 @@ def _run(args) -> int:
     print(f"final test accuracy: {100 * final:.2f} % ({len(x_test)} images); "
           f"model saved to {args.save}")
     if args.plots:
-        from . import _plots
+        from . import plots as _plots
 
         files = _plots.write_all(args.plots, model, hist, x_test, y_test, normalize)
         print(f"pictures: {', '.join(str(f) for f in files)}")

@@ -8,7 +8,7 @@ Algorithm names follow one grammar, the one ``fastconv.last_algorithm`` records:
 
     forward:   <backend>:<algorithm>                       e.g. numba:winograd-f2x2
     backward:  <backend>:<grad>:<algorithm>[ <grad>:<algorithm>]...
-                                                           e.g. cython:input:plane weight:flat-blocked bias:sum
+                           e.g. cython:input:plane weight:flat-blocked bias:sum
     fallback:  <algorithm>><exact algorithm>               e.g. numba:winograd-f2x2>direct-nhwc-c64
 
 ``<grad>`` is ``input``, ``weight`` or ``bias`` (only those asked for, in that order);

@@ -1,6 +1,6 @@
 """numba.cuda kernels of the ``cuda`` backend (NCHW activations, OIHW weights).
 
-Imported only by :mod:`fastconv.backends.numba_cuda` on first use, never by ``import fastconv``.
+Imported only by :mod:`fastconv.backends.cuda.executor` on first use, never by ``import fastconv``.
 :func:`build` makes one set of kernels per (block size, dtype): the block size fixes the static
 shared-memory buffers and the dtype fixes the shared/local buffers and constants, so a float32
 kernel never touches float64 arithmetic. ``cuda.jit`` compiles each kernel at its first launch.

@@ -11,7 +11,7 @@ Arrays:
   device memory is host memory; :func:`to_device` makes simulated device arrays that carry the
   interface (the simulator's own arrays lack it, so fastconv would not see them as device arrays).
 
-The kernels live in :mod:`fastconv.backends._cuda_kernels`; nothing is imported from numba,
+The kernels live in :mod:`fastconv.backends.cuda._kernels`; nothing is imported from numba,
 probed or compiled when this module is imported, and each kernel compiles at its first launch.
 
 Tuning knobs, read at every call (so tests can shrink them):
@@ -32,9 +32,9 @@ import os
 
 import numpy as np
 
-from .._dispatch import record_algorithm
+from ..._dispatch import record_algorithm
 # The ops fastconv.nn needs (the backend contract: see ``_host_ops``).
-from ._host_ops import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F401
+from .._host_ops import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F401
                         dropout, dropout_backward, relu, relu_backward, sgd_update)
 
 BLOCK = 16
@@ -100,7 +100,7 @@ def block_size() -> int:
 
 
 def _kernels(dtype):
-    from . import _cuda_kernels
+    from . import _kernels as _cuda_kernels
 
     return _cuda_kernels, _cuda_kernels.build(block_size(), np.dtype(dtype).name)
 

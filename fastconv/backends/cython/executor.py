@@ -41,16 +41,16 @@ import os
 
 import numpy as np
 
-from .._dispatch import record_algorithm
+from ..._dispatch import record_algorithm
 # The ops fastconv.nn needs (the backend contract: see ``_host_ops``).
-from ._host_ops import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F401
+from .._host_ops import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F401
                         dropout, dropout_backward, relu, relu_backward, sgd_update)
-from .._validate import pool_index_error
-from . import _plan
-from ._openmp import forked_from_gnu_openmp_parent  # (sets OMP_WAIT_POLICY first)
-from ._plan import (FLAT_WEIGHT_MAX_CIN, FUSED_MAX_C_IN, NCHW_DIRECT_MAX_CIN, NCHW_MAX_COUT,
+from ..._validate import pool_index_error
+from .. import _plan
+from .._openmp import forked_from_gnu_openmp_parent  # (sets OMP_WAIT_POLICY first)
+from .._plan import (FLAT_WEIGHT_MAX_CIN, FUSED_MAX_C_IN, NCHW_DIRECT_MAX_CIN, NCHW_MAX_COUT,
                     PLANE_MAX_CIN, WEIGHT_CHUNKS, chunks, padded_vector, round_up, sum_chunks)
-from ._winograd_transforms import (HALF, transform_weight, transform_weight_paired,
+from .._winograd_transforms import (HALF, transform_weight, transform_weight_paired,
                                    weight_from_transformed)
 
 __all__ = ["FLAT_WEIGHT_MAX_CIN", "FUSED_MAX_C_IN", "NCHW_DIRECT_MAX_CIN", "NCHW_MAX_COUT",
@@ -71,7 +71,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_go_serial)
 
 try:
-    from . import _cython_kernels as _k
+    from .. import _cython_kernels as _k
 except ImportError as e:  # not built (no compiler/Cython at install time) or broken build
     _k = None
     _IMPORT_ERROR = e

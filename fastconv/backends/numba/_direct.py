@@ -1,16 +1,16 @@
 """Register-blocked direct conv2d kernels for groups=1 and unit column dilation (the fast path).
 
-Layouts (see ``_numba_conv`` for ``xp``): the input as ``xp2`` (N, Hp, Wp*C_in), so the window of
+Layouts (see ``_generic`` for ``xp``): the input as ``xp2`` (N, Hp, Wp*C_in), so the window of
 output column ``ow`` in padded row ``ih`` is the contiguous run ``xp2[n, ih, ow*sw*C_in :][:R]``
 with ``R = kW*C_in`` (taps kw, then channels). Weights ``wk`` (kH, R, Cp): output channels
 innermost, zero-padded to ``Cp``, a multiple of the channel block ``CB``.
 
 The register block is ``OB`` output columns x ``CB`` output channels (4 x 64: sixteen 512-bit
-float32 accumulators, see ``_numba_stack``), accumulated over the run ``R`` for every kernel row.
+float32 accumulators, see ``_stack``), accumulated over the run ``R`` for every kernel row.
 Block sizes are module constants, so they are compile-time constants: one compiled variant per
 dtype, whatever the shape. Without AVX-512 that block spills (32 accumulators in 16 ymm
 registers); ``conv_forward_direct_vec*`` and ``conv_grad_weight_direct_vec*`` below are the
-same kernels with an explicit VOB x (VNV vectors) block of 256-bit vectors (``_numba_simd``).
+same kernels with an explicit VOB x (VNV vectors) block of 256-bit vectors (``_simd``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._numba_options import PARALLEL, U
-from ._numba_simd import vfma, vload, vsplat, vstore, vzero
-from ._numba_stack import stack_array
+from ._options import PARALLEL, U
+from ._simd import vfma, vload, vsplat, vstore, vzero
+from ._stack import stack_array
 
 CB = 64  # output channels per register block (the padding unit of Cp)
 OB = 4  # output columns per register block
@@ -274,7 +274,7 @@ VNV = 2  # vectors of output channels per block: 6 x 2 accumulators + 2 weights 
 
 def _make_forward_vec(lanes):
     """:func:`conv_forward_direct` with an explicit VOB x (VNV*lanes) block of ``lanes``-wide
-    vectors (``_numba_simd``), for CPUs without AVX-512; Cp must be a multiple of VNV*lanes."""
+    vectors (``_simd``), for CPUs without AVX-512; Cp must be a multiple of VNV*lanes."""
     vc = VNV * lanes  # output channels per block
     nacc = VOB * vc
 

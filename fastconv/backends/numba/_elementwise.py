@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .._splitmix import GOLDEN, MIX1, MIX2
-from ._numba_options import PARALLEL, U
+from ..._splitmix import GOLDEN, MIX1, MIX2
+from ._options import PARALLEL, U
 
 TASKS = 16  # slices per call: enough to balance 2-16 threads, few enough to amortize
 

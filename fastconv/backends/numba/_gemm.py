@@ -1,7 +1,7 @@
 """Register-blocked float32 matrix products for ``nn.Dense`` beside the numba backend.
 
 Why not NumPy's BLAS: OpenBLAS's own threads and numba's compete for the same cores inside a
-training step (see ``fastconv.nn._blas``), so ``fastconv train`` runs BLAS on one thread. These
+training step (see ``fastconv._cli.blas``), so ``fastconv train`` runs BLAS on one thread. These
 kernels run on numba's threads instead, like the conv kernels around them.
 
 ``matmul_chunks`` computes ``a @ b`` for a C-contiguous ``b`` (K, N), or a batch of them, and an
@@ -19,10 +19,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from . import _numba_simd as simd
-from ._numba_options import PARALLEL, U
-from ._numba_simd import vfma, vload, vsplat, vstore, vzero
-from ._numba_stack import prefer_wide_vectors, stack_array
+from . import _simd as simd
+from ._options import PARALLEL, U
+from ._simd import vfma, vload, vsplat, vstore, vzero
+from ._stack import prefer_wide_vectors, stack_array
 
 RB = 4  # rows of a per register block
 CB = 64  # columns of b per register block (N must be at least this)
@@ -160,7 +160,7 @@ VACC = VRB * VCB
 @njit(**PARALLEL)
 def matmul_chunks_vec(a, b, bias, part):
     """:func:`matmul_chunks` (same contract, N >= VCB) with explicit VRB x VCB blocks of 256-bit
-    vectors (``_numba_simd``), for CPUs without AVX-512."""
+    vectors (``_simd``), for CPUs without AVX-512."""
     # Loop order: as matmul_chunks. The last row block is shifted up to end at M, like the
     # last column block (it recomputes rows and writes only its own); fewer than VRB rows run
     # as one block whose unused rows read row 0.

@@ -10,7 +10,7 @@ checks are off). Internal layouts, chosen so the innermost loop runs over contig
 * ``dyt`` (N, H_out, W_out, C_out)  dy in NHWC.
 
 Arrays are indexed through flat 1-D views with unsigned indices (``U``), which keeps LLVM's
-loads contiguous (see ``_numba_options``).
+loads contiguous (see ``_options``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._numba_options import PARALLEL, U
-from ._numba_stack import stack_array
+from ._options import PARALLEL, U
+from ._stack import stack_array
 
 TB = 16  # pad_nhwc's transpose tile: TB channels x TB columns
 TT = TB * TB

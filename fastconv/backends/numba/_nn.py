@@ -1,6 +1,6 @@
 """The numba backend's versions of the ops ``fastconv.nn`` needs (see ``_host_ops``): ReLU
-and dropout as parallel element-wise kernels (``_numba_elementwise``), large float32 Dense
-products as register-blocked kernels on numba's threads (``_numba_gemm``), and Adam as one
+and dropout as parallel element-wise kernels (``_elementwise``), large float32 Dense
+products as register-blocked kernels on numba's threads (``_gemm``), and Adam as one
 compiled pass. Each falls back to the NumPy version for the dtypes and sizes its kernel does
 not take. Numba is imported on first call, not with this module.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _host_ops
-from ._host_ops import sgd_update  # noqa: F401  (NumPy: a handful of passes already)
+from .. import _host_ops
+from .._host_ops import sgd_update  # noqa: F401  (NumPy: a handful of passes already)
 
 COMPILED_ADAM = True
 #: Fixed number of partial products of the Dense forward (its inner dimension is split so that
@@ -23,9 +23,9 @@ def _compiled(*arrays) -> bool:
 
 
 def _elementwise():
-    from . import _numba_elementwise, _numba_threading
+    from . import _elementwise, _threading
 
-    return _numba_elementwise, _numba_threading.run
+    return _elementwise, _threading.run
 
 
 def relu(x):
@@ -71,13 +71,13 @@ def dropout_backward(grad, keep, scale):
 
 
 def _gemm(a, m, k, n):
-    """(``_numba_gemm``, run) for a float32 product (m, k) @ (k, n) large enough for the
+    """(``_gemm``, run) for a float32 product (m, k) @ (k, n) large enough for the
     register blocks (n >= 64) to pay, else None."""
     if not _compiled(a) or a.dtype != np.float32 or n < 64 or m * k * n < 1 << 20:
         return None
-    from . import _numba_gemm, _numba_threading
+    from . import _gemm, _threading
 
-    return _numba_gemm, _numba_threading.run
+    return _gemm, _threading.run
 
 
 def dense(x, w, b):
@@ -132,7 +132,7 @@ def adam_update(p, g, m, v, b1, b2, eps, step_size, bc2_sqrt, weight_decay):
     if not _ADAM:
         from numba import njit
 
-        from ._numba_options import CACHE
+        from ._options import CACHE
 
         # Serial on purpose: safe in any thread and after fork; one pass is memory-bound.
         _ADAM.append(njit(cache=CACHE, nogil=True, error_model="numpy")(_adam_pass))

@@ -13,7 +13,7 @@ Imported only by the numba backend modules (``import fastconv`` never imports nu
   (:func:`drop_damaged_cache`).
 * ``error_model="numpy"``: integer division by zero cannot happen (validated geometry), and the
   Python error model would add a branch to every ``//`` and ``%``.
-* ``nogil=True``: calls from several Python threads run concurrently (see ``_numba_threading``).
+* ``nogil=True``: calls from several Python threads run concurrently (see ``_threading``).
 * ``boundscheck=False``: the validation layer (``fastconv._validate``) guarantees every index.
 """
 
@@ -66,7 +66,7 @@ PARALLEL = dict(
     boundscheck=False,
 )
 # The same kernels compiled without threads: used in a child process after ``fork`` when the
-# parent already started GNU OpenMP threads (see ``_numba_threading``). Never cached: these are
+# parent already started GNU OpenMP threads (see ``_threading``). Never cached: these are
 # rare, and the cache index does not tell parallel and serial builds of one function apart.
 SERIAL = dict(PARALLEL, parallel=False, cache=False)
 

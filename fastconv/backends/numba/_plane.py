@@ -16,10 +16,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._numba_options import PARALLEL, U
-from ._numba_simd import LANES as VECTOR_LANES
-from ._numba_simd import vfma, vload, vsplat, vstore, vzero
-from ._numba_stack import prefer_wide_vectors, stack_array
+from ._options import PARALLEL, U
+from ._simd import LANES as VECTOR_LANES
+from ._simd import vfma, vload, vsplat, vstore, vzero
+from ._stack import prefer_wide_vectors, stack_array
 
 LANES = 128  # the widest block of consecutive output positions (rows to spare in xp)
 FEW_LANES, FEW_PCB = 128, 2  # fewer than PCB output channels (1.25x faster than 64 x 4 on 1)
@@ -68,7 +68,7 @@ def _make_forward(lanes, pcb, vector_lanes=0):
     sizes are closure constants: each variant is compiled, and cached, once per dtype).
 
     ``vector_lanes`` > 0: the block is written in explicit vectors of that many lanes
-    (``_numba_simd``, for CPUs without AVX-512, where the LLVM-vectorized blocks spill), lanes
+    (``_simd``, for CPUs without AVX-512, where the LLVM-vectorized blocks spill), lanes
     a multiple of it; else LLVM vectorizes the lane loop."""
     pacc = pcb * lanes
     nv = lanes // vector_lanes if vector_lanes else 0  # vectors of positions per channel

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._numba_options import PARALLEL, U
-from ._numba_stack import prefer_wide_vectors
-from ._numba_stream import STREAM_MIN_BYTES, store_fence, stream_copy  # noqa: F401
+from ._options import PARALLEL, U
+from ._stack import prefer_wide_vectors
+from ._stream import STREAM_MIN_BYTES, store_fence, stream_copy  # noqa: F401
 
 
 @njit(**PARALLEL)
@@ -186,7 +186,7 @@ def max_pool_backward(dy, idx, dx, stream, bad):
 
     An index outside [0, H*W) is not written and sets ``bad[n*C + c]`` (the caller raises).
     With ``stream``, each dx plane is assembled in a buffer and written by non-temporal stores
-    (see ``_numba_stream``)."""
+    (see ``_stream``)."""
     # Loop order: one task per chunk of (n, c) planes (its stream buffer allocated once),
     # owning their dx planes (windows overlap, so each scatter-add stays inside one task): per
     # plane, zero it (cache-hot for the scatter, and no separate single-threaded memset), then

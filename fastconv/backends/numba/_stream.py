@@ -19,7 +19,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from ._numba_options import PARALLEL, U
+from ._options import PARALLEL, U
 
 STREAM_MIN_BYTES = 16 << 20  # outputs at least this large are streamed
 LINE = 64

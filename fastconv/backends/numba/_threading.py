@@ -33,12 +33,12 @@ import os
 import threading
 import warnings
 
-from ._openmp import forked_from_gnu_openmp_parent, gnu_openmp_loaded  # sets OMP_WAIT_POLICY
+from .._openmp import forked_from_gnu_openmp_parent, gnu_openmp_loaded  # sets OMP_WAIT_POLICY
 
 import numba  # noqa: E402  (after OMP_WAIT_POLICY on purpose)
 from numba import njit  # noqa: E402
 
-from ._numba_options import SERIAL, drop_damaged_cache  # noqa: E402
+from ._options import SERIAL, drop_damaged_cache  # noqa: E402
 
 _launch_lock = threading.Lock()  # serializes calls while the layer is unknown or unsafe
 _layer: str | None = None  # numba.threading_layer() once the pool has started

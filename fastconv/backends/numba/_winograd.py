@@ -25,10 +25,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._numba_options import PARALLEL, U
-from ._numba_simd import LANES, vfma, vload, vsplat, vstore, vzero
-from ._numba_stack import prefer_wide_vectors, stack_array
-from ._winograd_transforms import (  # noqa: F401  (the backend calls them through here)
+from ._options import PARALLEL, U
+from ._simd import LANES, vfma, vload, vsplat, vstore, vzero
+from ._stack import prefer_wide_vectors, stack_array
+from .._winograd_transforms import (  # noqa: F401  (the backend calls them through here)
     HALF, transform_weight, transform_weight_paired, weight_from_transformed)
 
 INNER = dict(PARALLEL, parallel=False)  # helpers called inside the parallel loops
@@ -41,7 +41,7 @@ GROUP = 64  # tiles transformed together by the grad-weight kernel (their V and 
 RB = 4  # input channels per grad-weight register block (4 x 64: 16 accumulators; 6 rows left
 # the accumulators in memory, 4x slower)
 GACC = RB * CB
-# The explicit 256-bit blocks (``_numba_simd``, CPUs without AVX-512): 6 tiles (forward) or 6
+# The explicit 256-bit blocks (``_simd``, CPUs without AVX-512): 6 tiles (forward) or 6
 # input channels (grad-weight) x 16 output channels, 12 accumulators.
 VL = LANES[np.dtype(np.float32)]  # float32 lanes of a 256-bit vector
 VTB = 6
@@ -167,7 +167,7 @@ def conv_forward_winograd(xq, u, bias, y, check, paired, vec):
     ``check[task]`` is set to 0 when every output of that task's tile row is finite before the
     bias is added (the bias is added element by element and needs no check), else NaN.
     ``vec`` (never with ``paired``; ``u``'s Cp then a multiple of VCB): the products run as
-    explicit VTB-tile x VCB-channel blocks of 256-bit vectors (``_numba_simd``), for CPUs
+    explicit VTB-tile x VCB-channel blocks of 256-bit vectors (``_simd``), for CPUs
     without AVX-512, where the TB x CB block spills.
     """
     # Loop order: one task per (image, tile row), owning y[n, :, 2*th : 2*th + 2, :], in

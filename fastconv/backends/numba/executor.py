@@ -2,25 +2,25 @@
 
 An executor: ``fastconv.backends._plan`` decides which algorithm runs for a shape (the rules
 and the names recorded for ``fastconv.last_algorithm`` are there); this module lays the arrays
-out for the chosen kernels, runs them under the threading policy of ``_numba_threading`` and
+out for the chosen kernels, runs them under the threading policy of ``_threading`` and
 records the plan's name. Numba is imported when this module is first used, never by
 ``import fastconv``.
 
 The kernels, by family:
 
-* ``pointwise-gemm`` (``_numba_gemm``): one matrix product per image in NCHW as it is (4
+* ``pointwise-gemm`` (``_gemm``): one matrix product per image in NCHW as it is (4
   output channels x 64 pixels register blocks); dx the same with the weight transposed; dw the
   sum over images of x[n] @ dy[n].T in fixed image chunks.
-* ``winograd-f2x2`` (``_numba_winograd``): Winograd F(2x2, 3x3), 2.25x fewer multiplications;
+* ``winograd-f2x2`` (``_winograd``): Winograd F(2x2, 3x3), 2.25x fewer multiplications;
   dx the same forward on padded dy with the flipped weight; dw the transformed product.
-* ``plane`` (``_numba_plane``): vectorized over 48 consecutive output positions x 8 output
+* ``plane`` (``_plane``): vectorized over 48 consecutive output positions x 8 output
   channels (float32; 128 x 2 below 8 channels; float64 64 x 4); dx the same kernel on padded
   dy with the flipped weight; dw dot products over whole padded planes; ``plane-fused`` all
   three gradients in one pass over dy; ``direct-c16`` dw by 16-run-row x 16-channel blocks.
-* ``direct-nhwc-c64`` (``_numba_direct``): NHWC, a 4-column x 64-channel register block over
+* ``direct-nhwc-c64`` (``_direct``): NHWC, a 4-column x 64-channel register block over
   the (kW, C_in) run; dx one direct forward call per stride phase (``direct-phases``); dw
   6-run-row (float64: 4) x 64-channel blocks (``direct-c64``).
-* ``generic`` (``_numba_conv``): NHWC loops vectorized over the group's output channels.
+* ``generic`` (``_generic``): NHWC loops vectorized over the group's output channels.
 * Max-pool: ``k2s2`` (2x2, stride 2, no padding), ``parity-s2`` (column stride 2, vectorized
   over output columns), else ``generic`` (tap tables); backward ``scatter``. All follow
   PyTorch's index rules exactly.
@@ -29,7 +29,7 @@ Register blocks and the CPU: the block sizes above are for AVX-512 (32 vector re
 float32), where LLVM vectorizes them. Where Numba does not compile for AVX-512 (AVX2: 16
 registers of 8), those blocks spill, and the register-blocked stages (direct forward and
 grad-weight, matrix products, Winograd products, plane forward) run instead as explicit 256-bit
-vector blocks of 12 accumulators (``_numba_simd``): 6 columns x 16 channels (direct), 6 rows x
+vector blocks of 12 accumulators (``_simd``): 6 columns x 16 channels (direct), 6 rows x
 16 columns (matrix products), 6 tiles x 16 channels (Winograd), 4 channels x 24 positions
 (plane; 6 x 16 for 5-6 channels). The direct family is then named ``direct-nhwc-v256`` /
 ``direct-v256``. ``FASTCONV_NUMBA_VECTORS=512|256`` overrides the choice; both families are
@@ -46,13 +46,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._dispatch import record_algorithm
+from ..._dispatch import record_algorithm
 # The ops fastconv.nn needs (the backend contract: see ``_host_ops``).
-from ._numba_nn import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F401
+from ._nn import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F401
                         dropout, dropout_backward, relu, relu_backward, sgd_update)
-from .._validate import pool_index_error
-from . import _plan
-from ._plan import WEIGHT_CHUNKS, chunks, round_up, sum_chunks
+from ..._validate import pool_index_error
+from .. import _plan
+from .._plan import WEIGHT_CHUNKS, chunks, round_up, sum_chunks
 
 __all__ = ["WEIGHT_CHUNKS"]
 
@@ -74,19 +74,19 @@ class Kernels(NamedTuple):
     conv: object
     direct: object
     pool: object
-    run: object  # _numba_threading.run: a kernel call under the threading policy
+    run: object  # _threading.run: a kernel call under the threading policy
 
 
 def _kernels() -> Kernels:
-    from . import _numba_conv, _numba_direct, _numba_pool, _numba_threading
+    from . import _direct, _generic, _pool, _threading
 
-    return Kernels(_numba_conv, _numba_direct, _numba_pool, _numba_threading.run)
+    return Kernels(_generic, _direct, _pool, _threading.run)
 
 
 def _wide() -> bool:
     """Whether the register-blocked kernels are the LLVM-vectorized AVX-512 ones (else the
-    explicit 256-bit vectors of ``_numba_simd``, whose 32 registers those blocks need)."""
-    from . import _numba_simd as simd
+    explicit 256-bit vectors of ``_simd``, whose 32 registers those blocks need)."""
+    from . import _simd as simd
 
     return simd.WIDE_VECTORS
 
@@ -158,8 +158,8 @@ def _nchw_strides(y, base=0):
 def _direct_forward_kernel(direct, dtype):
     """(kernel, channel unit) of the register-blocked direct forward for this CPU: the
     LLVM-vectorized 4 x 64 block where Numba compiles for AVX-512, else the explicit 6-column
-    block of 256-bit vectors (``_numba_simd``: the 4 x 64 block spills there)."""
-    from . import _numba_simd as simd
+    block of 256-bit vectors (``_simd``: the 4 x 64 block spills there)."""
+    from . import _simd as simd
 
     if simd.WIDE_VECTORS:
         return direct.conv_forward_direct, direct.CB
@@ -207,7 +207,7 @@ def _winograd_forward(wino, run, x, w, b, y, pt, pl, xq=None):
 
 def _pointwise(run, w2, a, bias, out_channels):
     """(N, out_channels, H*W) = w2 @ a[n] + bias for every image of a (N, C, H*W)."""
-    from . import _numba_gemm as gemm
+    from . import _gemm as gemm
 
     n = a.shape[0]
     bias = np.zeros(out_channels, a.dtype) if bias is None else bias
@@ -228,7 +228,7 @@ def _nhwc(k: Kernels, a):
 
 def _bias_sums(k: Kernels, dy):
     """db: dy summed over (N, H, W) in fixed image chunks."""
-    from . import _numba_plane as plane
+    from . import _plane as plane
 
     n, c_out = dy.shape[:2]
     part = np.empty((chunks(n), c_out), dy.dtype)
@@ -258,14 +258,14 @@ def _forward_pointwise(k, x, w, b, p):
 
 
 def _forward_winograd(k, x, w, b, p):
-    from . import _numba_winograd as wino
+    from . import _winograd as wino
 
     y = np.empty((x.shape[0], w.shape[0], *p.out_hw), x.dtype)
     return y if _winograd_forward(wino, k.run, x, w, b, y, *p.padding) else None
 
 
 def _forward_plane(k, x, w, b, p):
-    from . import _numba_plane as plane
+    from . import _plane as plane
 
     y = np.empty((x.shape[0], w.shape[0], *p.out_hw), x.dtype)
     return _plane_forward(plane, k.run, x, w, b, y, *p.padding, *p.dilation)
@@ -321,7 +321,7 @@ def conv2d_backward(dy, x, w, p, needs):
 def _backward_pointwise(k, plan, dy, x, w, p):
     """dx[n] = w.T @ dy[n]; dw.T = sum over n of x[n] @ dy[n].T, in fixed image chunks added
     in order."""
-    from . import _numba_gemm as gemm
+    from . import _gemm as gemm
 
     n, c_in = x.shape[:2]
     c_out = w.shape[0]
@@ -343,7 +343,7 @@ def _backward_pointwise(k, plan, dy, x, w, p):
 def _backward_winograd(k, plan, dy, x, w, p):
     """{grad: value, or None where the transforms met a non-finite value}; db is summed by
     whichever pass lays dy out first (else by plane sums)."""
-    from . import _numba_winograd as wino
+    from . import _winograd as wino
 
     run = k.run
     n, c_in = x.shape[:2]
@@ -384,7 +384,7 @@ def _backward_winograd(k, plan, dy, x, w, p):
 
 def _backward_fused(k, plan, dy, x, w, p):
     """All wanted gradients of a stride-1 first layer in one pass over dy."""
-    from . import _numba_plane as plane
+    from . import _plane as plane
 
     n, c_in, h, _ = x.shape
     c_out, _, kh, kw = w.shape
@@ -414,7 +414,7 @@ def _grad_input_plane(k, dy, w, x_shape, p, sums=None):
     """dx (stride 1) as the plane forward of dy padded by dilation*(k-1) - padding with the
     flipped, transposed weight. With ``sums`` (a list), also appends db, summed while dy is
     laid out."""
-    from . import _numba_plane as plane
+    from . import _plane as plane
 
     kh, kw = w.shape[2:]
     (dh, dil_w), (pt, pl) = p.dilation, p.padding
@@ -474,7 +474,7 @@ def _grad_weight_generic(k, dy, x, w, p, with_bias=False):
 
 def _grad_weight_plane(k, dy, x, w, p):
     """dw by dot products over whole padded planes, in fixed image chunks summed serially."""
-    from . import _numba_plane as plane
+    from . import _plane as plane
 
     n, c_in = x.shape[:2]
     c_out, _, kh, kw = w.shape
@@ -491,7 +491,7 @@ def _grad_weight_plane(k, dy, x, w, p):
 
 def _grad_weight_c16(k, dy, x, w, p):
     """dw of a stride-1 float32 layer with C_out <= 16 and unit column dilation: the
-    16-channel register blocks of ``_numba_direct.conv_grad_weight_c16`` (with 256-bit vectors:
+    16-channel register blocks of ``_direct.conv_grad_weight_c16`` (with 256-bit vectors:
     :func:`_grad_weight_direct_vec`, whose blocks are 16 channels wide anyway)."""
     direct = k.direct
     if not _wide():
@@ -516,7 +516,7 @@ def _grad_weight_direct_vec(k, dy, x, w, p):
     """dw (groups 1, unit column dilation) by the 256-bit vector blocks of
     ``conv_grad_weight_direct_vec*``: dy in blocks of 16 (float64: 8) channels, partial sums
     over fixed pixel chunks added in order."""
-    from . import _numba_simd as simd
+    from . import _simd as simd
 
     direct = k.direct
     n, c_in = x.shape[:2]
