@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 import fastconv as fc
+from fastconv._oracle import TOLERANCE, assert_close, to_host  # noqa: F401  (the one oracle)
 
 try:
     import torch
@@ -45,32 +46,6 @@ TEST_BACKENDS = _backends_under_test()
 # Backends too slow (Python loops, simulated GPU) for the full grid: they run a reduced grid.
 SLOW_BACKENDS = {"naive", "cuda"}
 
-# Per-dtype tolerance: |actual - expected| <= atol * max(1, max|expected|) + rtol * |expected|
-TOLERANCE = {
-    np.dtype(np.float32): dict(rtol=2e-4, atol=2e-5),
-    np.dtype(np.float64): dict(rtol=1e-10, atol=1e-12),
-}
-
-
-def assert_close(actual, expected, what: str):
-    """Compare two host arrays with the tolerance of ``expected``'s dtype."""
-    actual = to_host(actual)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    tol = TOLERANCE[np.dtype(expected.dtype)]
-    scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
-    np.testing.assert_allclose(
-        actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale, err_msg=what
-    )
-
-
-def to_host(a):
-    """A numpy array from a host or CUDA device array."""
-    if isinstance(a, np.ndarray):
-        return a
-    if hasattr(a, "copy_to_host"):
-        return a.copy_to_host()
-    return np.asarray(a)
 
 
 def _reference_backend(backend: str) -> str:

@@ -285,8 +285,20 @@ def test_pool_2x2_blocks_nan_and_ties_match_torch(rng, width):
     check_pool("cython", rng, None, 2, x=x)
 
 
-def test_openmp_flag_is_bool():
-    assert isinstance(_kernels().OPENMP, bool)
+def test_openmp_flag_says_whether_the_kernels_run_in_parallel():
+    """``OPENMP`` is what the extension was compiled with: with OpenMP a ``prange`` may use
+    OMP_NUM_THREADS threads, without it exactly one (one process: libgomp reads the variable
+    when it loads)."""
+    code = ("from fastconv.backends.cython import executor as e\n"
+            "print(e.OPENMP, e._k.OPENMP, e._k.max_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "FASTCONV_BACKEND"}
+    env["OMP_NUM_THREADS"] = "3"
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    flag, compiled, threads = run.stdout.split()
+    assert flag == compiled in ("True", "False")
+    assert int(threads) == (3 if flag == "True" else 1)
     assert _kernels().unavailable_reason() is None
 
 

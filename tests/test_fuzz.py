@@ -126,20 +126,17 @@ def _padding_only_window(size, k, s, p, d, ceil_mode) -> bool:
     return any(all(not 0 <= o * s - p + d * t < size for t in range(k)) for o in range(out))
 
 
-def test_pool_window_of_only_padding():
+@pytest.mark.parametrize("backend", TEST_BACKENDS)
+def test_pool_window_of_only_padding_is_rejected(backend):
     """x 1x1, kernel (1, 2), padding (0, 1), dilation (1, 2): the one window's taps are at
-    columns -1 and 1, both padding. PyTorch returns -inf with index 1 (outside the 1x1 plane).
-    fastconv must either reject the geometry or accept its own index in the backward pass."""
+    columns -1 and 1, both padding. PyTorch returns -inf with index 1 (outside the 1x1 plane,
+    which its own backward then rejects); fastconv rejects the geometry up front, naming it."""
     import fastconv as fc
 
     x = np.ones((1, 1, 1, 1), np.float32)
-    kw = dict(kernel_size=(1, 2), padding=(0, 1), dilation=(1, 2), backend="numpy")
-    try:
-        y, idx = fc.max_pool2d(x, **kw)
-    except ValueError:
-        return  # rejected: fine
-    dx = fc.max_pool2d_backward(np.ones_like(y), idx, x.shape, backend="numpy")
-    assert dx.shape == x.shape
+    kw = dict(kernel_size=(1, 2), padding=(0, 1), dilation=(1, 2), backend=backend)
+    with pytest.raises(ValueError, match=r"dilation=\(1, 2\).*entirely in the padding"):
+        fc.max_pool2d(x, **kw)
 
 
 @pytest.mark.parametrize("backend", TEST_BACKENDS)

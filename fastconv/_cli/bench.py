@@ -34,6 +34,7 @@ import numpy as np
 
 import fastconv as fc
 from fastconv._dispatch import record_algorithm
+from fastconv._oracle import BENCH_TOLERANCE, assert_close, to_host
 
 CONV_OPS = ("conv_fwd", "conv_fwdbwd")
 POOL_OPS = ("pool_fwd", "pool_fwdbwd")
@@ -403,14 +404,6 @@ def warm_up(c: Contender, op: str, calls: int = 2):
     return tuple(to_host(o) for o in out)
 
 
-def to_host(a):
-    if isinstance(a, np.ndarray):
-        return a
-    if hasattr(a, "copy_to_host"):
-        return a.copy_to_host()
-    return np.asarray(a)
-
-
 #: Largest problem (multiply-adds / window elements) the naive loops serve as a reference for.
 NAIVE_REFERENCE_LIMIT = 2_000_000
 
@@ -432,19 +425,12 @@ def reference(op: str, shape, inputs: dict, exclude: str | None) -> tuple | None
 
 
 def assert_outputs(op: str, actual: tuple, expected: tuple, what: str = ""):
-    """Raise ``AssertionError`` unless ``actual`` matches ``expected`` (float32 tolerance:
-    rtol 1e-3 and atol 1e-3 x the largest magnitude; pool indices exactly)."""
+    """Raise ``AssertionError`` unless ``actual`` matches ``expected``: the tests' oracle check
+    (``fastconv._oracle``) with the benchmarks' tolerance (pool indices exactly)."""
     names = output_names(op)
     assert len(actual) == len(names), f"{what}: {len(actual)} outputs, expected {names}"
     for name, a, e in zip(names, actual, expected):
-        a = to_host(a)
-        assert a.shape == e.shape, f"{what} {name}: shape {a.shape} != {e.shape}"
-        if name == "idx":
-            np.testing.assert_array_equal(a, e, err_msg=f"{what} {name}")
-        else:
-            scale = max(1.0, float(np.max(np.abs(e), initial=0.0)))
-            np.testing.assert_allclose(a, e, rtol=1e-3, atol=1e-3 * scale,
-                                       err_msg=f"{what} {name}")
+        assert_close(a, e, f"{what} {name}", BENCH_TOLERANCE)
 
 
 # ------------------------------------------------------------------------------- threading
