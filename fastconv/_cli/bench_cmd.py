@@ -10,7 +10,7 @@ memory (``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296``)
 ``OPENBLAS_CORETYPE`` / ``OPENBLAS_L2_SIZE`` change which GEMM kernels OpenBLAS uses; and
 OpenBLAS's worker threads busy-wait for up to 2**28 cycles (~0.1 s) after every call, so after
 one NumPy-backend call (or the SGEMM peak measurement) every contender timed next ran at half
-speed on 2 cores (measured: torch 20 -> 38 ms, numba 25 -> 49 ms on shape B);
+speed on 2 cores (docs/performance.md);
 ``OPENBLAS_THREAD_TIMEOUT=4`` makes them sleep at once. glibc and OpenBLAS read these when the
 process starts, so the command re-executes itself (``os.execve``) with them set and unset
 respectively, ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` /

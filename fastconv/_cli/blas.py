@@ -5,12 +5,10 @@ threads, ``backends.numba._gemm``).
 OpenBLAS's idle worker threads busy-wait for up to 2**28 cycles (~0.1 s) after every call before
 they sleep. Beside the compiled conv backends, which already use every core, that spin starves
 their threads: on the 2-core machine this was developed on, 2-thread OpenBLAS made training
-2-12x slower (74-995 ms for the MNIST net's (64 x 9216) @ (9216 x 128) product while numba
-kernels ran, against 1.8 ms on one thread). ``OPENBLAS_THREAD_TIMEOUT=4`` (read when OpenBLAS
-loads) makes idle workers sleep at once; alone, 2 threads then do that net's dense products
-1.6-1.75x faster than one, but inside a training step the backward ones got slower (dense
-backward 3.2 -> 4.6-5.2 ms, forward 2.0 -> 1.4 ms) and the whole step no faster (34.6 against
-35.8 ms per batch). So ``fastconv train`` runs BLAS on one thread (``--blas-threads``).
+several times slower. ``OPENBLAS_THREAD_TIMEOUT=4`` (read when OpenBLAS loads) makes idle
+workers sleep at once; 2 threads then do the net's dense products faster alone, but inside a
+training step the backward ones got slower and the whole step no faster (figures:
+docs/performance.md). So ``fastconv train`` runs BLAS on one thread (``--blas-threads``).
 
 This changes a process-wide setting, so the library layers never call it on their own.
 Found like threadpoolctl does: the OpenBLAS libraries mapped into this process, through their

@@ -5,7 +5,7 @@ behaviours are handled here, once:
 
 * Wait policy. With the default (active) policy idle OpenMP threads spin after every parallel
   region, which on a 2-core machine starves every other thread pool (OpenBLAS, PyTorch, the other
-  backend): a tiny conv took 16-69 ms instead of 0.03 ms. libgomp reads ``OMP_WAIT_POLICY``
+  backend): a tiny conv took milliseconds, not microseconds. libgomp reads ``OMP_WAIT_POLICY``
   once, when it loads, so importing this module (which each compiled backend does before it
   loads its runtime) sets ``PASSIVE``; a user's own setting wins.
 * Fork. libgomp's thread pool does not survive ``fork()``: a child that enters a parallel region

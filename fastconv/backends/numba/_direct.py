@@ -114,7 +114,7 @@ def _make_grad_weight(rbk):
         # L2 while every run-row block uses it), the rbk-row blocks of the whole run, then the
         # pixels: rbk broadcasts x CB contiguous dy values, FMAs into rbk x CB register
         # accumulators, added to part once per sub-chunk. (Splitting the run across tasks
-        # instead made every task stream all of dy and x again: 2-6x slower.)
+        # instead made every task stream all of dy and x again: much slower.)
         n_, hp_, xw = xp2.shape
         t_, kh_, r_, cp = part.shape
         m_ = dyt.shape[0]
@@ -237,7 +237,7 @@ def conv_grad_weight_c16(x1, xw, hp_, xbase, dy4, part, dh):
     # RUN16 run rows, the chunk's pixels, then G16 groups of 64 lanes = 4 run rows x 16
     # channels each: lanes 16j..16j+15 take run row 4g + j, so each group is one 64-lane loop
     # over the repeated dy row with a per-quarter broadcast. (Written as a 16-lane loop, LLVM
-    # unrolls it into scalar FMAs: 10-20x slower.)
+    # unrolls it into scalar FMAs.)
     t_, kh_, rp, _ = part.shape
     m_ = dy4.shape[0]
     d1 = dy4.ravel()

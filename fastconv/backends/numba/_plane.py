@@ -22,7 +22,7 @@ from ._simd import vfma, vload, vsplat, vstore, vzero
 from ._stack import prefer_wide_vectors, stack_array
 
 LANES = 128  # the widest block of consecutive output positions (rows to spare in xp)
-FEW_LANES, FEW_PCB = 128, 2  # fewer than PCB output channels (1.25x faster than 64 x 4 on 1)
+FEW_LANES, FEW_PCB = 128, 2  # fewer than PCB output channels (faster than 64 x 4 there)
 PCB = 8  # output channels per register block of the main float32 variant
 PCB64 = 4  # ... of the float64 variant
 
@@ -134,11 +134,11 @@ def _make_forward(lanes, pcb, vector_lanes=0):
     return conv_forward_plane
 
 
-# float32, 8 channels x 48 positions (24 zmm accumulators): 1.15-1.25x faster than 4 x 64 from
-# 8 channels on.
+# float32, 8 channels x 48 positions (24 zmm accumulators): faster than 4 x 64 from 8 channels
+# on.
 conv_forward_plane = _make_forward(48, PCB)
 # float32, 5 or 6 output channels (LeNet's first layer, and the grad-input of its second):
-# 6 x 64 (24 zmm); 1.4x faster than 2 x 128 on D's grad-input.
+# 6 x 64 (24 zmm); faster than 2 x 128 on D's grad-input.
 conv_forward_plane6 = _make_forward(64, 6)
 # float32, other counts below 8 (grad-input of a first layer: one channel): 2 x 128.
 conv_forward_plane_few = _make_forward(FEW_LANES, FEW_PCB)

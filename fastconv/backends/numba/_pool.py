@@ -98,7 +98,7 @@ def max_pool_forward_s2(x, y, idx, h0, hn, w0, kw_, pw, dh, dw, hp):
             par[u] = -np.inf  # the padding; only in-input columns are overwritten below
         # the running max and argmax, ping-ponged between two buffers per tap: an update in
         # place (``best[ow] = v if take else best[ow]``) is compiled to masked stores, which
-        # AVX2 CPUs run slowly (Zen 1: P3 forward 80 ms, 3x the ping-pong)
+        # AVX2 CPUs run slowly (docs/performance.md)
         best = np.empty(wv, x.dtype)
         arg = np.empty(wv, np.int32)
         best2 = np.empty(wv, x.dtype)

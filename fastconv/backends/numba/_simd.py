@@ -7,8 +7,7 @@ spills half the accumulators on every multiply-add, and smaller blocks (3 x 32, 
 fully unroll the short lane loops first and then emit scalar code (measured on a Zen 1: 6-12x
 slower). With a vector type the block is written exactly as it should be compiled: 12
 accumulators, 2 weight vectors and one broadcast fit AVX2's 16 registers with nothing spilled
-(a 6 x 16 float32 block ran at 33-35 GFLOP/s on one Zen 1 core, about 83 % of NumPy's
-one-core SGEMM there).
+(its speed against NumPy's SGEMM: docs/performance.md).
 
 A :class:`Vector` holds ``LANES[dtype]`` elements (256 bits: 8 float32 or 4 float64); on other
 targets LLVM splits or widens it, so the kernels stay correct everywhere. Intrinsics:

@@ -2,8 +2,9 @@
 
 Why: a register-blocked kernel needs its accumulators in registers. Numba allocates
 ``np.zeros`` on the heap, and LLVM cannot prove a heap buffer does not alias the input arrays,
-so it keeps the accumulators in memory (50-120 GFLOP/s). An ``alloca`` of compile-time size whose
-indices are constants after unrolling is split into registers by LLVM's SROA pass (~2-4x faster).
+so it keeps the accumulators in memory (DESIGN §2: such kernels stall). An ``alloca`` of
+compile-time size whose indices are constants after unrolling is split into registers by LLVM's
+SROA pass.
 
 The intrinsic also marks the enclosing function with ``"prefer-vector-width"="512"``: LLVM's
 tuning for many AVX-512 Intel cores prefers 256-bit vectors, which halves the FMA width of these

@@ -2,10 +2,10 @@
 
 A plain store to a line that is not in cache first reads the line from memory (read for
 ownership), so writing an output that the caches cannot hold anyway moves its bytes twice. A
-non-temporal store writes whole 64-byte lines straight to memory: the 103 MB copy that took
-9.0 ms took 4.6 ms with them (2 threads). The kernels use them only for outputs of at least
+non-temporal store writes whole 64-byte lines straight to memory, about halving the time of a
+large copy (docs/performance.md). The kernels use them only for outputs of at least
 ``STREAM_MIN_BYTES``, so a layer's output that the next layer would read from cache stays there
-(reads here run at ~30 GB/s up to 32 MiB, ~20 GB/s beyond).
+(where reads are faster than from memory).
 
 ``stream_copy`` is the one entry point: scalar stores up to the first 64-byte boundary of the
 destination, then one 64-byte non-temporal vector store per line, then scalar stores for the

@@ -6,7 +6,7 @@ Decisions (DESIGN §2, measured on a 2-core machine):
   ``workqueue``; ``NUMBA_THREADING_LAYER`` set by the user wins. ``tbb`` is not a runtime
   dependency of fastconv.
 * ``omp`` (GNU libgomp) keeps its threads spinning after a parallel region, which starved
-  OpenBLAS on 2 cores (12.5 ms vs 5.9 ms). So ``OMP_WAIT_POLICY=PASSIVE`` is set before Numba
+  OpenBLAS on 2 cores (docs/performance.md). So ``OMP_WAIT_POLICY=PASSIVE`` is set before Numba
   starts its OpenMP pool, unless the user set it. libgomp reads it once, when it loads.
 * ``workqueue`` aborts the process when two Python threads launch parallel kernels at once. When
   it is the layer in use, every parallel kernel call takes one process-wide lock.

@@ -12,7 +12,7 @@ Layouts: the input is zero-padded NHWC with the columns split by parity (:func:`
 run over (tile, channel). Transformed weights ``u`` (16, C, Cp) come from
 ``_winograd_transforms``: output channels innermost, zero-padded to Cp, a multiple of 64.
 Transforms are written as one loop per tile position with a single output stream, which LLVM
-vectorizes (a loop writing all 16 positions stayed scalar: 4x slower).
+vectorizes (a loop writing all 16 positions stayed scalar).
 
 Non-finite values: a tile mixes its 16 inputs, so one inf or NaN would reach outputs that the
 direct sum keeps finite. The kernels therefore report whether anything non-finite appeared
@@ -39,7 +39,7 @@ ACC = TB * CB
 TASK_CHUNKS = 64  # forward: tile rows are split into this many chunks, one scratch each
 GROUP = 64  # tiles transformed together by the grad-weight kernel (their V and M fit in L2)
 RB = 4  # input channels per grad-weight register block (4 x 64: 16 accumulators; 6 rows left
-# the accumulators in memory, 4x slower)
+# the accumulators in memory)
 GACC = RB * CB
 # The explicit 256-bit blocks (``_simd``, CPUs without AVX-512): 6 tiles (forward) or 6
 # input channels (grad-weight) x 16 output channels, 12 accumulators.
