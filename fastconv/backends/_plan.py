@@ -136,6 +136,16 @@ def winograd_input_ok(p, in_w: int) -> bool:
     return max(p.padding) <= 2 and winograd_wide_enough(in_w)
 
 
+def _winograd_backward(p, x, needs) -> BackwardPlan:
+    """dw by Winograd, dx too where :func:`winograd_input_ok` (else the exact family's), db as
+    a sum."""
+    parts = [("input", "winograd-f2x2")] if "input" in needs and \
+        winograd_input_ok(p, x.shape[3]) else []
+    parts += [(g, "winograd-f2x2" if g == "weight" else "sum")
+              for g in ("weight", "bias") if g in needs]
+    return BackwardPlan("winograd-f2x2", tuple(parts))
+
+
 def fused_ok(p, c_in: int, needs, skips_input: bool) -> bool:
     """The fused plane backward of a first layer: stride 1, groups 1, C_in <= FUSED_MAX_C_IN,
     and dx wanted (or dw, where the kernel can skip dx): dy, the largest array there, is read
@@ -193,11 +203,7 @@ def numba_backward(p, x, c_out: int, needs, wide: bool, *, exact_only=False) -> 
     where a rule depends on it). ``exact_only``: skip Winograd and the 1x1 products."""
     c_in = x.shape[1]
     if not exact_only and winograd_ok(p, x.dtype, c_in, c_out):
-        parts = [("input", "winograd-f2x2")] if "input" in needs and \
-            winograd_input_ok(p, x.shape[3]) else []
-        parts += [(g, "winograd-f2x2" if g == "weight" else "sum")
-                  for g in ("weight", "bias") if g in needs]
-        return BackwardPlan("winograd-f2x2", tuple(parts))
+        return _winograd_backward(p, x, needs)
     if not exact_only and pointwise_ok(p, x.dtype) and c_out >= 64:
         return _all("pointwise-gemm", needs, bias="sum")
     if numba_plane_ok(p, c_in, c_out):
@@ -291,11 +297,7 @@ def cython_backward(p, x, c_out: int, needs, *, exact_only=False) -> BackwardPla
     """The cython backward for ``needs`` (x read only for whether it is finite)."""
     c_in_g = x.shape[1] // p.groups
     if not exact_only and winograd_ok(p, x.dtype, x.shape[1], c_out):
-        parts = [("input", "winograd-f2x2")] if "input" in needs and \
-            winograd_input_ok(p, x.shape[3]) else []
-        parts += [(g, "winograd-f2x2" if g == "weight" else "sum")
-                  for g in ("weight", "bias") if g in needs]
-        return BackwardPlan("winograd-f2x2", tuple(parts))
+        return _winograd_backward(p, x, needs)
     if not exact_only and pointwise_ok(p, x.dtype) and c_out >= 64:
         return _all("pointwise-gemm", needs, bias="sum")
     if (not exact_only and fused_ok(p, x.shape[1], needs, skips_input=False)
@@ -349,9 +351,9 @@ def sum_chunks(part):
 
 def padded_hw(p, out_hw=None) -> tuple[int, int]:
     """(Hp, Wp) of the input a (dilated, strided) window grid of ``out_hw`` reads."""
-    (ho, wo), (sh, sw), (dh, dw) = out_hw or p.out_hw, p.stride, p.dilation
+    (ho, wo), (sh, sw), (dil_h, dil_w) = out_hw or p.out_hw, p.stride, p.dilation
     kh, kw = p.kernel_hw
-    return (ho - 1) * sh + dh * (kh - 1) + 1, (wo - 1) * sw + dw * (kw - 1) + 1
+    return (ho - 1) * sh + dil_h * (kh - 1) + 1, (wo - 1) * sw + dil_w * (kw - 1) + 1
 
 
 def weight_gkkio(w, groups):

@@ -65,7 +65,7 @@ def conv2d(x, w, b, p):
     ho, wo = p.out_hw
     sh, sw = p.stride
     ph, pw = p.padding
-    dh, dw = p.dilation
+    dil_h, dil_w = p.dilation
     out_per_group = c_out // p.groups
     xl, wl = x.tolist(), w.tolist()
     y = _zeros(n_batch, c_out, ho, wo)
@@ -81,11 +81,11 @@ def conv2d(x, w, b, p):
                         x_plane = xl[n][c_first + ci]
                         w_plane = wl[co][ci]
                         for i in range(kh):
-                            ih = oh * sh - ph + i * dh
+                            ih = oh * sh - ph + i * dil_h
                             if ih < 0 or ih >= h:
                                 continue
                             for j in range(kw):
-                                iw = ow * sw - pw + j * dw
+                                iw = ow * sw - pw + j * dil_w
                                 if iw < 0 or iw >= wd:
                                     continue
                                 acc += x_plane[ih][iw] * w_plane[i][j]
@@ -118,7 +118,7 @@ def conv2d_backward(dy, x, w, p, needs):
     ho, wo = p.out_hw
     sh, sw = p.stride
     ph, pw = p.padding
-    dh, dw_ = p.dilation
+    dil_h, dil_w = p.dilation
     out_per_group = c_out // p.groups
     want_dx, want_dw = "input" in needs, "weight" in needs
     xl, wl, dyl = x.tolist(), w.tolist(), dy.tolist()
@@ -136,11 +136,11 @@ def conv2d_backward(dy, x, w, p, needs):
                     db[co] += g
                     for ci in range(c_group):
                         for i in range(kh):
-                            ih = oh * sh - ph + i * dh
+                            ih = oh * sh - ph + i * dil_h
                             if ih < 0 or ih >= h:
                                 continue
                             for j in range(kw):
-                                iw = ow * sw - pw + j * dw_
+                                iw = ow * sw - pw + j * dil_w
                                 if iw < 0 or iw >= wd:
                                     continue
                                 if want_dx:
@@ -185,7 +185,7 @@ def max_pool2d(x, p):
     kh, kw = p.kernel_hw
     sh, sw = p.stride
     ph, pw = p.padding
-    dh, dw = p.dilation
+    dil_h, dil_w = p.dilation
     xl = x.tolist()
     y = _zeros(n_batch, c, ho, wo)
     idx = _zeros(n_batch, c, ho, wo)
@@ -195,11 +195,11 @@ def max_pool2d(x, p):
         for ch in range(c):
             plane = xl[n][ch]
             for oh in range(ho):
-                rows = [oh * sh - ph + i * dh for i in range(kh)]
+                rows = [oh * sh - ph + i * dil_h for i in range(kh)]
                 first_row = min(r for r in rows if r >= 0)
                 rows = [r for r in rows if 0 <= r < h]
                 for ow in range(wo):
-                    cols = [ow * sw - pw + j * dw for j in range(kw)]
+                    cols = [ow * sw - pw + j * dil_w for j in range(kw)]
                     first_col = min(q for q in cols if q >= 0)
                     cols = [q for q in cols if 0 <= q < wd]
                     best = -math.inf

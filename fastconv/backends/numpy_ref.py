@@ -2,7 +2,7 @@
 
 Convolution is a sum over the kH*kW kernel taps of one matrix product each ("shifted GEMM"). The
 input is padded once and laid out channel-major, ``(C_in, N, Hp, Wp)``; for tap ``(i, j)`` the
-strided view ``xp[:, :, i*dh :: sh, j*dw :: sw]`` (cropped to H_out x W_out) holds, for every
+strided view ``xp[:, :, i*dil_h :: sh, j*dil_w :: sw]`` (cropped to H_out x W_out) holds, for every
 output position, the input element that the tap multiplies. Per group,
 ``w[:, :, i, j] @ view`` is one ``(C_out/g, C_in/g) @ (C_in/g, N*H_out*W_out)`` product (BLAS
 through ``np.matmul``; the channel-major layout keeps the batch inside the matrix, because
@@ -31,9 +31,10 @@ def unavailable_reason():
 
 def _tap(a, i, j, p, out_hw):
     """View of padded ``a`` (A, B, Hp, Wp) read by kernel tap ``(i, j)``: (A, B, H_out, W_out)."""
-    (sh, sw), (dh, dw) = p.stride, p.dilation
+    (sh, sw), (dil_h, dil_w) = p.stride, p.dilation
     ho, wo = out_hw
-    return a[:, :, i * dh: i * dh + (ho - 1) * sh + 1: sh, j * dw: j * dw + (wo - 1) * sw + 1: sw]
+    return a[:, :, i * dil_h: i * dil_h + (ho - 1) * sh + 1: sh,
+             j * dil_w: j * dil_w + (wo - 1) * sw + 1: sw]
 
 
 def _conv_extent(x_shape, p):
@@ -68,7 +69,7 @@ def conv2d(x, w, b, p):
     Returns
     -------
     y : (N, C_out, H_out, W_out) of x's dtype (``H_out, W_out = p.out_hw``),
-    ``y[n, co, oh, ow] = b[co] + sum_{ci,i,j} x_pad[n, g*Cg+ci, oh*sh + i*dh, ow*sw + j*dw]
+    ``y[n, co, oh, ow] = b[co] + sum_{ci,i,j} x_pad[n, g*Cg+ci, oh*sh + i*dil_h, ow*sw + j*dil_w]
     * w[co, ci, i, j]``. Zero padding contributes exact zeros, so a NaN in x reaches exactly
     the outputs whose window contains it.
     """
@@ -168,10 +169,10 @@ def max_pool2d(x, p):
     kh, kw = p.kernel_hw
     sh, sw = p.stride
     ph, pw = p.padding
-    dh, dw = p.dilation
+    dil_h, dil_w = p.dilation
     ho, wo = p.out_hw
-    hp = max(ph + h, (ho - 1) * sh + dh * (kh - 1) + 1)
-    wp = max(pw + w, (wo - 1) * sw + dw * (kw - 1) + 1)
+    hp = max(ph + h, (ho - 1) * sh + dil_h * (kh - 1) + 1)
+    wp = max(pw + w, (wo - 1) * sw + dil_w * (kw - 1) + 1)
     xp = np.full((n, c, hp, wp), -np.inf, x.dtype)
     xp[:, :, ph: ph + h, pw: pw + w] = x
     best = np.full((n, c, ho, wo), -np.inf, x.dtype)
@@ -179,19 +180,19 @@ def max_pool2d(x, p):
     has_nan = bool(np.isnan(x).any())
     for i in range(kh):
         for j in range(kw):
-            v = xp[:, :, i * dh: i * dh + (ho - 1) * sh + 1: sh,
-                   j * dw: j * dw + (wo - 1) * sw + 1: sw]
+            v = xp[:, :, i * dil_h: i * dil_h + (ho - 1) * sh + 1: sh,
+                   j * dil_w: j * dil_w + (wo - 1) * sw + 1: sw]
             take = v > best
             if has_nan:
                 take |= np.isnan(v)
             np.copyto(best, v, where=take)
             np.copyto(tap, i * kw + j, where=take)
     ti, tj = np.divmod(tap, kw)
-    rows = (np.arange(ho) * sh - ph)[:, None] + ti.astype(np.int64) * dh
-    cols = np.arange(wo) * sw - pw + tj.astype(np.int64) * dw
+    rows = (np.arange(ho) * sh - ph)[:, None] + ti.astype(np.int64) * dil_h
+    cols = np.arange(wo) * sw - pw + tj.astype(np.int64) * dil_w
     arg = rows * w + cols
     # never replaced (every element -inf, or no element in the window): torch's start index
-    first = _first_in_bounds(ho, sh, ph, dh)[:, None] * w + _first_in_bounds(wo, sw, pw, dw)
+    first = _first_in_bounds(ho, sh, ph, dil_h)[:, None] * w + _first_in_bounds(wo, sw, pw, dil_w)
     np.copyto(arg, np.broadcast_to(first, arg.shape), where=tap < 0)
     record_algorithm("max_pool2d", "numpy:tap-running-max")
     return best, arg

@@ -1,7 +1,8 @@
 """numba.cuda kernels of the ``cuda`` backend (NCHW activations, OIHW weights).
 
 Imported only by :mod:`fastconv.backends.cuda.executor` on first use, never by ``import fastconv``.
-:func:`build` makes one set of kernels per (block size, dtype): the block size fixes the static
+:func:`build` makes one set of kernels per (block size, dtype), from one factory per family
+(conv forward, grad-input, grad-weight, pool): the block size fixes the static
 shared-memory buffers and the dtype fixes the shared/local buffers and constants, so a float32
 kernel never touches float64 arithmetic. ``cuda.jit`` compiles each kernel at its first launch.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda
@@ -42,32 +44,51 @@ def grad_input_shared_elems(kernel_hw) -> int:
     return COB * kernel_hw[0] * kernel_hw[1]
 
 
+class _Spec(NamedTuple):
+    """What one set of kernels is specialised on (compile-time constants of their closures)."""
+
+    block: int  # T: tiles are T x T threads
+    half: int  # the largest power of two below T*T: the first step of a tree reduction
+    nb_dtype: object
+    zero: object
+    neg_inf: object
+
+
+
+@cuda.jit(device=True)
+def nchw_of(i, c_, h_, w_):
+    """(n, c, h, w) of flat index ``i`` into a C-contiguous (N, c_, h_, w_) array."""
+    w = i % w_
+    t = i // w_
+    h = t % h_
+    t //= h_
+    return t // c_, t % c_, h, w
+
+
 @functools.lru_cache(maxsize=None)
 def build(block: int, dtype_name: str) -> SimpleNamespace:
     """The kernels for tiles of ``block`` x ``block`` threads and arrays of ``dtype_name``."""
     np_dtype = np.dtype(dtype_name)
-    nb_dtype = cuda.float32 if np_dtype == np.float32 else cuda.float64
-    ZERO = np_dtype.type(0)
-    NEG_INF = np_dtype.type(-np.inf)
-    T = block
-    TT = block * block
-    HALF = 1  # largest power of two below TT: the first step of the tree reduction
-    while HALF * 2 < TT:
-        HALF *= 2
+    half = 1
+    while half * 2 < block * block:
+        half *= 2
+    spec = _Spec(block, half, cuda.float32 if np_dtype == np.float32 else cuda.float64,
+                 np_dtype.type(0), np_dtype.type(-np.inf))
+    return SimpleNamespace(**_conv_forward(spec), **_conv_grad_input(spec),
+                           **_conv_grad_weight(spec), **_pool(spec))
 
-    # ------------------------------------------------------------------ forward
 
-    @cuda.jit(device=True)
-    def nchw_of(i, c_, h_, w_):
-        """(n, c, h, w) of flat index ``i`` into a C-contiguous (N, c_, h_, w_) array."""
-        w = i % w_
-        t = i // w_
-        h = t % h_
-        t //= h_
-        return t // c_, t % c_, h, w
+
+def _conv_forward(spec: _Spec) -> dict:
+    """The kernels of the forward: tiled (shared memory, COB output channels in registers)
+    and direct."""
+    T = spec.block
+    TT = spec.block * spec.block
+    ZERO = spec.zero
+    nb_dtype = spec.nb_dtype
 
     @cuda.jit
-    def conv_forward_tiled(x, w, b, has_bias, y, sh, sw, ph, pw, dh, dw, cib, chunks, tiles_h,
+    def conv_forward_tiled(x, w, b, has_bias, y, sh, sw, ph, pw, dil_h, dil_w, cib, chunks, tiles_h,
                            tiles_w):
         """y (N, C_out, H_out, W_out) = x * w (+ b), one T x T output tile per work item.
 
@@ -90,8 +111,8 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
         groups = c_in // cin_g
         cout_g = c_out // groups
         khw = kh * kw
-        patch_h = (T - 1) * sh + (kh - 1) * dh + 1
-        patch_w = (T - 1) * sw + (kw - 1) * dw + 1
+        patch_h = (T - 1) * sh + (kh - 1) * dil_h + 1
+        patch_w = (T - 1) * sw + (kw - 1) * dil_w + 1
         npatch = patch_h * patch_w
         wbase = cib * npatch  # the kernels follow the cib patches
         items = x.shape[0] * groups * chunks * tiles_h * tiles_w
@@ -146,9 +167,9 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
                         pbase = q * npatch + ty * sh * patch_w + tx * sw
                         kbase = wbase + q * COB * khw
                         for a in range(kh):
-                            row = pbase + a * dh * patch_w
+                            row = pbase + a * dil_h * patch_w
                             for c in range(kw):
-                                v = smem[row + c * dw]
+                                v = smem[row + c * dil_w]
                                 k = kbase + a * kw + c
                                 for j in range(COB):
                                     acc[j] += v * smem[k + j * khw]
@@ -163,7 +184,7 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
             item += cuda.gridDim.x
 
     @cuda.jit
-    def conv_forward_direct(x, w, b, has_bias, y, sh, sw, ph, pw, dh, dw):
+    def conv_forward_direct(x, w, b, has_bias, y, sh, sw, ph, pw, dil_h, dil_w):
         """y = x * w (+ b), one thread per output element, no shared memory.
 
         The fallback when the tiled kernel's patch does not fit in shared memory (huge dilation,
@@ -183,10 +204,10 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
             acc = ZERO
             for cig in range(cin_g):
                 for a in range(kh):
-                    ih = oh * sh - ph + a * dh
+                    ih = oh * sh - ph + a * dil_h
                     if ih >= 0 and ih < h_:
                         for c in range(kw):
-                            iw = ow * sw - pw + c * dw
+                            iw = ow * sw - pw + c * dil_w
                             if iw >= 0 and iw < w_:
                                 acc += x[n, ci0 + cig, ih, iw] * w[co, cig, a, c]
             if has_bias:
@@ -194,10 +215,18 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
             y[n, co, oh, ow] = acc
             i += cuda.gridDim.x * cuda.blockDim.x
 
-    # ------------------------------------------------------------------ grad input
+    return dict(conv_forward_tiled=conv_forward_tiled, conv_forward_direct=conv_forward_direct)
+
+
+def _conv_grad_input(spec: _Spec) -> dict:
+    """The kernels of grad-input: the gather kernels, tiled and direct."""
+    T = spec.block
+    TT = spec.block * spec.block
+    ZERO = spec.zero
+    nb_dtype = spec.nb_dtype
 
     @cuda.jit
-    def conv_grad_input_tiled(dy, w, dx, sh, sw, ph, pw, dh, dw, tiles_h, tiles_w):
+    def conv_grad_input_tiled(dy, w, dx, sh, sw, ph, pw, dil_h, dil_w, tiles_h, tiles_w):
         """dx (N, C_in, H, W) = sum over the outputs each input element feeds, one owner each.
 
         Work item = (n, input channel, tile row, tile column) of T x T input elements. The
@@ -243,11 +272,11 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
                 if ih < h_ and iw < w_:
                     for j in range(nco):
                         for a in range(kh):
-                            th = ih + ph - a * dh
+                            th = ih + ph - a * dil_h
                             if th >= 0 and th % sh == 0 and th // sh < ho:
                                 oh = th // sh
                                 for c in range(kw):
-                                    tw = iw + pw - c * dw
+                                    tw = iw + pw - c * dil_w
                                     if tw >= 0 and tw % sw == 0 and tw // sw < wo:
                                         acc += dy[n, co0 + j, oh, tw // sw] * smem[
                                             j * khw + a * kw + c
@@ -258,7 +287,7 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
             item += cuda.gridDim.x
 
     @cuda.jit
-    def conv_grad_input_direct(dy, w, dx, sh, sw, ph, pw, dh, dw):
+    def conv_grad_input_direct(dy, w, dx, sh, sw, ph, pw, dil_h, dil_w):
         """dx as :func:`conv_grad_input_tiled`, one thread per input element, no shared memory."""
         # Loop order: input elements (grid-stride, W fastest) > output channels of the group >
         # kernel rows > kernel columns.
@@ -275,16 +304,25 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
             acc = ZERO
             for co in range(g * cout_g, (g + 1) * cout_g):
                 for a in range(kh):
-                    th = ih + ph - a * dh
+                    th = ih + ph - a * dil_h
                     if th >= 0 and th % sh == 0 and th // sh < ho:
                         for c in range(kw):
-                            tw = iw + pw - c * dw
+                            tw = iw + pw - c * dil_w
                             if tw >= 0 and tw % sw == 0 and tw // sw < wo:
                                 acc += dy[n, co, th // sh, tw // sw] * w[co, cig, a, c]
             dx[n, ci, ih, iw] = acc
             i += cuda.gridDim.x * cuda.blockDim.x
 
-    # ------------------------------------------------------------------ grad weight / bias
+    return dict(conv_grad_input_tiled=conv_grad_input_tiled,
+                conv_grad_input_direct=conv_grad_input_direct)
+
+
+def _conv_grad_weight(spec: _Spec) -> dict:
+    """The kernels of grad-weight and grad-bias: one block reduces each weight / channel."""
+    TT = spec.block * spec.block
+    HALF = spec.half
+    ZERO = spec.zero
+    nb_dtype = spec.nb_dtype
 
     @cuda.jit(device=True)
     def block_sum(red, tid, v):
@@ -302,7 +340,7 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
         return total
 
     @cuda.jit
-    def conv_grad_weight(dy, x, dw_, sh, sw, ph, pw, dh, dw):
+    def conv_grad_weight(dy, x, dw, sh, sw, ph, pw, dil_h, dil_w):
         """dw (C_out, C_in/groups, kH, kW): one block owns each weight and reduces it.
 
         Work item = one weight (co, ci_g, a, c); the block's threads stride over the output
@@ -317,7 +355,7 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
         tid = cuda.threadIdx.x
         c_in, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
         c_out, ho, wo = dy.shape[1], dy.shape[2], dy.shape[3]
-        cin_g, kh, kw = dw_.shape[1], dw_.shape[2], dw_.shape[3]
+        cin_g, kh, kw = dw.shape[1], dw.shape[2], dw.shape[3]
         cout_g = c_out // (c_in // cin_g)
         n_ = dy.shape[0]
         positions = ho * wo
@@ -337,15 +375,15 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
             while r < positions:
                 oh = r // wo
                 ow = r - oh * wo
-                ih = oh * sh - ph + a * dh
-                iw = ow * sw - pw + c * dw
+                ih = oh * sh - ph + a * dil_h
+                iw = ow * sw - pw + c * dil_w
                 if ih >= 0 and ih < h_ and iw >= 0 and iw < w_:
                     for n in range(n_):
                         acc += dy[n, co, oh, ow] * x[n, ci, ih, iw]
                 r += TT
             total = block_sum(red, tid, acc)
             if tid == 0:
-                dw_[co, cig, a, c] = total
+                dw[co, cig, a, c] = total
             item += cuda.gridDim.x
 
     @cuda.jit
@@ -371,10 +409,16 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
                 db[co] = total
             co += cuda.gridDim.x
 
-    # ------------------------------------------------------------------ max-pool
+    return dict(conv_grad_weight=conv_grad_weight, conv_grad_bias=conv_grad_bias)
+
+
+def _pool(spec: _Spec) -> dict:
+    """The kernels of max-pool forward, and its backward scatter (range-checked indices)."""
+    ZERO = spec.zero
+    NEG_INF = spec.neg_inf
 
     @cuda.jit
-    def pool_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw):
+    def pool_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dil_h, dil_w):
         """y, idx (N, C, H_out, W_out) = max and flat argmax (h*W + w) of each window.
 
         PyTorch's rule exactly: windows are clipped to the input (padding is -inf), the argmax
@@ -391,17 +435,17 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
         while i < total:
             n, ch, oh, ow = nchw_of(i, c_, ho, wo)
             hs = oh * sh - ph
-            he = min(hs + (kh - 1) * dh + 1, h_)
+            he = min(hs + (kh - 1) * dil_h + 1, h_)
             while hs < 0:
-                hs += dh
+                hs += dil_h
             ws = ow * sw - pw
-            we = min(ws + (kw - 1) * dw + 1, w_)
+            we = min(ws + (kw - 1) * dil_w + 1, w_)
             while ws < 0:
-                ws += dw
+                ws += dil_w
             best = NEG_INF
             arg = hs * w_ + ws
-            for ih in range(hs, he, dh):
-                for iw in range(ws, we, dw):
+            for ih in range(hs, he, dil_h):
+                for iw in range(ws, we, dil_w):
                     v = x[n, ch, ih, iw]
                     if v > best or v != v:
                         best = v
@@ -444,14 +488,4 @@ def build(block: int, dtype_name: str) -> SimpleNamespace:
                 bad[0] = 1
             i += cuda.gridDim.x * cuda.blockDim.x
 
-    return SimpleNamespace(
-        conv_forward_tiled=conv_forward_tiled,
-        conv_forward_direct=conv_forward_direct,
-        conv_grad_input_tiled=conv_grad_input_tiled,
-        conv_grad_input_direct=conv_grad_input_direct,
-        conv_grad_weight=conv_grad_weight,
-        conv_grad_bias=conv_grad_bias,
-        pool_forward=pool_forward,
-        fill_zero=fill_zero,
-        pool_backward=pool_backward,
-    )
+    return dict(pool_forward=pool_forward, fill_zero=fill_zero, pool_backward=pool_backward)

@@ -202,8 +202,8 @@ class _Arrays:
 
 
 def _geometry(p):
-    (sh, sw), (ph, pw), (dh, dw) = p.stride, p.padding, p.dilation
-    return sh, sw, ph, pw, dh, dw
+    (sh, sw), (ph, pw), (dil_h, dil_w) = p.stride, p.padding, p.dilation
+    return sh, sw, ph, pw, dil_h, dil_w
 
 
 def conv2d(x, w, b, p):
@@ -296,9 +296,9 @@ def max_pool2d(x, p):
     idx = _empty(shape, np.int64)
     t = block_size()
     total = n * c * p.out_hw[0] * p.out_hw[1]
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = p.kernel_hw, p.stride, p.padding, p.dilation
+    (kh, kw), (sh, sw), (ph, pw), (dil_h, dil_w) = p.kernel_hw, p.stride, p.padding, p.dilation
     _launch("pool_forward", k.pool_forward, _grid(math.ceil(total / t**2)), t * t, 0,
-            xd, y, idx, kh, kw, sh, sw, ph, pw, dh, dw)
+            xd, y, idx, kh, kw, sh, sw, ph, pw, dil_h, dil_w)
     record_algorithm("max_pool2d", "cuda:thread-per-output")
     return arrays.out(y), arrays.out(idx)
 

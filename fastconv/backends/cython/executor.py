@@ -162,8 +162,8 @@ class _Direct:
             dilation
         self.wrap = wrap
         c_out, _, kh, kw = w.shape
-        (sh, sw), (dh, dil_w) = stride, dilation
-        self.hp = (out_hw[0] - 1) * sh + dh * (kh - 1) + 1
+        (sh, sw), (dil_h, dil_w) = stride, dilation
+        self.hp = (out_hw[0] - 1) * sh + dil_h * (kh - 1) + 1
         self.wp = (out_hw[1] - 1) * sw + dil_w * (kw - 1) + 1
         self.bias = np.zeros(c_out, x.dtype) if bias is None else bias
         self.y_shape = (x.shape[0], c_out, *out_hw)
@@ -182,7 +182,7 @@ def _direct(x, w, bias, groups, out_hw, top, left, up, stride, dilation, wrap=Fa
 
 def _direct_plane(d):
     c_out, c_in_g, kh, kw = d.w.shape
-    (dh, dil_w), (ho, wo) = d.dilation, d.out_hw
+    (dil_h, dil_w), (ho, wo) = d.dilation, d.out_hw
     y = np.empty(d.y_shape, d.x.dtype)
     # ``wrap``: the grid pitch is the output width (no dropped columns): a window running past
     # the end of its row reads the next row's left padding, zeros (the caller checked
@@ -190,24 +190,24 @@ def _direct_plane(d):
     wp = wo if d.wrap else d.wp
     # Slack after the planes: the last block of (at most 208) grid positions reads its taps
     # inside the buffer.
-    xf = d.flat(max(d.hp * wp, ho * wp + 256 + dh * (kh - 1) * wp + dil_w * (kw - 1)), wp)
+    xf = d.flat(max(d.hp * wp, ho * wp + 256 + dil_h * (kh - 1) * wp + dil_w * (kw - 1)), wp)
     cp = round_up(c_out, 8 if c_out >= 8 else 2)
     wt = np.zeros((c_in_g, kh, kw, cp), d.x.dtype)
     wt[..., :c_out] = d.w.transpose(1, 2, 3, 0)
-    _k.conv_fwd_plane(xf, wt, padded_vector(d.bias, cp), y, wp, dh, dil_w,
+    _k.conv_fwd_plane(xf, wt, padded_vector(d.bias, cp), y, wp, dil_h, dil_w,
                       serial=_serial_after_fork)
     return y
 
 
 def _direct_nchw_flat(d):
     c_out, _, kh, kw = d.w.shape
-    (dh, dil_w), (ho, wo), n = d.dilation, d.out_hw, d.x.shape[0]
+    (dil_h, dil_w), (ho, wo), n = d.dilation, d.out_hw, d.x.shape[0]
     # Outputs on the padded-pitch grid, in blocks of PW; slack so the last block's taps stay
     # inside the buffer.
     lo = round_up(ho * d.wp, _PW)
-    xf = d.flat(max(d.hp * d.wp, lo + dh * (kh - 1) * d.wp + dil_w * (kw - 1)))
+    xf = d.flat(max(d.hp * d.wp, lo + dil_h * (kh - 1) * d.wp + dil_w * (kw - 1)))
     yf = np.empty((n, c_out, lo), d.x.dtype)
-    _k.conv_fwd_flat(xf, d.w, d.bias, yf, d.groups, d.wp, dh, dil_w, serial=_serial_after_fork)
+    _k.conv_fwd_flat(xf, d.w, d.bias, yf, d.groups, d.wp, dil_h, dil_w, serial=_serial_after_fork)
     return np.ascontiguousarray(yf[:, :, : ho * d.wp].reshape(n, c_out, ho, d.wp)[..., :wo])
 
 
@@ -307,8 +307,8 @@ def _backward_fused(plan, dy, x, w, p):
     n, c_in, h, _ = x.shape
     c_out, _, kh, kw = w.shape
     ho, wo = p.out_hw
-    (dh, dil_w), (pt, pl) = p.dilation, p.padding
-    ry, rx = dh * (kh - 1), dil_w * (kw - 1)
+    (dil_h, dil_w), (pt, pl) = p.dilation, p.padding
+    ry, rx = dil_h * (kh - 1), dil_w * (kw - 1)
     wd = wo + 2 * rx
     lanes = _FXL[x.dtype]
     grid = round_up(ho * wd, _FVL)  # dw and db sum over whole FVL blocks of dy's grid
@@ -323,7 +323,7 @@ def _backward_fused(plan, dy, x, w, p):
     pdb = np.empty((chunks(n), c_out, _FVL), x.dtype)
     dyp = np.empty((rows, c_out, pd), x.dtype)
     xq = np.empty((rows, c_in, pq) if want_dw else (1, 1, 1), x.dtype)
-    _k.conv_bwd_plane_fused(x, dy, _plan.flipped_weight(w), dx, pdw, pdb, dyp, xq, pt, pl, dh,
+    _k.conv_bwd_plane_fused(x, dy, _plan.flipped_weight(w), dx, pdw, pdb, dyp, xq, pt, pl, dil_h,
                             dil_w, wd, want_dw, want_db, serial=_serial_after_fork)
     return {"input": dx if plan["input"] else None,
             "weight": sum_chunks(pdw).sum(axis=-1) if want_dw else None,  # then the lanes
@@ -335,7 +335,7 @@ def _backward_exact(plan, dy, x, w, p):
     grads = {}
     c_out, c_in_g, kh, kw = w.shape
     g = p.groups
-    (sh, sw), (dh, dil_w) = p.stride, p.dilation
+    (sh, sw), (dil_h, dil_w) = p.stride, p.dilation
     if plan["input"] == "direct-phases":
         grads["input"] = _grad_input_phases(dy, w, p)
     elif plan["input"]:
@@ -343,7 +343,7 @@ def _backward_exact(plan, dy, x, w, p):
         wf = w[:, :, ::-1, ::-1].reshape(g, c_out // g, c_in_g, kh, kw)
         wf = np.ascontiguousarray(wf.transpose(0, 2, 1, 3, 4)).reshape(g * c_in_g, c_out // g,
                                                                        kh, kw)
-        top = dh * (kh - 1) - p.padding[0]
+        top = dil_h * (kh - 1) - p.padding[0]
         left = dil_w * (kw - 1) - p.padding[1]
         # No column padding in the forward: dy's rows and their left padding tile a pitch of
         # W exactly (the plane kernel then computes no dropped columns).
@@ -363,16 +363,16 @@ def _grad_weight_flat(dy, x, w, p):
     zero dy of the grid's dropped columns)."""
     g = p.groups
     c_out, _, kh, kw = w.shape
-    (dh, dil_w), (ho, wo) = p.dilation, p.out_hw
-    hp, wp = ho + dh * (kh - 1), wo + dil_w * (kw - 1)
+    (dil_h, dil_w), (ho, wo) = p.dilation, p.out_hw
+    hp, wp = ho + dil_h * (kh - 1), wo + dil_w * (kw - 1)
     lo = round_up(ho * wp, _VL)
-    xf = _padded_flat(x, *p.padding, (1, 1), hp, wp, lo + dh * (kh - 1) * wp + dil_w * (kw - 1))
+    xf = _padded_flat(x, *p.padding, (1, 1), hp, wp, lo + dil_h * (kh - 1) * wp + dil_w * (kw - 1))
     # zero channels after the last group's: its last block of _FCB channels reads them
     cog = c_out // g
     dyf = np.empty((dy.shape[0], (g - 1) * cog + round_up(cog, _FCB), lo), dy.dtype)
     _k.pad_flat(dy, dyf, 0, 0, 1, 1, ho, wp, serial=_serial(dy, dyf))
     dw = np.empty(w.shape, x.dtype)
-    _k.conv_grad_weight_flat(xf, dyf, dw, g, wp, dh, dil_w, serial=_serial_after_fork)
+    _k.conv_grad_weight_flat(xf, dyf, dw, g, wp, dil_h, dil_w, serial=_serial_after_fork)
     return dw
 
 
@@ -416,7 +416,7 @@ def _grad_weight_direct(dy, x, w, p):
     n, c_in = x.shape[:2]
     c_out, _, kh, kw = w.shape
     ho, wo = p.out_hw
-    (sh, sw), dh = p.stride, p.dilation[0]
+    (sh, sw), dil_h = p.stride, p.dilation[0]
     hp, wp = _plan.padded_hw(p)
     xp = _padded_nhwc(x, *p.padding, (1, 1), hp, wp)
     cp = 16 if c_out <= 16 else round_up(c_out, 64)
@@ -425,7 +425,7 @@ def _grad_weight_direct(dy, x, w, p):
     xbase = _plan.run_offsets(n, ho, wo, hp, wp, c_in, sh, sw)
     m = n * ho * wo
     part = np.empty((chunks(m), kh, kw * c_in, cp), x.dtype)
-    _k.conv_grad_weight_direct(xp.reshape(-1), dyt.reshape(m, cp), xbase, part, wp * c_in, dh,
+    _k.conv_grad_weight_direct(xp.reshape(-1), dyt.reshape(m, cp), xbase, part, wp * c_in, dil_h,
                                serial=_serial_after_fork)
     return np.ascontiguousarray(
         sum_chunks(part).reshape(kh, kw, c_in, cp)[..., :c_out].transpose(3, 2, 0, 1))

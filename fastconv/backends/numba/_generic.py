@@ -117,7 +117,7 @@ def crop_nhwc_to_nchw(xp, out, pt, pl):
 
 
 @njit(**PARALLEL)
-def conv_forward_generic(xp, wr, b, y, sh, sw, dh, dw):
+def conv_forward_generic(xp, wr, b, y, sh, sw, dil_h, dil_w):
     """y (N, C_out, H_out, W_out) = conv(xp, wr) + b, any stride/dilation/groups."""
     # Loop order: one task per output row (n, oh), owning y[n, :, oh, :]. Inside: ow, group,
     # kernel taps, input channel, and innermost the group's output channels (contiguous in wr
@@ -139,9 +139,9 @@ def conv_forward_generic(xp, wr, b, y, sh, sw, dh, dw):
                 for o in range(og):
                     buf[U(base + o)] = b[U(g * og + o)]
                 for kh in range(kh_):
-                    xrow = ((n * hp_ + oh * sh + kh * dh) * wp_ + ow * sw) * c_ + g * cg
+                    xrow = ((n * hp_ + oh * sh + kh * dil_h) * wp_ + ow * sw) * c_ + g * cg
                     for kw in range(kw_):
-                        xo = xrow + kw * dw * c_
+                        xo = xrow + kw * dil_w * c_
                         wo_ = ((g * kh_ + kh) * kw_ + kw) * cg * og
                         for ci in range(cg):
                             xv = x1[U(xo + ci)]
@@ -156,7 +156,7 @@ def conv_forward_generic(xp, wr, b, y, sh, sw, dh, dw):
 
 
 @njit(**PARALLEL)
-def conv_grad_input_generic(dyt, wr, dxp, sh, sw, dh, dw):
+def conv_grad_input_generic(dyt, wr, dxp, sh, sw, dil_h, dil_w):
     """dxp (N, Hp, Wp, C_in), zeroed by the caller, += the transposed convolution of dyt."""
     # Loop order: one task per image n, owning dxp[n] (windows of one image overlap, so finer
     # tasks would race). Inside: output pixel, group, taps, input channel, and innermost a dot
@@ -174,9 +174,9 @@ def conv_grad_input_generic(dyt, wr, dxp, sh, sw, dh, dw):
                 dyo = ((n * ho + oh) * wo + ow) * co_
                 for g in range(g_):
                     for kh in range(kh_):
-                        xrow = ((n * hp_ + oh * sh + kh * dh) * wp_ + ow * sw) * c_ + g * cg
+                        xrow = ((n * hp_ + oh * sh + kh * dil_h) * wp_ + ow * sw) * c_ + g * cg
                         for kw in range(kw_):
-                            xo = xrow + kw * dw * c_
+                            xo = xrow + kw * dil_w * c_
                             wo_ = ((g * kh_ + kh) * kw_ + kw) * cg * og
                             for ci in range(cg):
                                 wb = wo_ + ci * og
@@ -188,7 +188,7 @@ def conv_grad_input_generic(dyt, wr, dxp, sh, sw, dh, dw):
 
 
 @njit(**PARALLEL)
-def conv_grad_weight_generic(xp, dyt, part, partb, sh, sw, dh, dw):
+def conv_grad_weight_generic(xp, dyt, part, partb, sh, sw, dil_h, dil_w):
     """Per-chunk partial sums: part[t] (G, kH, kW, C_in/G, C_out/G) and partb[t] (C_out,).
 
     Chunk t covers images [t*N//T, (t+1)*N//T); the caller zeroes part/partb and sums over t
@@ -214,9 +214,9 @@ def conv_grad_weight_generic(xp, dyt, part, partb, sh, sw, dh, dw):
                         pb[U(o)] += d1[U(dyo + o)]
                     for g in range(g_):
                         for kh in range(kh_):
-                            xrow = ((n * hp_ + oh * sh + kh * dh) * wp_ + ow * sw) * c_ + g * cg
+                            xrow = ((n * hp_ + oh * sh + kh * dil_h) * wp_ + ow * sw) * c_ + g * cg
                             for kw in range(kw_):
-                                xo = xrow + kw * dw * c_
+                                xo = xrow + kw * dil_w * c_
                                 po = ((g * kh_ + kh) * kw_ + kw) * cg * og
                                 for ci in range(cg):
                                     xv = x1[U(xo + ci)]

@@ -1,9 +1,9 @@
 """conv2d kernels for few channels (the first layers: C_in = 1, or C_out < 32), stride 1, groups 1.
 
-With stride 1, output pixel (oh, ow) reads input (oh + kh*dh, ow + kw*dw). In a zero-padded input
-plane of width ``Wp = W_out + dw*(kW-1)``, the output position ``q = oh*Wp + ow`` reads
-``q + kh*dh*Wp + kw*dw``: every tap is a constant shift of one flat index. So the kernels
-vectorize over ``LANES`` consecutive q (a few columns per row, ``dw*(kW-1)`` of every ``Wp``, are
+With stride 1, output pixel (oh, ow) reads input (oh + kh*dil_h, ow + kw*dil_w). In a zero-padded
+input plane of width ``Wp = W_out + dil_w*(kW-1)``, the output position ``q = oh*Wp + ow`` reads
+``q + kh*dil_h*Wp + kw*dil_w``: every tap is a constant shift of one flat index. So the kernels
+vectorize over ``LANES`` consecutive q (a few columns per row, ``dil_w*(kW-1)`` of every ``Wp``, are
 computed and dropped), which needs neither many input nor many output channels.
 
 Layouts: ``xp`` (N, C_in, Hx, Wp), zero-padded, with enough rows below that the last block of
@@ -74,7 +74,7 @@ def _make_forward(lanes, pcb, vector_lanes=0):
     nv = lanes // vector_lanes if vector_lanes else 0  # vectors of positions per channel
 
     @njit(**PARALLEL)
-    def conv_forward_plane(xp, wt, bias, y, dh, dw):
+    def conv_forward_plane(xp, wt, bias, y, dil_h, dil_w):
         """y (N, C_out, H_out, W_out) = conv(xp, wt) + bias[:C_out], stride 1; C_out <= Cp."""
         # Loop order: one task per (image, block of lanes output positions), owning those pixels of
         # every output channel. Inside: channel block, input channel, taps, then the pcb x lanes
@@ -103,7 +103,7 @@ def _make_forward(lanes, pcb, vector_lanes=0):
                     xb = (n * c_ + ci) * plane + q0
                     for kh in range(kh_):
                         for kw in range(kw_):
-                            xo = xb + kh * dh * wp + kw * dw
+                            xo = xb + kh * dil_h * wp + kw * dil_w
                             wb = ((ci * kh_ + kh) * kw_ + kw) * cp + cb
                             if vector_lanes:
                                 for v in range(nv):
@@ -158,7 +158,7 @@ conv_forward_plane_vec64 = _make_forward(3 * _L64, VEC_PCB, _L64)
 
 
 @njit(**PARALLEL)
-def conv_grad_weight_plane(xp, dyq, part, dh, dw):
+def conv_grad_weight_plane(xp, dyq, part, dil_h, dil_w):
     """Per-chunk partial sums part[t] (C_out, C_in, kH, kW) of dw.
 
     ``dyq`` (N, C_out, H_out*Wp) is dy in the padded-width layout (zeros in the dropped
@@ -185,7 +185,7 @@ def conv_grad_weight_plane(xp, dyq, part, dh, dw):
                 for ci in range(c_):
                     for kh in range(kh_):
                         for kw in range(kw_):
-                            xo = (n * c_ + ci) * plane + kh * dh * wp + kw * dw
+                            xo = (n * c_ + ci) * plane + kh * dil_h * wp + kw * dil_w
                             s = zero
                             for q in range(q_):
                                 s += d1[U(db + q)] * x1[U(xo + q)]
@@ -218,14 +218,14 @@ def _make_backward_fused(lanes):
     constant: each variant is compiled, and cached, once per dtype)."""
 
     @njit(**PARALLEL)
-    def conv_backward_plane_fused(x, dy, wf, dx, pdw, pdb, pt, pl, dh, dw, hd, wd, hq, want):
+    def conv_backward_plane_fused(x, dy, wf, dx, pdw, pdb, pt, pl, dil_h, dil_w, hd, wd, hq, want):
         """dx, and per-chunk partial sums of dw and db, of a stride-1 conv in one pass over dy.
 
         ``wf`` (C_in, C_out, kH, kW) is the weight flipped in both taps. Layouts, per image:
-        ``dyp`` (C_out, hd, wd) is dy placed at (ry, rx) = (dh*(kH-1), dw*(kW-1)) in zeros,
+        ``dyp`` (C_out, hd, wd) is dy placed at (ry, rx) = (dil_h*(kH-1), dil_w*(kW-1)) in zeros,
         with ``wd = W_out + 2*rx``; ``xq`` (C_in, hq, wd) is x placed at (ry + pt, rx + pl).
         Then dx[h, w] = sum of wf * dyp at flat ``(h + pt)*wd + w + pl`` shifted by each tap,
-        dw[co, ci, kh, kw] = sum over q of dyp[co, q] * xq[ci, q + kh*dh*wd + kw*dw], and
+        dw[co, ci, kh, kw] = sum over q of dyp[co, q] * xq[ci, q + kh*dil_h*wd + kw*dil_w], and
         db = sum of dy. ``want`` = (dx, dw, db) flags. Chunk t of ``T = pdw.shape[0]`` covers
         images [t*N//T, (t+1)*N//T); the caller sums pdw and pdb over t in order, so the
         result does not depend on the thread count. Every sum is the exact product sum of the
@@ -240,7 +240,7 @@ def _make_backward_fused(lanes):
         c_out, ho, wo = dy.shape[1], dy.shape[2], dy.shape[3]
         kh_, kw_ = wf.shape[2], wf.shape[3]
         t_ = pdw.shape[0]
-        ry, rx = dh * (kh_ - 1), dw * (kw_ - 1)
+        ry, rx = dil_h * (kh_ - 1), dil_w * (kw_ - 1)
         pd = hd * wd
         pq = hq * wd
         nq = (h_ * wd + lanes - 1) // lanes
@@ -280,7 +280,7 @@ def _make_backward_fused(lanes):
                                 for kh in range(kh_):
                                     for kw in range(kw_):
                                         wv = w1[U(((ci * c_out + co) * kh_ + kh) * kw_ + kw)]
-                                        src = co * pd + base + q0 + kh * dh * wd + kw * dw
+                                        src = co * pd + base + q0 + kh * dil_h * wd + kw * dil_w
                                         for j in range(lanes):
                                             acc[j] += wv * dyp[U(src + j)]
                             for h in range(q0 // wd, min((q0 + lanes - 1) // wd + 1, h_)):
@@ -301,7 +301,7 @@ def _make_backward_fused(lanes):
                             for kh in range(kh_):
                                 kw = 0
                                 while kw < kw_:  # up to 3 taps per pass: dy loaded once
-                                    xo = ci * pq + kh * dh * wd + kw * dw
+                                    xo = ci * pq + kh * dil_h * wd + kw * dil_w
                                     at = ((co * c_in + ci) * kh_ + kh) * kw_ + kw
                                     s0 = zero
                                     s1 = zero
@@ -310,8 +310,8 @@ def _make_backward_fused(lanes):
                                         for q in range(ry * wd, (ry + ho) * wd):
                                             d = dyp[U(co * pd + q)]
                                             s0 += d * xq[U(xo + q)]
-                                            s1 += d * xq[U(xo + dw + q)]
-                                            s2 += d * xq[U(xo + 2 * dw + q)]
+                                            s1 += d * xq[U(xo + dil_w + q)]
+                                            s2 += d * xq[U(xo + 2 * dil_w + q)]
                                         pw1[U(at + 2)] += s2
                                         pw1[U(at + 1)] += s1
                                         kw += 3
@@ -319,7 +319,7 @@ def _make_backward_fused(lanes):
                                         for q in range(ry * wd, (ry + ho) * wd):
                                             d = dyp[U(co * pd + q)]
                                             s0 += d * xq[U(xo + q)]
-                                            s1 += d * xq[U(xo + dw + q)]
+                                            s1 += d * xq[U(xo + dil_w + q)]
                                         pw1[U(at + 1)] += s1
                                         kw += 2
                                     else:

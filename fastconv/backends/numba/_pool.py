@@ -16,11 +16,11 @@ from ._stream import STREAM_MIN_BYTES, store_fence, stream_copy  # noqa: F401
 
 
 @njit(**PARALLEL)
-def max_pool_forward(x, y, idx, h0, hn, w0, wn, dh, dw):
+def max_pool_forward(x, y, idx, h0, hn, w0, wn, dil_h, dil_w):
     """y, idx (N, C, H_out, W_out) = max and flat argmax (h*W + w) of each window.
 
-    Window ``(oh, ow)`` covers rows ``h0[oh] + i*dh`` for ``i < hn[oh]`` and columns
-    ``w0[ow] + j*dw`` for ``j < wn[ow]``: the taps inside the input, as PyTorch clips them
+    Window ``(oh, ow)`` covers rows ``h0[oh] + i*dil_h`` for ``i < hn[oh]`` and columns
+    ``w0[ow] + j*dil_w`` for ``j < wn[ow]``: the taps inside the input, as PyTorch clips them
     (padding is -inf, so padded taps never win). PyTorch's CPU rule, exactly: the argmax starts
     at the first in-bounds tap, and a tap replaces the running maximum when it is greater or NaN.
     So ties keep the first maximum, and a NaN in a window makes the output NaN with idx at the
@@ -46,12 +46,12 @@ def max_pool_forward(x, y, idx, h0, hn, w0, wn, dh, dw):
                 best = -np.inf
                 arg = hs * w_ + ws
                 for i in range(nh):
-                    rowi = (hs + i * dh) * w_ + ws
+                    rowi = (hs + i * dil_h) * w_ + ws
                     for j in range(nw):
-                        v = x1[U(src + rowi + j * dw)]
+                        v = x1[U(src + rowi + j * dil_w)]
                         if v > best or np.isnan(v):
                             best = v
-                            arg = rowi + j * dw
+                            arg = rowi + j * dil_w
                 y1[U(dst + oh * wo + ow)] = best
                 i1[U(dst + oh * wo + ow)] = arg
     return y, idx
@@ -62,15 +62,15 @@ TASKS = 256  # tasks of the plane loops that hold scratch: allocated once per ta
 
 
 @njit(**PARALLEL)
-def max_pool_forward_s2(x, y, idx, h0, hn, w0, kw_, pw, dh, dw, hp):
+def max_pool_forward_s2(x, y, idx, h0, hn, w0, kw_, pw, dil_h, dil_w, hp):
     """:func:`max_pool_forward` for column stride 2 (same results), vectorized over ow.
 
-    Window ``(oh, ow)`` covers rows ``h0[oh] + i*dh`` for ``i < hn[oh]`` and the columns
-    ``ow*2 - pw + j*dw`` (j < kW); columns outside the input are -inf, which is never taken.
+    Window ``(oh, ow)`` covers rows ``h0[oh] + i*dil_h`` for ``i < hn[oh]`` and the columns
+    ``ow*2 - pw + j*dil_w`` (j < kW); columns outside the input are -inf, which is never taken.
     These are the taps PyTorch visits, in the same row-major order, and PyTorch's CPU rule,
     exactly: the argmax starts at the first in-bounds tap ``(h0[oh], w0[ow])``, and a tap
     replaces the running maximum when it is greater or NaN. ``hp`` (at least
-    ``ceil(W_out/VB)*VB + dw*(kW-1)//2 + 1`` and ``(W + pw)//2 + 2``) is the length of each
+    ``ceil(W_out/VB)*VB + dil_w*(kW-1)//2 + 1`` and ``(W + pw)//2 + 2``) is the length of each
     parity half of the row buffer. Indices are computed in int32: the caller checks that
     ``H*W`` leaves room.
     """
@@ -118,7 +118,7 @@ def max_pool_forward_s2(x, y, idx, h0, hn, w0, kw_, pw, dh, dw, hp):
                 for ow in range(wo):
                     arg[ow] = np.int32(first + w0[ow])
                 for i in range(hn[oh]):
-                    row = (h0[oh] + i * dh) * w_
+                    row = (h0[oh] + i * dil_h) * w_
                     for u in range(w_ // 2):
                         par[U(pe + u)] = x1[U(src + row + 2 * u)]
                         par[U(po + u)] = x1[U(src + row + 2 * u + 1)]
@@ -126,8 +126,8 @@ def max_pool_forward_s2(x, y, idx, h0, hn, w0, kw_, pw, dh, dw, hp):
                         cc = w_ - 1 + pw
                         par[U((cc % 2) * hp + cc // 2)] = x1[U(src + row + w_ - 1)]
                     for j in range(kw_):
-                        pb = (j * dw % 2) * hp + j * dw // 2
-                        at0 = np.int32(row + j * dw - pw)
+                        pb = (j * dil_w % 2) * hp + j * dil_w // 2
+                        at0 = np.int32(row + j * dil_w - pw)
                         for ow in range(wv):
                             v = par[U(pb + ow)]
                             b = best[U(ow)]

@@ -267,10 +267,10 @@ def conv_forward_winograd(xq, u, bias, y, check, paired, vec):
 
 
 @njit(**INNER)
-def _grad_tiles(d1, db, dw, off0, off1, cp, ntile, m1, mbase, mstride):
+def _grad_tiles(d1, top, pitch, off0, off1, cp, ntile, m1, mbase, mstride):
     """m1[mbase + xi*mstride + t*Cp + o] = (A dY A^T)[xi] for tile t < ntile and channel o of
-    the 2x2 gradient tiles whose rows start at d1[db] and d1[db + dw], with a tile's columns 0
-    and 1 at offsets off0 and off1 (in :func:`pad_split`'s parity planes)."""
+    the 2x2 gradient tiles whose rows start at d1[top] and d1[top + pitch], with a tile's
+    columns 0 and 1 at offsets off0 and off1 (in :func:`pad_split`'s parity planes)."""
     # Loop order as in _input_tiles. A = [[1, 0], [1, 1], [1, -1], [0, -1]].
     prefer_wide_vectors()
     run = ntile * cp
@@ -283,8 +283,9 @@ def _grad_tiles(d1, db, dw, off0, off1, cp, ntile, m1, mbase, mstride):
         f11 = m1.dtype.type(_A[a][1] * _A[b][1])
         o = mbase + xi * mstride
         for k in range(run):
-            m1[U(o + k)] = (f00 * d1[U(db + off0 + k)] + f01 * d1[U(db + off1 + k)]
-                            + f10 * d1[U(db + dw + off0 + k)] + f11 * d1[U(db + dw + off1 + k)])
+            m1[U(o + k)] = (f00 * d1[U(top + off0 + k)] + f01 * d1[U(top + off1 + k)]
+                            + f10 * d1[U(top + pitch + off0 + k)]
+                            + f11 * d1[U(top + pitch + off1 + k)])
 
 
 @njit(**INNER)

@@ -94,7 +94,7 @@ def _wide() -> bool:
 # ------------------------------------------------------------------------------ layouts
 
 
-def _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dil_w, wrap=False, sums=None):
+def _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dil_h, dil_w, wrap=False, sums=None):
     """x zero-padded into (N, C, Hx, Wp), Wp = W_out + dil_w*(kW-1), with rows to spare below.
 
     ``wrap``: Wp = W_out, for a layer whose left padding is the whole dilated kernel width and
@@ -107,7 +107,7 @@ def _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dil_w, wrap=False, s
         assert pl == dil_w * (kw - 1) and x.shape[3] + pl == wo
         wp = wo
     lanes = round_up(ho * wp, plane.LANES)
-    hx = -(-(lanes + dh * (kh - 1) * wp + dil_w * (kw - 1)) // wp)
+    hx = -(-(lanes + dil_h * (kh - 1) * wp + dil_w * (kw - 1)) // wp)
     planes = np.empty(n * c if sums is not None else 0, x.dtype)
     xp = run(plane.pad_plane, x, np.empty((n, c, hx, wp), x.dtype), pt, pl, planes)
     if sums is not None:
@@ -134,19 +134,19 @@ def _plane_kernel(plane, dtype, c_out):
     return plane.conv_forward_plane_few, plane.FEW_PCB
 
 
-def _plane_forward(plane, run, x, wt_oihw, bias, out, pt, pl, dh, dil_w, wrap=False,
+def _plane_forward(plane, run, x, wt_oihw, bias, out, pt, pl, dil_h, dil_w, wrap=False,
                    sums=None):
     """out = conv(x, wt_oihw) + bias with stride 1 and (top, left) padding (pt, pl) via the
     plane kernel; the bottom/right padding follows from out's size (``wrap``, ``sums``: see
     ``_plane_input``)."""
     c_out, c_in, kh, kw = wt_oihw.shape
     ho, wo = out.shape[2:]
-    xp = _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dh, dil_w, wrap, sums)
+    xp = _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dil_h, dil_w, wrap, sums)
     kernel, pcb = _plane_kernel(plane, x.dtype, c_out)
     cp = round_up(c_out, pcb)
     wt = np.zeros((c_in, kh, kw, cp), x.dtype)
     wt[..., :c_out] = wt_oihw.transpose(1, 2, 3, 0)
-    return run(kernel, xp, wt, _plan.padded_vector(bias, cp, x.dtype), out, dh, dil_w)
+    return run(kernel, xp, wt, _plan.padded_vector(bias, cp, x.dtype), out, dil_h, dil_w)
 
 
 def _nchw_strides(y, base=0):
@@ -389,8 +389,8 @@ def _backward_fused(k, plan, dy, x, w, p):
     n, c_in, h, _ = x.shape
     c_out, _, kh, kw = w.shape
     ho, wo = p.out_hw
-    (dh, dil_w), (pt, pl) = p.dilation, p.padding
-    ry, rx = dh * (kh - 1), dil_w * (kw - 1)
+    (dil_h, dil_w), (pt, pl) = p.dilation, p.padding
+    ry, rx = dil_h * (kh - 1), dil_w * (kw - 1)
     if x.dtype == np.float32:
         kernel, lanes = plane.conv_backward_plane_fused, plane.FUSED_LANES
     else:
@@ -403,7 +403,7 @@ def _backward_fused(k, plan, dy, x, w, p):
     dx = np.empty(x.shape if want[0] else (0, 0, 0, 0), x.dtype)
     pdw = np.empty((chunks(n), c_out, c_in, kh, kw), x.dtype)
     pdb = np.empty((chunks(n), c_out), x.dtype)
-    k.run(kernel, x, dy, _plan.flipped_weight(w), dx, pdw, pdb, pt, pl, dh, dil_w, hd, wd, hq,
+    k.run(kernel, x, dy, _plan.flipped_weight(w), dx, pdw, pdb, pt, pl, dil_h, dil_w, hd, wd, hq,
           want)
     return {"input": dx if want[0] else None,
             "weight": sum_chunks(pdw) if want[1] else None,
@@ -417,11 +417,11 @@ def _grad_input_plane(k, dy, w, x_shape, p, sums=None):
     from . import _plane as plane
 
     kh, kw = w.shape[2:]
-    (dh, dil_w), (pt, pl) = p.dilation, p.padding
+    (dil_h, dil_w), (pt, pl) = p.dilation, p.padding
     dx = np.empty(x_shape, dy.dtype)
     wrap = pl == 0 and p.pad_bottom_right()[1] == 0  # the rows tile a pitch of W exactly
-    return _plane_forward(plane, k.run, dy, _plan.flipped_weight(w), None, dx, dh * (kh - 1) - pt,
-                          dil_w * (kw - 1) - pl, dh, dil_w, wrap, sums)
+    return _plane_forward(plane, k.run, dy, _plan.flipped_weight(w), None, dx,
+                          dil_h * (kh - 1) - pt, dil_w * (kw - 1) - pl, dil_h, dil_w, wrap, sums)
 
 
 def _grad_input_generic(k, dy, w, x, p):
@@ -479,13 +479,13 @@ def _grad_weight_plane(k, dy, x, w, p):
     n, c_in = x.shape[:2]
     c_out, _, kh, kw = w.shape
     ho, wo = p.out_hw
-    (dh, dil_w), (pt, pl) = p.dilation, p.padding
-    xp = _plane_input(plane, k.run, x, pt, pl, ho, wo, kh, kw, dh, dil_w)
+    (dil_h, dil_w), (pt, pl) = p.dilation, p.padding
+    xp = _plane_input(plane, k.run, x, pt, pl, ho, wo, kh, kw, dil_h, dil_w)
     wp = xp.shape[3]
     dyq = k.run(plane.pad_plane, dy, np.empty((n, c_out, ho, wp), dy.dtype), 0, 0,
                 np.empty(0, dy.dtype))
     part = np.empty((chunks(n), c_out, c_in, kh, kw), x.dtype)
-    k.run(plane.conv_grad_weight_plane, xp, dyq.reshape(n, c_out, ho * wp), part, dh, dil_w)
+    k.run(plane.conv_grad_weight_plane, xp, dyq.reshape(n, c_out, ho * wp), part, dil_h, dil_w)
     return sum_chunks(part)
 
 
@@ -498,8 +498,8 @@ def _grad_weight_c16(k, dy, x, w, p):
         return _grad_weight_direct_vec(k, dy, x, w, p)
     n, c_in = x.shape[:2]
     c_out = dy.shape[1]
-    (kh, kw), (ho, wo), dh = p.kernel_hw, p.out_hw, p.dilation[0]
-    hp, wp = ho + dh * (kh - 1), wo + kw - 1
+    (kh, kw), (ho, wo), dil_h = p.kernel_hw, p.out_hw, p.dilation[0]
+    hp, wp = ho + dil_h * (kh - 1), wo + kw - 1
     xbase = _plan.run_offsets(n, ho, wo, hp, wp, c_in, 1, 1)
     r = kw * c_in
     size = n * hp * wp * c_in
@@ -507,7 +507,7 @@ def _grad_weight_c16(k, dy, x, w, p):
     k.run(k.conv.pad_nhwc, x, flat[:size].reshape(n, hp, wp, c_in), *p.padding)
     dy4 = k.run(direct.nchw_to_nhwc_padded, dy, np.empty((n, ho, wo, 64), dy.dtype), direct.C16)
     part = np.empty((chunks(n * ho * wo), kh, round_up(r, direct.RUN16), direct.C16), x.dtype)
-    k.run(direct.conv_grad_weight_c16, flat, wp * c_in, hp, xbase, dy4.reshape(-1, 64), part, dh)
+    k.run(direct.conv_grad_weight_c16, flat, wp * c_in, hp, xbase, dy4.reshape(-1, 64), part, dil_h)
     dwk = sum_chunks(part)[:, :r, :c_out]
     return np.ascontiguousarray(dwk.reshape(kh, kw, c_in, c_out).transpose(3, 2, 0, 1))
 
