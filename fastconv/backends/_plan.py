@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -80,7 +82,8 @@ class BackwardPlan:
         return tuple(g for g, _ in self.parts)
 
 
-def backward_name(backend: str, parts) -> str:
+@lru_cache(maxsize=1024)
+def backward_name(backend: str, parts: tuple) -> str:
     """``<backend>:input:<a> weight:<b> ...`` of ``parts`` ((grad, algorithm) pairs)."""
     order = {g: i for i, g in enumerate(GRADS)}
     return f"{backend}:" + " ".join(f"{g}:{a}" for g, a in sorted(parts, key=lambda p: order[p[0]]))
@@ -103,7 +106,7 @@ def execute_backward(backend, plan: BackwardPlan, run, replan, needs):
         for g in missing:
             grads[g] = more[g]
             parts[g] = f"{parts[g]}>{exact[g]}" if g in parts else exact[g]
-    name = backward_name(backend, parts.items())
+    name = backward_name(backend, tuple(parts.items()))
     return (grads.get("input"), grads.get("weight"), grads.get("bias")), name
 
 
@@ -154,8 +157,28 @@ def fused_ok(p, c_in: int, needs, skips_input: bool) -> bool:
     return p.groups == 1 and p.stride == (1, 1) and c_in <= FUSED_MAX_C_IN and wanted
 
 
+class _Input(NamedTuple):
+    """What the rules read of x: its shape, its dtype, and whether it is finite."""
+
+    shape: tuple
+    dtype: object
+    is_finite: bool
+
+
 def finite(x) -> bool:
-    return bool(np.isfinite(x).all())
+    return x.is_finite if isinstance(x, _Input) else bool(np.isfinite(x).all())
+
+
+def _by_finiteness(rules, p, x, c_out, needs, *args):
+    """``rules(p, x, c_out, needs, *args)`` planned once per shape (cached) for a finite and a
+    non-finite x; x is scanned for inf and NaN only where the two plans differ."""
+    plans = _both(rules, p, x.shape, x.dtype, c_out, frozenset(needs), *args)
+    return plans[0] if plans[0] == plans[1] or finite(x) else plans[1]
+
+
+@lru_cache(maxsize=1024)
+def _both(rules, p, shape, dtype, c_out, needs, *args):
+    return tuple(rules(p, _Input(shape, dtype, ok), c_out, needs, *args) for ok in (True, False))
 
 
 # ------------------------------------------------------------------------------ numba
@@ -179,6 +202,7 @@ def numba_c16_ok(p, dtype, c_in: int, c_out: int) -> bool:
         and p.dilation[1] == 1
 
 
+@lru_cache(maxsize=1024)
 def numba_forward(p, dtype, c_in: int, c_out: int, wide: bool) -> ConvPlan:
     """The numba forward. ``wide``: Numba compiles for AVX-512 (the 4 x 64 register block),
     else the explicit 256-bit vector blocks (``-v256``)."""
@@ -201,6 +225,10 @@ def _numba_forward_exact(p, c_in, c_out, wide) -> str:
 def numba_backward(p, x, c_out: int, needs, wide: bool, *, exact_only=False) -> BackwardPlan:
     """The numba backward for ``needs`` (x is read only for whether it is finite, and only
     where a rule depends on it). ``exact_only``: skip Winograd and the 1x1 products."""
+    return _by_finiteness(_numba_backward, p, x, c_out, needs, wide, exact_only)
+
+
+def _numba_backward(p, x, c_out, needs, wide, exact_only) -> BackwardPlan:
     c_in = x.shape[1]
     if not exact_only and winograd_ok(p, x.dtype, c_in, c_out):
         return _winograd_backward(p, x, needs)
@@ -263,6 +291,7 @@ NCHW_DIRECT_MAX_CIN = 8
 FLAT_WEIGHT_MAX_CIN = 8
 
 
+@lru_cache(maxsize=1024)
 def cython_forward(p, dtype, c_in: int, c_out: int) -> ConvPlan:
     """The cython forward (the exact family: :func:`cython_direct`)."""
     if pointwise_ok(p, dtype):
@@ -295,6 +324,10 @@ def cython_direct(groups, c_in_g, c_out, stride, up, dil_w) -> str:
 
 def cython_backward(p, x, c_out: int, needs, *, exact_only=False) -> BackwardPlan:
     """The cython backward for ``needs`` (x read only for whether it is finite)."""
+    return _by_finiteness(_cython_backward, p, x, c_out, needs, exact_only)
+
+
+def _cython_backward(p, x, c_out, needs, exact_only) -> BackwardPlan:
     c_in_g = x.shape[1] // p.groups
     if not exact_only and winograd_ok(p, x.dtype, x.shape[1], c_out):
         return _winograd_backward(p, x, needs)
