@@ -302,6 +302,7 @@ def cython_forward(p, dtype, c_in: int, c_out: int) -> ConvPlan:
     return ConvPlan(exact)
 
 
+@lru_cache(maxsize=1024)
 def cython_direct(groups, c_in_g, c_out, stride, up, dil_w) -> str:
     """The cython kernel of a direct convolution of an input zero-inserted by ``up`` (dx as a
     forward: ``up`` = the forward's stride, ``stride`` = 1): ``plane`` (one input channel or

@@ -156,6 +156,9 @@ class _Direct:
     ``up`` (see :func:`_k.pad_nhwc`), with ``w`` OIHW and x, y NCHW: the geometry every
     direct kernel below shares."""
 
+    __slots__ = ("x", "w", "groups", "out_hw", "top", "left", "up", "stride", "dilation", "wrap",
+                 "hp", "wp", "bias", "y_shape")
+
     def __init__(self, x, w, bias, groups, out_hw, top, left, up, stride, dilation, wrap):
         self.x, self.w, self.groups, self.out_hw = x, w, groups, out_hw
         self.top, self.left, self.up, self.stride, self.dilation = top, left, up, stride, \

@@ -41,6 +41,7 @@ partial sums are over a fixed number of chunks, added in a fixed order).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import NamedTuple
 
@@ -74,21 +75,26 @@ class Kernels(NamedTuple):
     conv: object
     direct: object
     pool: object
-    run: object  # _threading.run: a kernel call under the threading policy
+    simd: object
+    threading: object
+
+    @property
+    def run(self):
+        """``_threading.run``: a kernel call under the threading policy."""
+        return self.threading.run
 
 
+@functools.lru_cache(maxsize=1)
 def _kernels() -> Kernels:
-    from . import _direct, _generic, _pool, _threading
+    from . import _direct, _generic, _pool, _simd, _threading
 
-    return Kernels(_generic, _direct, _pool, _threading.run)
+    return Kernels(_generic, _direct, _pool, _simd, _threading)
 
 
 def _wide() -> bool:
     """Whether the register-blocked kernels are the LLVM-vectorized AVX-512 ones (else the
     explicit 256-bit vectors of ``_simd``, whose 32 registers those blocks need)."""
-    from . import _simd as simd
-
-    return simd.WIDE_VECTORS
+    return _kernels().simd.WIDE_VECTORS
 
 
 # ------------------------------------------------------------------------------ layouts
