@@ -20,6 +20,7 @@ from .._dispatch import record_algorithm
 # The ops fastconv.nn needs (the backend contract: see ``_host_ops``).
 from ._host_ops import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F401
                         dropout, dropout_backward, relu, relu_backward, sgd_update)
+from ._plan import backward_name
 
 ALGORITHM = "naive:python-loops"
 
@@ -147,7 +148,8 @@ def conv2d_backward(dy, x, w, p, needs):
                                     dx[n][c_first + ci][ih][iw] += g * wl[co][ci][i][j]
                                 if want_dw:
                                     dw[co][ci][i][j] += g * xl[n][c_first + ci][ih][iw]
-    record_algorithm("conv2d_backward", ALGORITHM)
+    record_algorithm("conv2d_backward", backward_name("naive", tuple(
+        (g, "python-loops") for g in ("input", "weight", "bias") if g in needs)))
     dtype = x.dtype
     return (
         np.array(dx, dtype=dtype).reshape(x.shape) if want_dx else None,

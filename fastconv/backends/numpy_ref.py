@@ -22,6 +22,7 @@ from .._dispatch import record_algorithm
 # The ops fastconv.nn needs (the backend contract: see ``_host_ops``).
 from ._host_ops import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F401
                         dropout, dropout_backward, relu, relu_backward, sgd_update)
+from ._plan import backward_name
 
 
 def unavailable_reason():
@@ -137,7 +138,8 @@ def conv2d_backward(dy, x, w, p, needs):
         dw = dw.reshape(w.shape)
     if "bias" in needs:
         db = dy.sum(axis=(0, 2, 3))
-    record_algorithm("conv2d_backward", "numpy:shifted-matmul")
+    record_algorithm("conv2d_backward", backward_name("numpy", tuple(
+        (g, "shifted-matmul") for g in ("input", "weight", "bias") if g in needs)))
     return dx, dw, db
 
 
