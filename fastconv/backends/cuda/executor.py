@@ -35,7 +35,7 @@ import numpy as np
 from ..._dispatch import record_algorithm
 # The ops fastconv.nn needs (the backend contract: see ``_host_ops``).
 from .._host_ops import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F401
-                        dropout, dropout_backward, relu, relu_backward, sgd_update)
+                         dropout, dropout_backward, relu, relu_backward, sgd_update)
 
 BLOCK = 16
 MAX_BLOCKS = 65535

@@ -42,19 +42,15 @@ import os
 import numpy as np
 
 from ..._dispatch import record_algorithm
-# The ops fastconv.nn needs (the backend contract: see ``_host_ops``).
-from .._host_ops import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F401
-                        dropout, dropout_backward, relu, relu_backward, sgd_update)
 from ..._validate import pool_index_error
 from .. import _plan
 from .._openmp import forked_from_gnu_openmp_parent  # (sets OMP_WAIT_POLICY first)
-from .._plan import (FLAT_WEIGHT_MAX_CIN, FUSED_MAX_C_IN, NCHW_DIRECT_MAX_CIN, NCHW_MAX_COUT,
-                    PLANE_MAX_CIN, WEIGHT_CHUNKS, chunks, padded_vector, round_up, sum_chunks)
+from .._plan import chunks, padded_vector, round_up, sum_chunks
 from .._winograd_transforms import (HALF, transform_weight, transform_weight_paired,
                                    weight_from_transformed)
-
-__all__ = ["FLAT_WEIGHT_MAX_CIN", "FUSED_MAX_C_IN", "NCHW_DIRECT_MAX_CIN", "NCHW_MAX_COUT",
-           "PLANE_MAX_CIN", "WEIGHT_CHUNKS"]
+# The ops fastconv.nn needs (the backend contract: see ``_host_ops``).
+from .._host_ops import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F401
+                         dropout, dropout_backward, relu, relu_backward, sgd_update)
 
 
 def _go_serial():

@@ -48,14 +48,12 @@ from typing import NamedTuple
 import numpy as np
 
 from ..._dispatch import record_algorithm
-# The ops fastconv.nn needs (the backend contract: see ``_host_ops``).
-from ._nn import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F401
-                        dropout, dropout_backward, relu, relu_backward, sgd_update)
 from ..._validate import pool_index_error
 from .. import _plan
-from .._plan import WEIGHT_CHUNKS, chunks, round_up, sum_chunks
-
-__all__ = ["WEIGHT_CHUNKS"]
+from .._plan import chunks, round_up, sum_chunks
+# The ops fastconv.nn needs (the backend contract: see ``_host_ops``).
+from ._nn import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F401
+                  dropout, dropout_backward, relu, relu_backward, sgd_update)
 
 #: The scatter kernel range-checks the max-pool indices itself (``fastconv.max_pool2d_backward``
 #: then skips its separate single-threaded pass over them).
