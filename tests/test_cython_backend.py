@@ -290,7 +290,7 @@ def test_missing_extension_reason(monkeypatch):
     cc = _kernels()
     monkeypatch.setattr(cc, "_k", None)
     monkeypatch.setattr(
-        cc, "_IMPORT_ERROR", ImportError("No module named 'fastconv.backends._cython_kernels'")
+        cc, "_IMPORT_ERROR", ImportError("No module named 'fastconv.backends.cython._kernels_avx2'")
     )
     reason = cc.unavailable_reason()
     assert "not built" in reason and "pip install" in reason
@@ -332,7 +332,7 @@ _DEBUG_SCRIPT = textwrap.dedent(
     import numpy as np
     sys.path.insert(0, {build!r})
     sys.path.insert(0, {tests!r})
-    import _cython_kernels as debug_kernels
+    import _kernels_baseline as debug_kernels
     from fastconv.backends import cython_cpu
     from helpers import check_conv, check_pool
     assert debug_kernels.BOUNDSCHECK, "the debug build has bounds checks off"
@@ -380,10 +380,11 @@ def test_debug_build_never_indexes_out_of_bounds(tmp_path):
     IndexError. Needs a C compiler, like the normal build (this test only runs where the
     extension was built)."""
     tree = tmp_path / "src"
-    (tree / "fastconv" / "backends").mkdir(parents=True)
+    pkg = Path("fastconv", "backends", "cython")
+    (tree / pkg).mkdir(parents=True)
     shutil.copy(REPO / "setup.py", tree / "setup.py")
-    shutil.copy(REPO / "fastconv" / "backends" / "_cython_kernels.pyx",
-                tree / "fastconv" / "backends" / "_cython_kernels.pyx")
+    for name in ("_kernels.pyx.tp", "_cpu.pyx"):
+        shutil.copy(REPO / pkg / name, tree / pkg / name)
     build = tmp_path / "build"
     env = {**os.environ, "FASTCONV_CYTHON_DEBUG": "1"}
     proc = subprocess.run(
@@ -391,7 +392,7 @@ def test_debug_build_never_indexes_out_of_bounds(tmp_path):
          "--build-temp", str(tmp_path / "tmp")],
         cwd=tree, env=env, capture_output=True, text=True, timeout=300,
     )
-    built = list((build / "fastconv" / "backends").glob("_cython_kernels*"))
+    built = list((build / "fastconv" / "backends" / "cython").glob("_kernels_baseline*.so"))
     assert proc.returncode == 0 and built, proc.stdout + proc.stderr
     script = _DEBUG_SCRIPT.format(
         build=str(built[0].parent), tests=str(REPO / "tests"),

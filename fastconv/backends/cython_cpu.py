@@ -1,7 +1,8 @@
 """The ``cython`` backend: compiled, OpenMP-parallel CPU kernels that need no Numba.
 
-A thin wrapper around ``fastconv.backends._cython_kernels`` (compiled from
-``_cython_kernels.pyx`` at install time by ``setup.py``). Arguments arrive validated by
+A thin wrapper around the compiled kernels of ``fastconv.backends.cython`` (built from the
+template ``_kernels.pyx.tp`` at install time by ``setup.py``, one module per instruction-set
+variant; ``fastconv.backends.cython._variant`` picks the one this CPU runs). Arguments arrive validated by
 ``fastconv._validate`` (the kernels run without bounds checks and trust them); this module
 only arranges layouts (zero-padded NHWC or padded-pitch planes, weights with the output
 channels innermost), allocates outputs and picks an algorithm (the name recorded for
@@ -58,6 +59,7 @@ import numpy as np
 from .._dispatch import last_algorithm, record_algorithm
 from .._validate import pool_index_error
 from ._openmp import forked_from_gnu_openmp_parent  # (sets OMP_WAIT_POLICY first)
+from .cython._variant import VariantError
 from ._winograd_transforms import (HALF, transform_weight, transform_weight_paired,
                                    weight_from_transformed)
 
@@ -76,9 +78,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_go_serial)
 
 try:
-    from . import _cython_kernels as _k
-except ImportError as e:  # not built (no compiler/Cython at install time) or broken build
-    _k = None
+    from .cython._variant import load as _load_kernels
+
+    _k, VARIANT = _load_kernels()
+except ImportError as e:  # not built (no compiler/Cython at install time), broken build, or
+    _k, VARIANT = None, None  # FASTCONV_CYTHON_VARIANT names one that cannot run here
     _IMPORT_ERROR = e
 else:
     _IMPORT_ERROR = None
@@ -93,9 +97,11 @@ NCHW_MAX_COUT = 16
 PLANE_MAX_CIN = 2
 #: Input channels below which a layer with 16 or fewer output channels reads NCHW directly.
 NCHW_DIRECT_MAX_CIN = 8
-_PW = 64  # outputs per block of the flat NCHW kernel (PW in the .pyx)
-_VL = 16  # lanes of the flat grad-weight kernel (VL in the .pyx)
-_FCB = 4  # output channels per block of the flat grad-weight kernel (FCB in the .pyx)
+# Block sizes of the compiled kernels that the layouts here depend on (they vary by variant).
+_SIZES = _k.BLOCK_SIZES if _k is not None else {}
+_PW = _SIZES.get("PW")  # outputs per block of the flat NCHW kernel
+_VL = _SIZES.get("VL")  # lanes of the flat grad-weight kernel
+_FCB = _SIZES.get("FCB")  # output channels per block of the flat grad-weight kernel
 #: Input channels per group below which a stride-1 grad-weight uses the flat kernel.
 FLAT_WEIGHT_MAX_CIN = 8
 #: Layout passes (padding, transposes) and the bias gradient over fewer elements than this
@@ -109,8 +115,9 @@ CHECKS_POOL_INDICES = True
 #: Input channels up to which a stride-1, groups-1 backward that wants dx takes the fused
 #: plane kernel (first layers: dy, the largest array there, is read once for dx, dw and db).
 FUSED_MAX_C_IN = 4
-_FXL = {np.dtype(np.float32): 128, np.dtype(np.float64): 64}  # FXL32 / FXL64 in the .pyx
-_FVL = 32  # lanes of the fused grad-weight dot products (FVL in the .pyx)
+# grad-input lanes of the fused kernel per dtype; lanes of its grad-weight dot products
+_FXL = {np.dtype(np.float32): _SIZES.get("FXL32"), np.dtype(np.float64): _SIZES.get("FXL64")}
+_FVL = _SIZES.get("FVL")
 
 
 def unavailable_reason() -> str | None:
@@ -118,13 +125,15 @@ def unavailable_reason() -> str | None:
     if _k is not None:
         return None
     err = str(_IMPORT_ERROR)
+    if isinstance(_IMPORT_ERROR, VariantError):
+        return err
     if "No module named" in err or "cannot import name" in err:
         return (
-            "extension fastconv.backends._cython_kernels not built (no C compiler or Cython "
+            "extension fastconv.backends.cython._kernels_* not built (no C compiler or Cython "
             "at install time); reinstall with a C compiler and Cython>=3 (pip install -e .)"
         )
     return (
-        f"extension fastconv.backends._cython_kernels failed to import ({err}); "
+        f"extension fastconv.backends.cython._kernels_* failed to import ({err}); "
         "rebuild it with a C compiler (pip install -e . or python setup.py build_ext --inplace)"
     )
 
@@ -475,9 +484,9 @@ def _grad_weight_direct(dy, x, w, p):
 
 # ------------------------------------------------------------------------------ Winograd
 
-_WCB = 64  # output channels per Winograd register block (the padding unit of Cp)
-_WTB = 4  # tiles per register block
-_WGROUP = 64  # tiles per grad-weight group (WGROUP in the .pyx)
+_WCB = _SIZES.get("COB")  # output channels per Winograd register block (the padding unit of Cp)
+_WTB = _SIZES.get("WTB")  # tiles per register block
+_WGROUP = _SIZES.get("WGROUP")  # tiles per grad-weight group
 
 
 def _winograd_ok(p, dtype, c_in: int, c_out: int) -> bool:
