@@ -56,6 +56,15 @@ CONV_CASES = [
     ((2, 5, 7, 8), (16, 5, 3, 3), dict(padding=1)),  # 16-channel grad-weight, 12 + 3 run rows
     ((1, 2, 4, 20), (16, 2, 3, 3), dict()),  # NCHW direct forward, 16-column blocks, x unpadded
     ((2, 3, 14, 14), (6, 3, 5, 5), dict()),  # 208-position plane blocks; grad-input at pitch W
+    # The 16-register variants (baseline, avx2): 6-column blocks and the last one shifted,
+    # rows narrower than 6 (single columns), 6- and 3-row grad-weight blocks shifted back.
+    ((2, 8, 6, 9), (16, 8, 3, 3), dict()),
+    ((1, 8, 5, 7), (32, 8, 3, 3), dict()),
+    ((1, 3, 9, 17), (16, 3, 3, 3), dict(stride=2)),
+    ((1, 3, 6, 6), (16, 3, 3, 3), dict()),
+    ((2, 7, 9, 9), (16, 7, 1, 1), dict(stride=2)),
+    ((2, 5, 9, 9), (10, 5, 1, 1), dict(stride=2)),
+    ((2, 2, 9, 9), (16, 2, 1, 1), dict(stride=2)),
 ]
 
 
