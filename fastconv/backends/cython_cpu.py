@@ -2,11 +2,11 @@
 
 A thin wrapper around the compiled kernels of ``fastconv.backends.cython`` (built from the
 template ``_kernels.pyx.tp`` at install time by ``setup.py``, one module per instruction-set
-variant; ``fastconv.backends.cython._variant`` picks the one this CPU runs). Arguments arrive validated by
-``fastconv._validate`` (the kernels run without bounds checks and trust them); this module
-only arranges layouts (zero-padded NHWC or padded-pitch planes, weights with the output
-channels innermost), allocates outputs and picks an algorithm (the name recorded for
-``fastconv.last_algorithm``):
+variant; ``fastconv.backends.cython._variant`` picks the one this CPU runs; ``VARIANT`` names
+it). Arguments arrive validated by ``fastconv._validate`` (the kernels run without bounds
+checks and trust them); this module only arranges layouts (zero-padded NHWC or padded-pitch
+planes, weights with the output channels innermost), allocates outputs and picks an
+algorithm (the name recorded for ``fastconv.last_algorithm``):
 
 * ``pointwise-gemm``: float32 1x1 convolutions, stride 1, no padding, groups 1, at least 64
   pixels: one matrix product per image in NCHW as it is (4 output channels x 64 pixels register
@@ -59,9 +59,9 @@ import numpy as np
 from .._dispatch import last_algorithm, record_algorithm
 from .._validate import pool_index_error
 from ._openmp import forked_from_gnu_openmp_parent  # (sets OMP_WAIT_POLICY first)
-from .cython._variant import VariantError
 from ._winograd_transforms import (HALF, transform_weight, transform_weight_paired,
                                    weight_from_transformed)
+from .cython._variant import VariantError
 
 
 def _go_serial():
