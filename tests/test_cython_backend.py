@@ -56,6 +56,15 @@ CONV_CASES = [
     ((2, 5, 7, 8), (16, 5, 3, 3), dict(padding=1)),  # 16-channel grad-weight, 12 + 3 run rows
     ((1, 2, 4, 20), (16, 2, 3, 3), dict()),  # NCHW direct forward, 16-column blocks, x unpadded
     ((2, 3, 14, 14), (6, 3, 5, 5), dict()),  # 208-position plane blocks; grad-input at pitch W
+    # The 16-register variants (baseline, avx2): 6-column blocks and the last one shifted,
+    # rows narrower than 6 (single columns), 6- and 3-row grad-weight blocks shifted back.
+    ((2, 8, 6, 9), (16, 8, 3, 3), dict()),
+    ((1, 8, 5, 7), (32, 8, 3, 3), dict()),
+    ((1, 3, 9, 17), (16, 3, 3, 3), dict(stride=2)),
+    ((1, 3, 6, 6), (16, 3, 3, 3), dict()),
+    ((2, 7, 9, 9), (16, 7, 1, 1), dict(stride=2)),
+    ((2, 5, 9, 9), (10, 5, 1, 1), dict(stride=2)),
+    ((2, 2, 9, 9), (16, 2, 1, 1), dict(stride=2)),
 ]
 
 
@@ -306,7 +315,7 @@ def test_missing_extension_reason(monkeypatch):
     cc = _kernels()
     monkeypatch.setattr(cc, "_k", None)
     monkeypatch.setattr(
-        cc, "_IMPORT_ERROR", ImportError("No module named 'fastconv.backends._cython_kernels'")
+        cc, "_IMPORT_ERROR", ImportError("No module named 'fastconv.backends.cython._kernels_avx2'")
     )
     reason = cc.unavailable_reason()
     assert "not built" in reason and "pip install" in reason
@@ -348,7 +357,7 @@ _DEBUG_SCRIPT = textwrap.dedent(
     import numpy as np
     sys.path.insert(0, {build!r})
     sys.path.insert(0, {tests!r})
-    import _cython_kernels as debug_kernels
+    import _kernels_baseline as debug_kernels
     from fastconv.backends.cython import executor as cython_cpu
     from helpers import check_conv, check_pool
     assert debug_kernels.BOUNDSCHECK, "the debug build has bounds checks off"
@@ -359,6 +368,8 @@ _DEBUG_SCRIPT = textwrap.dedent(
         pass
     else:
         raise SystemExit("bounds checks are not active")
+    # The executor's layouts follow its variant's block sizes: the same as the debug build's.
+    assert cython_cpu._k.BLOCK_SIZES == debug_kernels.BLOCK_SIZES, cython_cpu.VARIANT
     cython_cpu._k = debug_kernels
     rng = np.random.default_rng(0)
     for x_shape, w_shape, kw in {conv_cases!r}:
@@ -396,10 +407,11 @@ def test_debug_build_never_indexes_out_of_bounds(tmp_path):
     IndexError. Needs a C compiler, like the normal build (this test only runs where the
     extension was built)."""
     tree = tmp_path / "src"
-    (tree / "fastconv" / "backends").mkdir(parents=True)
+    pkg = Path("fastconv", "backends", "cython")
+    (tree / pkg).mkdir(parents=True)
     shutil.copy(REPO / "setup.py", tree / "setup.py")
-    shutil.copy(REPO / "fastconv" / "backends" / "_cython_kernels.pyx",
-                tree / "fastconv" / "backends" / "_cython_kernels.pyx")
+    for name in ("_kernels.pyx.tp", "_cpu.pyx"):
+        shutil.copy(REPO / pkg / name, tree / pkg / name)
     build = tmp_path / "build"
     env = {**os.environ, "FASTCONV_CYTHON_DEBUG": "1"}
     proc = subprocess.run(
@@ -407,13 +419,14 @@ def test_debug_build_never_indexes_out_of_bounds(tmp_path):
          "--build-temp", str(tmp_path / "tmp")],
         cwd=tree, env=env, capture_output=True, text=True, timeout=300,
     )
-    built = list((build / "fastconv" / "backends").glob("_cython_kernels*"))
+    built = list((build / "fastconv" / "backends" / "cython").glob("_kernels_baseline*.so"))
     assert proc.returncode == 0 and built, proc.stdout + proc.stderr
     script = _DEBUG_SCRIPT.format(
         build=str(built[0].parent), tests=str(REPO / "tests"),
         conv_cases=_DEBUG_CONV, pool_cases=_DEBUG_POOL,
     )
     env = {k: v for k, v in os.environ.items() if k != "FASTCONV_BACKEND"}
+    env["FASTCONV_CYTHON_VARIANT"] = "baseline"  # the debug build's variant
     run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "DEBUG-BUILD-OK" in run.stdout, run.stdout + run.stderr

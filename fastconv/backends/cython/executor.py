@@ -1,7 +1,8 @@
 """The ``cython`` backend: compiled, OpenMP-parallel CPU kernels that need no Numba.
 
-An executor around ``fastconv.backends._cython_kernels`` (compiled from ``_cython_kernels.pyx``
-at install time by ``setup.py``): ``fastconv.backends._plan`` decides which algorithm runs for
+An executor around the compiled kernels of this package (built at install time by ``setup.py``
+from the template ``_kernels.pyx.tp``, one module per instruction-set variant, of which
+``_variant.load`` picks the one this CPU runs): ``fastconv.backends._plan`` decides which algorithm runs for
 a shape (the rules and the names recorded for ``fastconv.last_algorithm`` are there); this
 module lays the arrays out for the chosen kernels (zero-padded NHWC or padded-pitch planes,
 weights with the output channels innermost), allocates outputs and runs them. Arguments arrive
@@ -49,6 +50,7 @@ from .._plan import chunks, padded_vector, round_up, sum_chunks
 from .._winograd_transforms import (HALF, transform_weight, transform_weight_paired,
                                    weight_from_transformed)
 # The ops fastconv.nn needs (the backend contract: see ``_host_ops``).
+from ._variant import VariantError, load as _load_kernels
 from .._host_ops import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F401
                          dropout, dropout_backward, relu, relu_backward, sgd_update)
 
@@ -67,9 +69,9 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_go_serial)
 
 try:
-    from .. import _cython_kernels as _k
-except ImportError as e:  # not built (no compiler/Cython at install time) or broken build
-    _k = None
+    _k, VARIANT = _load_kernels()
+except ImportError as e:  # not built (no compiler/Cython at install time), broken build, or
+    _k, VARIANT = None, None  # FASTCONV_CYTHON_VARIANT names one that cannot run here
     _IMPORT_ERROR = e
 else:
     _IMPORT_ERROR = None
@@ -84,15 +86,17 @@ SERIAL_MAX_ELEMENTS = 1 << 18
 #: then skips its separate single-threaded pass over them).
 CHECKS_POOL_INDICES = True
 
-# Block sizes of the kernels that the layouts here must match: the enums of the .pyx.
-_PW = 64  # outputs per block of the flat NCHW kernel (PW)
-_VL = 16  # lanes of the flat grad-weight kernel (VL)
-_FCB = 4  # output channels per block of the flat grad-weight kernel (FCB)
-_FXL = {np.dtype(np.float32): 128, np.dtype(np.float64): 64}  # (FXL32 / FXL64)
-_FVL = 32  # lanes of the fused grad-weight dot products (FVL)
-_WCB = 64  # output channels per Winograd register block, the padding unit of Cp (COB)
-_WTB = 4  # tiles per Winograd register block (WTB)
-_WGROUP = 64  # tiles per Winograd grad-weight group (WGROUP)
+# Block sizes of the compiled kernels that the layouts here depend on (they vary by variant).
+_SIZES = _k.BLOCK_SIZES if _k is not None else {}
+_PW = _SIZES.get("PW")  # outputs per block of the flat NCHW kernel
+_VL = _SIZES.get("VL")  # lanes of the flat grad-weight kernel
+_FCB = _SIZES.get("FCB")  # output channels per block of the flat grad-weight kernel
+# grad-input lanes of the fused kernel per dtype; lanes of its grad-weight dot products
+_FXL = {np.dtype(np.float32): _SIZES.get("FXL32"), np.dtype(np.float64): _SIZES.get("FXL64")}
+_FVL = _SIZES.get("FVL")
+_WCB = _SIZES.get("COB")  # output channels per Winograd register block (the padding unit of Cp)
+_WTB = _SIZES.get("WTB")  # tiles per Winograd register block
+_WGROUP = _SIZES.get("WGROUP")  # tiles per Winograd grad-weight group
 
 
 def unavailable_reason() -> str | None:
@@ -100,13 +104,15 @@ def unavailable_reason() -> str | None:
     if _k is not None:
         return None
     err = str(_IMPORT_ERROR)
+    if isinstance(_IMPORT_ERROR, VariantError):
+        return err
     if "No module named" in err or "cannot import name" in err:
         return (
-            "extension fastconv.backends._cython_kernels not built (no C compiler or Cython "
+            "extension fastconv.backends.cython._kernels_* not built (no C compiler or Cython "
             "at install time); reinstall with a C compiler and Cython>=3 (pip install -e .)"
         )
     return (
-        f"extension fastconv.backends._cython_kernels failed to import ({err}); "
+        f"extension fastconv.backends.cython._kernels_* failed to import ({err}); "
         "rebuild it with a C compiler (pip install -e . or python setup.py build_ext --inplace)"
     )
 
