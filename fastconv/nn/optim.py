@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from .. import _coldstart
 from .._validate import check_finite_scalar
 
 
@@ -59,15 +60,17 @@ def _adam_update(p, g, m, v, b1, b2, eps, step_size, bc2_sqrt, weight_decay):
         p[i] -= step_size * (mi / (np.sqrt(vi) / bc2_sqrt + eps))
 
 
-def _fused_adam():
+def _fused_adam(defer=False):
     """The compiled fused Adam update, or None without Numba (NumPy fallback)."""
     global _FUSED_ADAM
+    if defer and _FUSED_ADAM is None and _coldstart.deferring():
+        return None  # numba's kernels are compiling in the background: NumPy until they are
     if _FUSED_ADAM is None:
         try:
             from numba import njit
 
             from ..backends._numba_options import CACHE
-        except ImportError:
+        except Exception:  # not installed, or raising at import (built for another NumPy)
             _FUSED_ADAM = False
         else:
             # Serial on purpose: safe in any thread and after fork; one pass is memory-bound.
@@ -154,7 +157,7 @@ class Adam(Optimizer):
         b1, b2 = self.betas
         step_size = self.lr / (1.0 - b1 ** self.t)
         bc2_sqrt = math.sqrt(1.0 - b2 ** self.t)
-        kernel = _fused_adam() if self.fused in (None, True) else None
+        kernel = _fused_adam(defer=self.fused is None) if self.fused in (None, True) else None
         if self.fused and kernel is None:
             raise RuntimeError("Adam(fused=True) needs Numba")
         for name, p in params.items():
