@@ -51,6 +51,7 @@ _state = "unknown"  # unknown | off | warm | pending | failed
 _proc: subprocess.Popen | None = None
 _next_poll = 0.0
 _log_path: Path | None = None
+_marker: Path | None = None  # this CPU's marker, once decided
 history: list = []  # (monotonic time, state) transitions, for tests and benchmarks
 
 
@@ -145,9 +146,9 @@ def marker_path(key: dict | None = None, directory: str | None = None) -> Path |
     return Path(directory) / f"fastconv-warm-{key['cpu']}-{digest}.json"
 
 
-def warm_nets() -> set:
+def warm_nets(path: Path | None = None) -> set:
     """The nets recorded as compiled in this CPU's marker (empty when cold)."""
-    path = marker_path()
+    path = path or marker_path()
     try:
         return set(json.loads(path.read_text())["nets"]) if path else set()
     except (OSError, ValueError, KeyError, TypeError):
@@ -171,6 +172,7 @@ def background_nets() -> tuple:
 
 def _decide() -> None:
     """First automatic pick of numba in this process: warm, off, or start the child."""
+    global _marker
     nets = background_nets()  # a bad value is the caller's error, raised here
     if os.environ.get("FASTCONV_COLDSTART", "").strip().lower() in _OFF_VALUES:
         return _set("off")
@@ -184,7 +186,8 @@ def _decide() -> None:
         directory = cache_dir()
         if directory is None:  # no cache: a background compile could not help
             return _set("off")
-        if warm_nets():
+        _marker = marker_path(directory=directory)
+        if warm_nets(_marker):
             return _set("warm")
         _start_child(directory, nets)
     except Exception as e:  # never let the cold-start machinery break a call
@@ -226,10 +229,14 @@ def _start_child(directory: str, nets: tuple) -> None:
 def _poll() -> None:
     global _next_poll
     _next_poll = time.monotonic() + _POLL_S
+    if _proc is None:  # forked from a process whose child compiles: watch the marker only
+        if warm_nets(_marker):
+            _set("warm")
+        return
     rc = _proc.poll()
     if rc is None:
         return
-    if rc == 0 and warm_nets():
+    if rc == 0 and warm_nets(_marker):
         _set("warm")
         _remove_log()
         log.info("fastconv: numba kernels compiled; automatic selection now picks numba")
@@ -266,3 +273,15 @@ def _stop_child() -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def _after_fork_in_child() -> None:
+    """A forked process (e.g. a data-loader worker) does not own its parent's child: it keeps
+    cython until the marker appears, and never terminates or reports that child."""
+    global _proc, _lock
+    _lock = threading.Lock()
+    _proc = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

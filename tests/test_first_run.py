@@ -35,6 +35,7 @@ pytestmark = pytest.mark.skipif(
     not CYTHON_OK, reason=f"cython backend unavailable here: {fc.backend_status()['cython']}")
 needs_numba = pytest.mark.skipif(not NUMBA_OK, reason="numba is not installed here")
 COMPILING = "compiling the numba kernels"
+FAILED = "background compile of the numba kernels failed"
 
 
 def _env(tmp_path, *front, **extra) -> dict:
@@ -201,7 +202,7 @@ def test_cold_cache_trains_on_cython_then_switches_to_numba(tmp_path):
     announced = _lines(err, COMPILING)
     assert len(announced) == 1, err
     assert "once per machine" in announced[0] and env["NUMBA_CACHE_DIR"] in announced[0]
-    assert not _lines(err, "failed"), err
+    assert not _lines(err, FAILED), err
     # The process loaded the kernels the child compiled instead of compiling them itself.
     assert out["misses"] == 0 and out["hits"] > 0, out
     assert out["loss_error"] < 1e-5 and out["grad_error"] < 1e-4, out
@@ -223,7 +224,7 @@ def test_failed_background_compile_stays_on_cython_with_one_message(tmp_path):
     assert set(out["ran"]) == {"cython"}, out["ran"]
     assert out["states"][-1] == "failed", out["states"]
     assert len(_lines(err, COMPILING)) == 1, err
-    failed = _lines(err, "failed")
+    failed = _lines(err, FAILED)
     assert len(failed) == 1, err
     assert "simulated compile failure" in failed[0] and "exit status 5" in failed[0]
     assert "staying on the cython backend" in failed[0]
