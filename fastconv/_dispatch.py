@@ -62,7 +62,7 @@ def _load(name: str):
             module = importlib.import_module(BACKEND_MODULES[name])
             reason = module.unavailable_reason()
         except Exception as e:  # not only ImportError: a broken dependency raises anything
-            module, reason = None, f"import failed: {type(e).__name__}: {e}"
+            module, reason = None, f"import failed: {e}"
         if reason is None:
             _modules[name] = module
             return module, None

@@ -20,8 +20,8 @@ def _numba_lines(probe: bool) -> list:
     try:
         import numba
     except Exception as e:  # not installed, or raising at import (built for another NumPy)
-        return [f"numba: cannot be imported ({type(e).__name__}: {e})",
-                f"threads: os.cpu_count()={os.cpu_count()}"]
+        what = "not installed" if isinstance(e, ModuleNotFoundError) else "cannot be imported"
+        return [f"numba: {what} ({e})", f"threads: os.cpu_count()={os.cpu_count()}"]
     configured = numba.config.THREADING_LAYER
     if probe:
         _probe_numba()
