@@ -289,3 +289,36 @@ def _alive(pid: int) -> bool:
             return False
         return True
     return state not in ("Z", "X")  # a zombie has exited
+
+
+_MARK = r"""
+from fastconv import _coldstart, _warmup
+key, where = _coldstart.cache_key(), _coldstart.cache_dir()
+_warmup._write_marker(_coldstart.marker_path(key, where), key, ["lenet5"], 0.0)
+print(where)
+"""
+
+
+@needs_numba
+@pytest.mark.skipif(sys.platform == "win32", reason="the warmup lock is fcntl.flock (POSIX)")
+def test_a_second_background_compile_waits_for_the_first_and_compiles_nothing(tmp_path):
+    import fcntl
+
+    env = _env(tmp_path)
+    run = subprocess.run([sys.executable, "-c", _MARK], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    where = Path(run.stdout.strip().splitlines()[-1])
+    lock = os.open(where / "fastconv-warmup.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # a first warmup, still compiling
+    child = subprocess.Popen([sys.executable, "-m", "fastconv._warmup", "--background",
+                              "--nets", "lenet5"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)
+        assert child.poll() is None, child.stderr.read()  # waiting for the lock
+        fcntl.flock(lock, fcntl.LOCK_UN)  # the first one finished (its marker is there)
+        assert child.wait(60) == 0, child.stderr.read()
+    finally:
+        os.close(lock)
+        child.kill()
+    assert not list(where.glob("*.nbi")), "the second warmup compiled kernels again"
