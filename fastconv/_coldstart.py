@@ -52,13 +52,11 @@ _proc: subprocess.Popen | None = None
 _next_poll = 0.0
 _log_path: Path | None = None
 _marker: Path | None = None  # this CPU's marker, once decided
-history: list = []  # (monotonic time, state) transitions, for tests and benchmarks
 
 
 def _set(state: str) -> None:
     global _state
     _state = state
-    history.append((time.monotonic(), state))
 
 
 def numba_ready() -> bool:
@@ -273,6 +271,7 @@ def _stop_child() -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    _remove_log()
 
 
 def _after_fork_in_child() -> None:

@@ -146,14 +146,22 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="fastconv-warmup-parent").start()
 
 
-def _locked(directory: str):
-    """An exclusive lock on the cache directory's warmup lock file (None where no flock)."""
+def _locked(directory: str, quiet: bool):
+    """An exclusive lock on the cache directory's warmup lock file (None where no flock):
+    a second warmup waits for the first, then finds its kernels in the cache."""
     try:
         import fcntl
     except ImportError:  # Windows: concurrent warmups compile twice, harmlessly
         return None
-    fd = os.open(os.path.join(directory, "fastconv-warmup.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    path = os.path.join(directory, "fastconv-warmup.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not quiet:
+            print(f"fastconv warmup: waiting for another warmup to finish ({path})",
+                  file=sys.stderr, flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
 
 
@@ -210,7 +218,7 @@ def main(argv=None) -> int:
               "writable directory); compiled kernels would not outlive this process",
               file=sys.stderr)
         return 1
-    lock = _locked(directory)
+    lock = _locked(directory, args.quiet)
     try:
         if args.background and set(nets) <= _coldstart.warm_nets():
             return 0  # a concurrent process compiled them while this one waited

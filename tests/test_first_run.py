@@ -191,6 +191,7 @@ def _lines(stderr, text):
 
 
 @needs_numba
+@pytest.mark.slow  # compiles LeNet-5's kernels once (~15-40 s)
 def test_cold_cache_trains_on_cython_then_switches_to_numba(tmp_path):
     env = _env(tmp_path, FASTCONV_WARMUP_NETS="lenet5")
     out, err = _python(_TRAIN, env, timeout=600, args=("420", "check"))
@@ -232,6 +233,7 @@ def test_failed_background_compile_stays_on_cython_with_one_message(tmp_path):
 
 
 @needs_numba
+@pytest.mark.slow  # compiles LeNet-5's kernels once (~15-40 s)
 def test_warmup_then_a_fresh_process_compiles_nothing(tmp_path):
     env = _env(tmp_path)
     run = subprocess.run([sys.executable, "-m", "fastconv.cli", "warmup", "--nets", "lenet5"],
