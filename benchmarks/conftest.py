@@ -30,6 +30,11 @@ import pytest
 
 from fastconv._cli import bench as b
 
+# Automatic selection must not switch from cython to numba in the middle of the suite (see
+# fastconv/_coldstart.py): numba compiles in the process, as it always did. tests/test_first_run.py
+# turns it back on in its own subprocesses; the subprocesses of other tests inherit this.
+os.environ.setdefault("FASTCONV_COLDSTART", "0")
+
 CI_NAIVE_WORK = 100_000  # smaller naive slices in CI: a few hundred ms in all
 
 

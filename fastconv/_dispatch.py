@@ -18,7 +18,9 @@ A module whose import fails is unavailable, with the import error as the reason.
 
 Selection order: the ``backend=`` argument, else the innermost ``use_backend`` block, else
 ``set_backend``, else ``FASTCONV_BACKEND``, else auto: ``cuda`` for device arrays, else the first
-available of ``numba``, ``cython``, ``numpy``.
+available of ``numba``, ``cython``, ``numpy`` (numba once its kernels are in Numba's cache: until
+then ``fastconv._coldstart`` compiles them in the background; a numba that fails to import is
+passed over with one warning).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import difflib
 import importlib
 import os
 import threading
+import warnings
 
+from . import _coldstart
 from ._validate import is_device_array
 
 BACKEND_MODULES = {
@@ -61,7 +65,7 @@ def _load(name: str):
         try:
             module = importlib.import_module(BACKEND_MODULES[name])
             reason = module.unavailable_reason()
-        except ImportError as e:
+        except Exception as e:  # not only ImportError: a broken dependency raises anything
             module, reason = None, f"import failed: {e}"
         if reason is None:
             _modules[name] = module
@@ -135,9 +139,24 @@ def current_backend_name(*arrays) -> str:
     if any(is_device_array(a) for a in arrays if a is not None):
         return "cuda"
     for name in AUTO_ORDER:
-        if _load(name)[0] is not None:
-            return name
+        module, reason = _load(name)
+        if name == "numba" and module is None:
+            _warn_broken_numba(reason)
+        elif module is not None and (name != "numba" or _coldstart.numba_ready()):
+            return name  # numba: only once its kernels are compiled (see _coldstart)
     return "numpy"
+
+
+_broken_warned = False
+
+
+def _warn_broken_numba(reason: str) -> None:
+    """Automatic selection passes over an installed numba that fails to import: say so once."""
+    global _broken_warned
+    if not _broken_warned and reason.startswith("numba is installed but"):
+        _broken_warned = True
+        warnings.warn(f"fastconv: {reason}; automatic backend selection falls back to the next "
+                      f"of {', '.join(AUTO_ORDER[1:])}", RuntimeWarning, stacklevel=4)
 
 
 def resolve(backend, *arrays):

@@ -18,6 +18,11 @@ import pytest
 
 import fastconv as fc
 
+# Automatic selection must not switch from cython to numba in the middle of the suite (see
+# fastconv/_coldstart.py): numba compiles in the process, as it always did. tests/test_first_run.py
+# turns it back on in its own subprocesses; the subprocesses of other tests inherit this.
+os.environ.setdefault("FASTCONV_COLDSTART", "0")
+
 from helpers import SLOW_BACKENDS, TEST_BACKENDS  # noqa: E402  (tests import these from helpers)
 
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":

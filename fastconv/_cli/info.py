@@ -19,8 +19,9 @@ import numpy as np
 def _numba_lines(probe: bool) -> list:
     try:
         import numba
-    except ImportError as e:
-        return [f"numba: not installed ({e})", f"threads: os.cpu_count()={os.cpu_count()}"]
+    except Exception as e:  # not installed, or raising at import (built for another NumPy)
+        what = "not installed" if isinstance(e, ModuleNotFoundError) else "cannot be imported"
+        return [f"numba: {what} ({e})", f"threads: os.cpu_count()={os.cpu_count()}"]
     configured = numba.config.THREADING_LAYER
     if probe:
         _probe_numba()
@@ -33,6 +34,7 @@ def _numba_lines(probe: bool) -> list:
         f"  threading layer: configured {configured!r}, in use: {in_use}",
         f"  priority: {', '.join(numba.config.THREADING_LAYER_PRIORITY)}",
         f"  register blocks: {_register_blocks()}",
+        f"  kernel cache: {_cache_line()}",
         f"threads: numba.get_num_threads()={numba.get_num_threads()}, "
         f"os.cpu_count()={os.cpu_count()}",
     ]
@@ -53,6 +55,22 @@ def _register_blocks() -> str:
     family = "AVX-512 blocks, LLVM-vectorized" if simd.WIDE_VECTORS else \
         "explicit 256-bit vectors"
     return f"{family} ({why})"
+
+
+def _cache_line() -> str:
+    """Whether Numba's cache holds this CPU's kernels (``fastconv warmup``), and where."""
+    from .. import _coldstart
+
+    try:
+        where, nets = _coldstart.cache_dir(), _coldstart.warm_nets()
+    except Exception as e:  # e.g. a numba whose cache machinery fails: never crash `info`
+        return f"unknown ({e})"
+    if where is None:
+        return "none (Numba cannot write a cache here; set NUMBA_CACHE_DIR)"
+    if nets:
+        return f"warm for this CPU ({', '.join(sorted(nets))}) in {where}"
+    return (f"cold in {where}: the first automatic use compiles in the background "
+            "(`fastconv warmup` compiles now)")
 
 
 def _probe_numba() -> None:

@@ -125,8 +125,8 @@ def _select_backend(args):
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        if name == "numba":
-            import numba
+        if name == "numba" or (args.backend is None and _dispatch._load("numba")[0]):
+            import numba  # auto: numba may take over later (fastconv._coldstart)
 
             numba.set_num_threads(args.threads)
         else:
@@ -219,7 +219,9 @@ def _run(args) -> int:
         return _fail("--limit/--test-limit leave no images")
 
     rng = np.random.default_rng(args.seed)
-    model = nn.ARCHITECTURES[args.model](rng=rng, backend=backend)
+    # Automatic selection stays automatic, so it can switch from cython to numba once numba's
+    # kernels are compiled (fastconv._coldstart); a named backend is pinned.
+    model = nn.ARCHITECTURES[args.model](rng=rng, backend=args.backend)
     optimizer = _make_optimizer(args)
     n, bs = len(x_train), args.batch_size
     n_batches = -(-n // bs)
@@ -251,8 +253,11 @@ def _run(args) -> int:
     model.set_rng(rng)
     hist = pos["history"]
 
+    from . import _coldstart
+
+    shown = f"{backend}, numba once compiled" if _coldstart.state() == "pending" else backend
     print(f"fastconv train: {args.model} net, {model.num_params():,} parameters, backend "
-          f"{backend} ({args.kernel_threads} threads, OpenBLAS threads "
+          f"{shown} ({args.kernel_threads} threads, OpenBLAS threads "
           f"{args.blas_threads or 'unchanged'}), {n} training / {len(x_test)} test images, "
           f"batch {bs}, {optimizer!r}", flush=True)
     loss_fn = nn.SoftmaxCrossEntropy()

@@ -60,10 +60,23 @@ from ._nn import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F4
 CHECKS_POOL_INDICES = True
 
 
+#: The start of the reason when Numba is installed but raises at import (a NumPy it was not
+#: built for, a broken llvmlite): automatic selection then warns once (``fastconv._dispatch``).
+BROKEN_IMPORT = "numba is installed but failed to import"
+
+
 def unavailable_reason():
-    """None when Numba is importable here (nothing is compiled)."""
+    """None when Numba really imports here (nothing is compiled); else why not.
+
+    Called once per process by the registry. ``import numba`` can raise more than ImportError
+    (e.g. a numba built against another NumPy ABI), so any exception counts as unavailable.
+    """
     if importlib.util.find_spec("numba") is None:
         return "numba is not installed (pip install numba)"
+    try:
+        import numba  # noqa: F401
+    except Exception as e:
+        return f"{BROKEN_IMPORT}: {type(e).__name__}: {e}"
     return None
 
 
