@@ -64,9 +64,9 @@ def predict_dask(model, x, batch_size=256, transform=None):
     """
     dask, da = _import_dask()
     x = _batch_axis_only(x, da)
-    snap = _snapshot(model)
     probe = np.zeros((1, *x.shape[1:]), x.dtype)
-    out = snap.predict(probe, batch_size=1, transform=transform)  # same errors as NumPy input
+    out = _snapshot(model).predict(probe, batch_size=1, transform=transform)  # NumPy's errors
+    snap = _snapshot(model)  # a fresh one: the probe left caches behind
     out_tail, out_dtype = out.shape[1:], out.dtype
     model_node = dask.delayed(snap, pure=False, traverse=False)
     return da.map_blocks(
