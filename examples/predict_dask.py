@@ -15,9 +15,13 @@ Needs ``pip install "fastconv[dask]"``.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import resource
 import sys
 import time
+
+import numpy as np
 
 
 def _peak_rss_mib() -> float:
@@ -25,11 +29,32 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@functools.lru_cache(maxsize=2)
+def _test_set(data_dir):
+    from fastconv.datasets import load_mnist
+
+    return load_mnist(data_dir, download=False)[1]
+
+
+def _tile(data_dir, which, block_info=None):
+    """Images (``which=0``) or labels (1) ``start:stop`` of the test set repeated endlessly."""
+    start, stop = block_info[None]["array-location"][0]
+    data = _test_set(data_dir)[which]
+    return data[np.arange(start, stop) % len(data)]
+
+
+def _kernel_threads(args) -> int:
+    """Numba threads per worker thread: the cores shared out, so workers do not oversubscribe."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // (args.workers * args.threads_per_worker))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", help="model file saved by fastconv train (--save)")
     p.add_argument("--images", type=int, default=1_000_000, help="(default: %(default)s)")
-    p.add_argument("--chunk", type=int, default=10_000, help="images per task (default: %(default)s)")
+    p.add_argument("--chunk", type=int, default=10_000,
+                   help="images per task (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=500,
                    help="images per forward pass inside a task (default: %(default)s)")
     p.add_argument("--workers", type=int, default=0,
@@ -56,14 +81,20 @@ def main(argv=None) -> int:
     from fastconv import nn
     from fastconv.datasets import load_mnist, normalize
 
-    _, (x_test, y_test) = load_mnist(args.data_dir)
-    model = (nn.Sequential.load(args.model, backend=args.backend) if args.model
-             else nn.mnist_cnn(rng=0, backend=args.backend))
-    reps = -(-args.images // len(x_test))
-    images = da.concatenate([da.from_array(x_test, chunks=args.chunk)] * reps)[: args.images]
-    labels = da.concatenate([da.from_array(y_test, chunks=args.chunk)] * reps)[: args.images]
-    images = images.rechunk((args.chunk, 28, 28))
-    labels = labels.rechunk(images.chunks[0])
+    try:
+        load_mnist(args.data_dir)  # here first: a clear error (or the download) before any task
+        model = (nn.Sequential.load(args.model, backend=args.backend) if args.model
+                 else nn.mnist_cnn(rng=0, backend=args.backend))
+    except (OSError, ValueError) as e:  # missing files, DatasetError, CheckpointError
+        print(f"predict_dask: error: {e}", file=sys.stderr)
+        return 2
+    # Each task reads the test set where it runs (once per worker) and tiles its own slice: the
+    # graph holds a directory name, not images.
+    chunks = (tuple(min(args.chunk, args.images - s) for s in range(0, args.images, args.chunk)),)
+    images = da.map_blocks(_tile, args.data_dir, 0, dtype=np.uint8, chunks=chunks + ((28,), (28,)),
+                           name="mnist-test-tiled", meta=np.empty((0, 0, 0), np.uint8))
+    labels = da.map_blocks(_tile, args.data_dir, 1, dtype=np.int64, chunks=chunks,
+                           name="mnist-test-labels", meta=np.empty((0,), np.int64))
 
     logits = model.predict(images, batch_size=args.batch_size, transform=normalize)
     predicted = logits.argmax(axis=1)
@@ -80,7 +111,7 @@ def main(argv=None) -> int:
             cluster = LocalCluster(
                 n_workers=args.workers, threads_per_worker=args.threads_per_worker,
                 processes=True, host="127.0.0.1", dashboard_address=None,
-                env={"NUMBA_NUM_THREADS": str(args.threads_per_worker)})
+                env={"NUMBA_NUM_THREADS": str(_kernel_threads(args))})
             client = Client(cluster)
     try:
         t0 = time.perf_counter()

@@ -156,7 +156,9 @@ def test_cli_crash_mid_step_ends_the_job_and_resume_reproduces_the_run(tmp_path)
 
     state = nn.load_checkpoint(crashed / "run.ckpt")  # the last good one: after epoch 1
     assert (state["epoch"], state["batch"]) == (1, 0)
-    assert state["distributed"]["ranks"] == 2 and len(state["distributed"]["rank_rngs"]) == 2
+    rank_rngs = state["distributed"]["rank_rngs"]
+    assert state["distributed"]["ranks"] == 2 and len(rank_rngs) == 2
+    assert rank_rngs[0]["state"] != rank_rngs[1]["state"]  # per-rank shift streams
 
     code, out, err, _ = _mpiexec(2, *_worker("cli", crashed, *_train_args(crashed, "--resume")))
     assert code == 0, out + err

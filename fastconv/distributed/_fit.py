@@ -7,8 +7,9 @@ Semantics (Horovod's, with a *global* batch):
 * ``batch_size`` is the global batch; each one is split into contiguous per-rank shards, and the
   gradients are averaged over the global batch with one Allreduce per step, so the updates are
   those of a one-process ``fit`` over the same batches (up to float32 rounding);
-* shuffling uses a stream shared by all ranks (seeded by ``rng``; without one, rank 0 draws the
-  seed); dropout uses a per-rank stream derived from it;
+* shuffling uses a stream shared by all ranks, seeded by rank 0 (an int ``rng`` gives the same
+  shuffles as a one-process ``fit(rng=...)``; a Generator or ``None``: rank 0 draws the seed);
+  dropout uses a per-rank stream derived from it;
 * rank 0 alone prints; validation is evaluated in shards and reduced; every rank returns the
   same history.
 """
@@ -47,14 +48,12 @@ def sharded_evaluate(model, x, y, comm, batch_size=256, transform=None, loss=Non
 def _streams(rng, comm):
     """``(shared, local)`` generators: shared draws the same on every rank (shuffling); local
     is this rank's own (dropout)."""
-    if isinstance(rng, np.random.Generator):
-        # Every rank draws the same entropy from its (identically seeded) generator.
-        seed = int(rng.integers(2**63))
-        shared = rng
-    else:
+    if isinstance(rng, np.random.Generator):  # rank 0's generator decides
+        seed = comm.bcast(int(rng.integers(2**63)) if comm.Get_rank() == 0 else None, root=0)
+    else:  # an int seed gives the shuffles of a one-process fit(rng=seed)
         seed = comm.bcast(int(np.random.SeedSequence(rng).entropy) if comm.Get_rank() == 0
                           else None, root=0)
-        shared = np.random.default_rng(seed)
+    shared = np.random.default_rng(seed)
     local = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(comm.Get_rank(),)))
     return shared, local
 
