@@ -111,6 +111,7 @@ def main(argv=None) -> int:
             cluster = LocalCluster(
                 n_workers=args.workers, threads_per_worker=args.threads_per_worker,
                 processes=True, host="127.0.0.1", dashboard_address=None,
+                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},  # no fixed port 8787
                 env={"NUMBA_NUM_THREADS": str(_kernel_threads(args))})
             client = Client(cluster)
     try:

@@ -29,8 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 EXIT_INTERRUPTED = 130
 EXIT_USAGE = 2
 AUGMENT = 2  # pixels of random shift (see the module docstring)

@@ -40,7 +40,9 @@ def client():
     """Two worker processes, one thread each, on loopback, no dashboard; always closed."""
     cluster = distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-        dashboard_address=None, env={"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+        dashboard_address=None, env={"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+        # No dashboard; the scheduler's small HTTP server (health routes) on a free loopback port.
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
     try:
         with distributed.Client(cluster, timeout=60) as c:
             yield c
@@ -120,6 +122,14 @@ def test_local_cluster_matches_numpy(client, model, images):
     _assert_same(got, model.predict(x, transform=normalize))
     loss, acc = model.evaluate(da.from_array(x, chunks=(UNEVEN, 28, 28)), y, transform=normalize)
     assert acc == model.evaluate(x, y, transform=normalize)[1]
+
+
+def test_the_cluster_listens_on_loopback_only(client):
+    psutil = pytest.importorskip("psutil")
+    pids = [os.getpid(), *client.run(os.getpid).values()]
+    listening = [c.laddr for pid in pids for c in psutil.Process(pid).net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN]
+    assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
 
 
 def test_a_worker_killed_during_compute_is_retried(client, model, images):

@@ -48,9 +48,9 @@ def _predict_block(block, model, batch_size, transform, out_tail, out_dtype):
     return model.predict(block, batch_size=batch_size, transform=transform)
 
 
-def _batch_axis_only(x, da):
+def _batch_axis_only(x):
     if x.ndim < 1:
-        raise ValueError(f"x must have a batch axis, got a 0-d dask array")
+        raise ValueError("x must have a batch axis, got a 0-d dask array")
     if any(len(c) > 1 for c in x.chunks[1:]):
         x = x.rechunk({i: -1 for i in range(1, x.ndim)})
     return x
@@ -63,7 +63,7 @@ def predict_dask(model, x, batch_size=256, transform=None):
     merged into one chunk first). Each block runs ``model.predict(block, batch_size, transform)``.
     """
     dask, da = _import_dask()
-    x = _batch_axis_only(x, da)
+    x = _batch_axis_only(x)
     probe = np.zeros((1, *x.shape[1:]), x.dtype)
     out = _snapshot(model).predict(probe, batch_size=1, transform=transform)  # NumPy's errors
     snap = _snapshot(model)  # a fresh one: the probe left caches behind
