@@ -12,6 +12,10 @@ parameters, the optimizer state, the generator state, the epoch, the position in
 history, so ``--resume`` continues exactly where the run stopped: with the same options, the
 numbers are bitwise those of an uninterrupted run (same backend and thread count).
 
+``--distributed`` (under ``mpiexec -n N``): data-parallel training over MPI; ``--batch-size`` is
+the global batch, split across the ranks, so the learning rate stays that of one process. See
+``fastconv/distributed/_train.py`` for the recipe.
+
 Ctrl-C: the current batch finishes, a checkpoint is written and the program exits with status
 130 (a second Ctrl-C aborts at once without writing). Exit status 2: bad options or data.
 """
@@ -24,8 +28,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 EXIT_INTERRUPTED = 130
 EXIT_USAGE = 2
@@ -81,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OpenBLAS threads for the dense layers (default: %(default)s; 0 = leave "
                         "as is); see fastconv/nn/_blas.py for why one")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over MPI: run under mpiexec -n N; --batch-size is the "
+                        'global batch, split across ranks (needs pip install "fastconv[mpi]")')
     return p
 
 
@@ -165,9 +170,12 @@ def _progress(total, desc, disabled):
                 disable=disabled, dynamic_ncols=True)
 
 
-def _save_state(path, model, optimizer, rng, args, pos):
+def _save_state(path, model, optimizer, rng, args, pos, ctx, local_rng):
     from ..nn import save_checkpoint
 
+    extras = ctx.checkpoint_extras(local_rng)  # a collective: every rank calls it
+    if not ctx.is_root:
+        return
     state = {
         "kind": "fastconv.train",
         "config": model.get_config(),
@@ -176,6 +184,7 @@ def _save_state(path, model, optimizer, rng, args, pos):
         "rng": rng.bit_generator.state,
         "recipe": {k: getattr(args, k) for k in RECIPE_KEYS},
         **pos,
+        **extras,
     }
     save_checkpoint(path, state)
 
@@ -191,26 +200,38 @@ def main(argv=None) -> int:
         missing = _plots.missing_reason()
         if missing:
             return _fail(missing)
+    from ..distributed import _train
+
     try:
-        return _run(args)
+        ctx = _train.context(args.distributed)
+    except ImportError as e:
+        return _fail(e)
+    try:
+        return _train.main_guard(ctx, lambda: _run(args, ctx))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
-def _run(args) -> int:
+def _run(args, ctx) -> int:
     from .. import _dispatch, nn
     from ..datasets import DatasetError, load_mnist, normalize, random_shift
 
+    say = ctx.print
+    if args.batch_size < ctx.size:
+        return _fail(f"--batch-size {args.batch_size} is the global batch; it needs at least "
+                     f"one image per rank ({ctx.size} ranks)") if ctx.is_root else EXIT_USAGE
+    error = None
     try:
         backend = _select_backend(args)
-    except (ValueError, _dispatch.BackendUnavailableError) as e:
-        return _fail(e)
-    try:
         (x_train, y_train), (x_test, y_test) = load_mnist(
-            args.data_dir, download=not args.no_download, progress=not args.no_progress)
-    except (DatasetError, FileNotFoundError) as e:
-        return _fail(e)
+            args.data_dir, download=not args.no_download,
+            progress=not args.no_progress and ctx.is_root)
+    except (ValueError, _dispatch.BackendUnavailableError, DatasetError, FileNotFoundError) as e:
+        error = e
+    if not ctx.all_ok(error is None):  # a rank without data stops every rank, none waits
+        return _fail(error if ctx.size == 1 else f"rank {ctx.rank}: {error}") if error \
+            else EXIT_USAGE
     if args.limit is not None:
         x_train, y_train = x_train[: args.limit], y_train[: args.limit]
     if args.test_limit is not None:
@@ -218,7 +239,7 @@ def _run(args) -> int:
     if len(x_train) == 0 or len(x_test) == 0:
         return _fail("--limit/--test-limit leave no images")
 
-    rng = np.random.default_rng(args.seed)
+    rng, local_rng = ctx.rngs(args.seed)  # shared: init + shuffling; local: shifts + dropout
     # Automatic selection stays automatic, so it can switch from cython to numba once numba's
     # kernels are compiled (fastconv._coldstart); a named backend is pinned.
     model = nn.ARCHITECTURES[args.model](rng=rng, backend=args.backend)
@@ -230,36 +251,28 @@ def _run(args) -> int:
                        "images_per_s": [], "batch_loss": []}}
     ckpt = Path(args.checkpoint)
     if args.resume:
-        try:
-            state = nn.load_checkpoint(ckpt)
-        except FileNotFoundError:
-            return _fail(f"--resume: no checkpoint at {ckpt}")
-        except nn.CheckpointError as e:
-            return _fail(e)
-        if state.get("kind") != "fastconv.train":
-            return _fail(f"--resume: {ckpt} is not a training checkpoint")
-        recipe = {k: getattr(args, k) for k in RECIPE_KEYS}
-        diff = {k: (state["recipe"].get(k), v) for k, v in recipe.items()
-                if state["recipe"].get(k) != v}
-        if diff:
-            listing = ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}"
-                                for k, (a, b) in diff.items())
-            return _fail(f"--resume needs the checkpoint's recipe: {listing}")
+        # Rank 0 reads and checks the checkpoint; the state or the error goes to every rank.
+        state, error = ctx.broadcast(_read_resume(ckpt, args) if ctx.is_root else None)
+        error = error or ctx.restore_extras(state, local_rng)
+        if error:
+            return _fail(error) if ctx.is_root else EXIT_USAGE
         model.load_state_dict(state["params"])
         optimizer.load_state_dict(state["optimizer"])
         rng.bit_generator.state = state["rng"]
         pos = {k: state[k] for k in pos}
-        print(f"resumed from {ckpt}: epoch {pos['epoch'] + 1}, batch {pos['batch']}/{n_batches}")
-    model.set_rng(rng)
+        say(f"resumed from {ckpt}: epoch {pos['epoch'] + 1}, batch {pos['batch']}/{n_batches}")
+    ctx.broadcast_parameters(model)  # rank 0's weights, as Horovod starts
+    model.set_rng(local_rng)
     hist = pos["history"]
+    ranks = f", {ctx.size} MPI ranks" if args.distributed else ""
 
-    from . import _coldstart
+    from .. import _coldstart
 
     shown = f"{backend}, numba once compiled" if _coldstart.state() == "pending" else backend
-    print(f"fastconv train: {args.model} net, {model.num_params():,} parameters, backend "
-          f"{shown} ({args.kernel_threads} threads, OpenBLAS threads "
-          f"{args.blas_threads or 'unchanged'}), {n} training / {len(x_test)} test images, "
-          f"batch {bs}, {optimizer!r}", flush=True)
+    say(f"fastconv train: {args.model} net, {model.num_params():,} parameters, backend "
+        f"{shown} ({args.kernel_threads} threads, OpenBLAS threads "
+        f"{args.blas_threads or 'unchanged'}), {n} training / {len(x_test)} test images, "
+        f"batch {bs}{ranks}, {optimizer!r}", flush=True)
     loss_fn = nn.SoftmaxCrossEntropy()
     with _Stop() as stop:
         for epoch in range(pos["epoch"], args.epochs):
@@ -267,38 +280,44 @@ def _run(args) -> int:
             if pos["batch"] == 0:
                 pos["perm"], pos["loss_sum"] = rng.permutation(n), 0.0
             perm = pos["perm"]
-            bar = _progress(n, f"epoch {epoch + 1}/{args.epochs}", args.no_progress)
+            bar = _progress(n, f"epoch {epoch + 1}/{args.epochs}",
+                            args.no_progress or not ctx.is_root)
             bar.update(min(pos["batch"] * bs, n))
             t0 = time.perf_counter()
             done = pos["batch"] * bs
             for b in range(pos["batch"], n_batches):
                 idx = perm[b * bs:(b + 1) * bs]
-                images = random_shift(x_train[idx], rng, args.augment)
-                value = model.train_batch(normalize(images), y_train[idx], optimizer, loss_fn)
+                mine = idx[ctx.shard(len(idx))]
+                images = random_shift(x_train[mine], local_rng, args.augment)
+                value, stopping = ctx.step(model, normalize(images), y_train[mine], optimizer,
+                                           loss_fn, len(idx), lambda: stop.requested)
                 pos["loss_sum"] += value * len(idx)
                 hist["batch_loss"].append(value)
                 pos["batch"] = b + 1
                 bar.update(len(idx))
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-                if stop.requested and b + 1 < n_batches:
+                if stopping and b + 1 < n_batches:
                     bar.close()
-                    return _interrupted(ckpt, model, optimizer, rng, args, pos)
+                    return _interrupted(ckpt, model, optimizer, rng, args, pos, ctx, local_rng)
             bar.close()
             dt = time.perf_counter() - t0
-            test_loss, test_acc = model.evaluate(x_test, y_test, transform=normalize)
+            test_loss, test_acc = ctx.evaluate(model, x_test, y_test, normalize)
             hist["loss"].append(pos["loss_sum"] / n)
             hist["test_loss"].append(test_loss)
             hist["test_accuracy"].append(test_acc)
             hist["time"].append(dt)
             hist["images_per_s"].append((n - done) / dt if dt > 0 else float("inf"))
-            print(f"epoch {epoch + 1}/{args.epochs}: train loss {hist['loss'][-1]:.4f}, "
-                  f"test loss {test_loss:.4f}, test accuracy {100 * test_acc:.2f} %, "
-                  f"{dt:.1f} s ({hist['images_per_s'][-1]:.0f} images/s)", flush=True)
+            say(f"epoch {epoch + 1}/{args.epochs}: train loss {hist['loss'][-1]:.4f}, "
+                f"test loss {test_loss:.4f}, test accuracy {100 * test_acc:.2f} %, "
+                f"{dt:.1f} s ({hist['images_per_s'][-1]:.0f} images/s)", flush=True)
             pos.update(epoch=epoch + 1, batch=0, perm=None, loss_sum=0.0)
-            _save_state(ckpt, model, optimizer, rng, args, pos)
-            if stop.requested and epoch + 1 < args.epochs:
-                return _interrupted(ckpt, model, optimizer, rng, args, pos, saved=True)
+            _save_state(ckpt, model, optimizer, rng, args, pos, ctx, local_rng)
+            if ctx.any_rank(stop.requested) and epoch + 1 < args.epochs:
+                return _interrupted(ckpt, model, optimizer, rng, args, pos, ctx, local_rng,
+                                    saved=True)
 
+    if not ctx.is_root:  # rank 0 alone saves the model and draws the pictures
+        return 0
     model.save(args.save, metadata={"history": hist, "backend": backend})
     final = hist["test_accuracy"][-1] if hist["test_accuracy"] else float("nan")
     print(f"final test accuracy: {100 * final:.2f} % ({len(x_test)} images); "
@@ -311,9 +330,33 @@ def _run(args) -> int:
     return 0
 
 
-def _interrupted(ckpt, model, optimizer, rng, args, pos, saved=False) -> int:
+def _read_resume(ckpt, args):
+    """``(state, None)`` for a checkpoint that ``args`` can resume, else ``(None, error)``."""
+    from .. import nn
+
+    try:
+        state = nn.load_checkpoint(ckpt)
+    except FileNotFoundError:
+        return None, f"--resume: no checkpoint at {ckpt}"
+    except nn.CheckpointError as e:
+        return None, str(e)
+    if state.get("kind") != "fastconv.train":
+        return None, f"--resume: {ckpt} is not a training checkpoint"
+    recipe = {k: getattr(args, k) for k in RECIPE_KEYS}
+    diff = {k: (state["recipe"].get(k), v) for k, v in recipe.items()
+            if state["recipe"].get(k) != v}
+    if diff:
+        listing = ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}"
+                            for k, (a, b) in diff.items())
+        return None, f"--resume needs the checkpoint's recipe: {listing}"
+    return state, None
+
+
+def _interrupted(ckpt, model, optimizer, rng, args, pos, ctx, local_rng, saved=False) -> int:
     if not saved:
-        _save_state(ckpt, model, optimizer, rng, args, pos)
+        _save_state(ckpt, model, optimizer, rng, args, pos, ctx, local_rng)
+    if not ctx.is_root:
+        return EXIT_INTERRUPTED
     print(f"interrupted at epoch {pos['epoch'] + 1}, batch {pos['batch']}: checkpoint written "
           f"to {ckpt}; continue with --resume", file=sys.stderr, flush=True)
     return EXIT_INTERRUPTED

@@ -29,6 +29,11 @@ class _hybridmethod:
         return bound
 
 
+def _is_dask(x) -> bool:
+    """A dask array (checked without importing dask)."""
+    return type(x).__module__.startswith("dask.") and hasattr(x, "__dask_graph__")
+
+
 def _batches(n, batch_size):
     for start in range(0, n, batch_size):
         yield slice(start, min(start + batch_size, n))
@@ -163,7 +168,14 @@ class Sequential:
 
         ``transform`` (optional) maps each raw batch to the model's input (e.g. uint8 images to
         normalized float32).
+
+        ``x`` may be a dask array chunked along the batch axis: the result is then a lazy dask
+        array, one task per chunk (see ``fastconv.distributed.predict_dask``).
         """
+        if _is_dask(x):
+            from ..distributed._dask import predict_dask
+
+            return predict_dask(self, x, batch_size=batch_size, transform=transform)
         n = len(x)
         outs = []
         for s in _batches(n, batch_size):
@@ -174,7 +186,16 @@ class Sequential:
         return np.concatenate(outs)
 
     def evaluate(self, x, y, batch_size=256, transform=None, loss=None):
-        """``(mean loss, accuracy)`` of the model on ``(x, y)`` in inference mode."""
+        """``(mean loss, accuracy)`` of the model on ``(x, y)`` in inference mode.
+
+        ``x`` (and ``y``) may be dask arrays: the blocks are evaluated where the data lives and
+        only their sums come back (see ``fastconv.distributed.evaluate_dask``).
+        """
+        if _is_dask(x) or _is_dask(y):
+            from ..distributed._dask import evaluate_dask
+
+            return evaluate_dask(self, x, y, batch_size=batch_size, transform=transform,
+                                 loss=loss)
         loss = loss or SoftmaxCrossEntropy()
         y = np.asarray(y)
         total, correct = 0.0, 0
@@ -188,7 +209,7 @@ class Sequential:
 
     def fit(self, x, y, epochs=1, batch_size=64, optimizer=None, loss=None, rng=None,
             shuffle=True, validation_data=None, transform=None, lr_schedule=None,
-            verbose=True):
+            verbose=True, comm=None):
         """Train with mini-batches; returns a history dict of per-epoch lists.
 
         Parameters
@@ -200,10 +221,21 @@ class Sequential:
         transform : maps a raw batch of ``x`` to the model's input
         lr_schedule : optional ``f(epoch) -> lr`` applied at the start of each epoch
         verbose : print one line per epoch
+        comm : an mpi4py communicator (e.g. ``MPI.COMM_WORLD``) to train data-parallel over its
+            ranks: rank 0's weights are broadcast, ``batch_size`` is the global batch, split
+            across the ranks, and the gradients are averaged with one Allreduce per step (see
+            ``fastconv.distributed``); rank 0 alone prints.
 
         History keys: ``loss``, ``time``, ``images_per_s`` and, with validation data,
         ``val_loss`` and ``val_accuracy``.
         """
+        if comm is not None:
+            from ..distributed._fit import fit as fit_mpi
+
+            return fit_mpi(self, x, y, comm, epochs=epochs, batch_size=batch_size,
+                           optimizer=optimizer, loss=loss, rng=rng, shuffle=shuffle,
+                           validation_data=validation_data, transform=transform,
+                           lr_schedule=lr_schedule, verbose=verbose)
         optimizer = optimizer or Adam()
         loss = loss or SoftmaxCrossEntropy()
         if rng is not None:  # one generator for shuffling and dropout
