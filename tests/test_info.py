@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import fastconv as fc
 from fastconv._cli import info as _info
 
@@ -52,3 +54,15 @@ def test_info_without_numba(tmp_path):
     assert "numba: not installed" in result.stdout
     numba_line = next(ln for ln in result.stdout.splitlines() if ln.startswith("  numba "))
     assert numba_line.split(None, 1)[1].strip() != "available"  # the reason instead
+
+
+def test_info_names_the_cython_variant_that_runs():
+    """The line names the variant the loader picked, and a forced one as forced."""
+    if fc.backend_status()["cython"] is not None:
+        pytest.skip("no Cython extension built here")
+    from fastconv.backends.cython import executor
+
+    out = _run_info().stdout
+    assert f"cython extension: variant {executor.VARIANT}, the best this CPU runs" in out
+    forced = _run_info({**os.environ, "FASTCONV_CYTHON_VARIANT": "baseline"}).stdout
+    assert "cython extension: variant baseline, baseline (FASTCONV_CYTHON_VARIANT)" in forced

@@ -88,7 +88,10 @@ def _cython_line(status: dict) -> str:
     module = importlib.import_module("fastconv.backends.cython.executor")
     openmp = getattr(module, "OPENMP", None)
     built = {True: "yes", False: "no (serial build)", None: "unknown"}[openmp]
-    return f"cython extension: built with OpenMP: {built}"
+    forced = os.environ.get("FASTCONV_CYTHON_VARIANT")
+    chosen = f"{forced} (FASTCONV_CYTHON_VARIANT)" if forced else "the best this CPU runs"
+    return (f"cython extension: variant {module.VARIANT}, {chosen}; "
+            f"built with OpenMP: {built}")
 
 
 def _cuda_line(status: dict) -> str:
