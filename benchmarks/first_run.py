@@ -78,7 +78,7 @@ def _steps(backend, cache, steps, limit, target=0.0) -> dict:
 
 def _warmup(cache) -> float:
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "fastconv.cli", "warmup", "--quiet"], env=_env(cache),
+    subprocess.run([sys.executable, "-m", "fastconv", "warmup", "--quiet"], env=_env(cache),
                    check=True, timeout=1200)
     return time.perf_counter() - t
 

@@ -103,7 +103,7 @@ def test_numba_raising_at_import_falls_back_to_cython(tmp_path):
     mentioning = [m for m in out["warnings"] if NUMPY_TOO_NEW in m]
     assert len(mentioning) == 1, out["warnings"]
 
-    info = subprocess.run([sys.executable, "-m", "fastconv.cli", "info"], env=env,
+    info = subprocess.run([sys.executable, "-m", "fastconv", "info"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert info.returncode == 0, info.stderr
     numba_row = next(ln for ln in info.stdout.splitlines() if ln.strip().startswith("numba "))
@@ -125,7 +125,7 @@ def test_bad_warmup_nets_variable_is_a_clear_error(monkeypatch):
 
 
 def test_warmup_cli_rejects_unknown_nets():
-    run = subprocess.run([sys.executable, "-m", "fastconv.cli", "warmup", "--nets", "resnet"],
+    run = subprocess.run([sys.executable, "-m", "fastconv", "warmup", "--nets", "resnet"],
                          capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert run.returncode == 2
@@ -236,7 +236,7 @@ def test_failed_background_compile_stays_on_cython_with_one_message(tmp_path):
 @pytest.mark.slow  # compiles LeNet-5's kernels once (~15-40 s)
 def test_warmup_then_a_fresh_process_compiles_nothing(tmp_path):
     env = _env(tmp_path)
-    run = subprocess.run([sys.executable, "-m", "fastconv.cli", "warmup", "--nets", "lenet5"],
+    run = subprocess.run([sys.executable, "-m", "fastconv", "warmup", "--nets", "lenet5"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = run.stdout.strip().splitlines()[-1]

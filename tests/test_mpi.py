@@ -296,7 +296,8 @@ def _run_cli(out, argv, crash_at=None):
     """``fastconv train --distributed`` with every checkpoint write logged per rank."""
     from mpi4py import MPI
 
-    from fastconv import cli, nn
+    from fastconv import nn
+    from fastconv._cli import main as cli
     from fastconv.distributed import _train
     from fastconv.nn import checkpoint
 
