@@ -1,0 +1,41 @@
+"""Tensors to kernel arrays and back, without copies.
+
+A CPU tensor becomes a NumPy view of its storage (``Tensor.numpy``: no copy; a non-contiguous
+one, e.g. channels_last, is made contiguous once by fastconv's validation). A CUDA tensor is
+passed as it is: it exposes ``__cuda_array_interface__``, so fastconv's selection routes it to
+the ``cuda`` backend, which returns a device array that :func:`to_tensor` wraps in place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def to_array(t: torch.Tensor):
+    """The array fastconv's kernels see for ``t`` (a view, never a copy)."""
+    if t.device.type == "cpu":
+        return t.detach().resolve_neg().numpy()
+    return t.detach()
+
+
+def to_tensor(a, like: torch.Tensor) -> torch.Tensor:
+    """A tensor over the kernel result ``a`` on ``like``'s device (no copy)."""
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(a)
+    return torch.as_tensor(a, device=like.device)
+
+
+def backend_arg(backend) -> str:
+    """The ops carry the backend as a string ("" = fastconv's own selection)."""
+    if backend is None:
+        return ""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a backend name or None, got {backend!r}")
+    return backend
+
+
+def backend_kw(backend: str):
+    return backend or None
