@@ -2,8 +2,9 @@
 
 A CPU tensor becomes a NumPy view of its storage (``Tensor.numpy``: no copy; a non-contiguous
 one, e.g. channels_last, is made contiguous once by fastconv's validation). A CUDA tensor is
-passed as it is: it exposes ``__cuda_array_interface__``, so fastconv's selection routes it to
-the ``cuda`` backend, which returns a device array that :func:`to_tensor` wraps in place.
+passed as a view that exposes its ``__cuda_array_interface__`` (with a NumPy dtype), so
+fastconv's selection routes it to the ``cuda`` backend, which uses the memory in place and
+returns a device array that :func:`to_tensor` wraps in place.
 """
 
 from __future__ import annotations
@@ -14,11 +15,23 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
+class CudaView:
+    """A CUDA tensor as fastconv sees a device array: ``__cuda_array_interface__``, ``shape``
+    and a NumPy ``dtype``; it keeps the tensor alive."""
+
+    def __init__(self, t):
+        self.tensor = t
+        self.__cuda_array_interface__ = t.__cuda_array_interface__
+        self.shape = tuple(t.shape)
+        self.dtype = np.dtype(str(t.dtype).removeprefix("torch."))
+
+
 def to_array(t: torch.Tensor):
-    """The array fastconv's kernels see for ``t`` (a view, never a copy)."""
+    """The array fastconv's kernels see for ``t`` (a view; a CUDA tensor is made contiguous
+    on the device if it is not)."""
     if t.device.type == "cpu":
         return t.detach().resolve_neg().numpy()
-    return t.detach()
+    return CudaView(t.detach().contiguous())
 
 
 def to_tensor(a, like: torch.Tensor) -> torch.Tensor:
