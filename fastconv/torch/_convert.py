@@ -27,12 +27,12 @@ def _swap(module: nn.Module, backend, name: str, skipped: list):
         reason = unsupported_conv(module)
         if reason is None:
             return _adopt(Conv2d, module, backend)
-        skipped.append(f"{name or '<model>'} ({reason})")
+        skipped.append(f"{name or '<model>'}: {reason}")
     elif type(module) is nn.MaxPool2d:
         return _adopt(MaxPool2d, module, backend)
     elif isinstance(module, (nn.Conv2d, nn.MaxPool2d)) and not isinstance(
             module, (Conv2d, MaxPool2d)):
-        skipped.append(f"{name or '<model>'} (subclass {type(module).__name__})")
+        skipped.append(f"{name or '<model>'}: subclass {type(module).__name__}")
     for child_name, child in list(module.named_children()):
         new = _swap(child, backend, f"{name}.{child_name}" if name else child_name, skipped)
         if new is not child:
