@@ -235,15 +235,24 @@ def test_no_grad_inference_mode_and_frozen_inputs():
     assert not ft.conv2d(x, frozen).requires_grad  # no input needs a gradient, as in torch
 
 
-def test_torch_compile_of_the_functional_ops():
-    x = torch.randn(2, 3, 10, 10)
-    w = torch.randn(4, 3, 3, 3)
+def test_torch_compile_inductor_of_the_functional_ops():
+    # The default (inductor) backend, forward and backward, in one graph (fullgraph=True: the
+    # operators do not break the graph).
+    x = torch.randn(2, 3, 10, 10, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
 
     def f(x, w):
         return ft.max_pool2d(torch.relu(ft.conv2d(x, w, padding=1)), 2, ceil_mode=True)
 
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x, w), f(x, w))
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(x, w)
+    ref = f(x, w)
+    torch.testing.assert_close(out, ref)
+    dy = torch.randn(ref.shape)
+    got = torch.autograd.grad(out, (x, w), dy)
+    want = torch.autograd.grad(ref, (x, w), dy)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
 
 
 # ------------------------------------------------------------------ bad input
