@@ -30,7 +30,10 @@ def to_array(t: torch.Tensor):
     """The array fastconv's kernels see for ``t`` (a view; a CUDA tensor is made contiguous
     on the device if it is not)."""
     if t.device.type == "cpu":
-        return t.detach().resolve_neg().numpy()
+        try:
+            return t.numpy()
+        except RuntimeError:  # it requires grad, or carries a lazy negation bit
+            return t.detach().resolve_neg().numpy()
     return CudaView(t.detach().contiguous())
 
 

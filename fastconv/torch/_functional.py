@@ -11,11 +11,34 @@ import numbers
 
 import torch
 
-from . import _ops  # noqa: F401  (registers the operators)
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import _ops
 from ._bridge import FLOAT_DTYPES, backend_arg
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _direct(*tensors) -> bool:
+    """Whether the operator's kernel may run as a plain call, skipping the dispatcher: eager
+    mode (not compiling, no dispatch mode such as FakeTensorMode, no functorch transform),
+    plain tensors, and no gradient to record. Anything else goes through ``torch.ops``."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)
+                              or _is_wrapped(t)):
+            return False
+    return True
 
 
 def _pair(name: str, v) -> list[int]:
+    if type(v) is int:
+        return [v, v]
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return list(v)
     if isinstance(v, numbers.Integral) and not isinstance(v, bool):
         return [int(v), int(v)]
     if isinstance(v, (tuple, list)) and len(v) == 1:
@@ -82,9 +105,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     pad = [0, 0] if isinstance(padding, str) else _pair("padding", padding)
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
         raise TypeError(f"groups must be an int, got {groups!r}")
-    y = torch.ops.fastconv.conv2d(x, weight, bias, _pair("stride", stride), pad,
-                                  _pair("dilation", dilation), int(groups), same,
-                                  backend_arg(backend))
+    op = _ops.conv2d_impl if _direct(x, weight, bias) else torch.ops.fastconv.conv2d
+    y = op(x, weight, bias, _pair("stride", stride), pad, _pair("dilation", dilation),
+           int(groups), same, backend_arg(backend))
     return y.squeeze(0) if unbatched else y
 
 
@@ -112,9 +135,9 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     k = _pair("kernel_size", kernel_size)
     s = k if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) \
         else _pair("stride", stride)
-    y, idx = torch.ops.fastconv.max_pool2d(x, k, s, _pair("padding", padding),
-                                           _pair("dilation", dilation), bool(ceil_mode),
-                                           backend_arg(backend))
+    op = _ops.max_pool2d_impl if _direct(x) else torch.ops.fastconv.max_pool2d
+    y, idx = op(x, k, s, _pair("padding", padding), _pair("dilation", dilation),
+                bool(ceil_mode), backend_arg(backend))
     if unbatched:
         y, idx = y.squeeze(0), idx.squeeze(0)
     return (y, idx) if return_indices else y

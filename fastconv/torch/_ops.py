@@ -6,6 +6,10 @@ are ``[h, w]`` lists, ``same`` selects ``padding="same"`` (then ``padding`` is `
 (an operator cannot return None).
 
 Every output is a new contiguous NCHW tensor (also for a channels_last input).
+
+``conv2d_impl`` / ``max_pool2d_impl`` are the operators' kernels as plain functions: the
+functional wrappers call them directly when nothing but the result is wanted (see
+``_functional._direct``), which saves the dispatcher's per-call cost on small shapes.
 """
 
 from __future__ import annotations
@@ -31,8 +35,7 @@ def _conv_out(size, k, s, p, d):
 # ------------------------------------------------------------------------- conv2d
 
 
-@torch.library.custom_op("fastconv::conv2d", mutates_args=())
-def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+def conv2d_impl(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
            padding: List[int], dilation: List[int], groups: int, same: bool,
            backend: str) -> Tensor:
     """``fastconv.conv2d`` on tensors: (N, C_in, H, W) -> (N, C_out, H_out, W_out)."""
@@ -40,6 +43,9 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[i
                   stride=tuple(stride), padding=_padding(padding, same),
                   dilation=tuple(dilation), groups=groups, backend=backend_kw(backend))
     return to_tensor(y, input)
+
+
+conv2d = torch.library.custom_op("fastconv::conv2d", conv2d_impl, mutates_args=())
 
 
 @conv2d.register_fake
@@ -140,14 +146,16 @@ def _pool_out(size, k, s, p, d, ceil_mode):
     return out
 
 
-@torch.library.custom_op("fastconv::max_pool2d", mutates_args=())
-def max_pool2d(input: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
+def max_pool2d_impl(input: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
                dilation: List[int], ceil_mode: bool, backend: str) -> Tuple[Tensor, Tensor]:
     """``fastconv.max_pool2d``: (output, int64 flat indices into each H*W input plane)."""
     y, idx = fc.max_pool2d(to_array(input), tuple(kernel_size), stride=tuple(stride),
                            padding=tuple(padding), dilation=tuple(dilation),
                            ceil_mode=ceil_mode, backend=backend_kw(backend))
     return to_tensor(y, input), to_tensor(idx, input)
+
+
+max_pool2d = torch.library.custom_op("fastconv::max_pool2d", max_pool2d_impl, mutates_args=())
 
 
 @max_pool2d.register_fake
