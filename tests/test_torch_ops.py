@@ -235,6 +235,29 @@ def test_no_grad_inference_mode_and_frozen_inputs():
     assert not ft.conv2d(x, frozen).requires_grad  # no input needs a gradient, as in torch
 
 
+def test_dispatch_modes_see_the_operators_even_without_grad():
+    # Eager calls that record no gradient skip the dispatcher; under a dispatch mode (here a
+    # recording one, as profilers and FakeTensorMode are) they must go through it.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(3, 2, 3, 3)
+    with torch.no_grad(), Record() as rec:
+        y = ft.conv2d(x, w)
+        p = ft.max_pool2d(x, 2)
+    assert "fastconv.conv2d.default" in rec.ops and "fastconv.max_pool2d.default" in rec.ops
+    torch.testing.assert_close(y, F.conv2d(x, w), rtol=1e-4, atol=1e-5)
+    assert torch.equal(p, F.max_pool2d(x, 2))
+
+
 def test_torch_compile_inductor_of_the_functional_ops():
     # The default (inductor) backend, forward and backward, in one graph (fullgraph=True: the
     # operators do not break the graph).
