@@ -105,7 +105,8 @@ def test_convert_keeps_parameters_and_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ft.convert(model[1:])  # nothing left to swap or to warn about
-    nested = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 1, padding_mode="circular")))
+    nested = nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 1, padding_mode="circular")))
     with pytest.warns(UserWarning, match=r"0\.1: padding_mode='circular'"):
         ft.convert(nested)
     assert type(nested[0][0]) is ft.Conv2d and type(nested[0][1]) is nn.Conv2d
@@ -177,7 +178,6 @@ def test_to_sequential_and_back():
     ).eval()
     seq = ft.to_sequential(tmodel)
     assert set(seq.state_dict()) == set(tmodel.state_dict())
-    x, _ = _batch(4)
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         ref = tmodel(x).numpy()
