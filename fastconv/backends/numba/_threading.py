@@ -8,6 +8,9 @@ Decisions (DESIGN §2, measured on a 2-core machine):
 * ``omp`` (GNU libgomp) keeps its threads spinning after a parallel region, which starved
   OpenBLAS on 2 cores (docs/performance.md). So ``OMP_WAIT_POLICY=PASSIVE`` is set before Numba
   starts its OpenMP pool, unless the user set it. libgomp reads it once, when it loads.
+* ``omp`` on its own runtime: when another libgomp (PyTorch's) is already in the process, Numba's
+  pool is loaded bound to the libgomp it links, not to that one (``_openmp``); checked at import
+  and again before the first launch (torch may be imported in between).
 * ``workqueue`` aborts the process when two Python threads launch parallel kernels at once. When
   it is the layer in use, every parallel kernel call takes one process-wide lock.
 * GNU OpenMP is not fork-safe: a child forked after the parent ran OpenMP threads would hang or be
@@ -33,7 +36,11 @@ import os
 import threading
 import warnings
 
-from .._openmp import forked_from_gnu_openmp_parent, gnu_openmp_loaded  # sets OMP_WAIT_POLICY
+from .._openmp import (  # sets OMP_WAIT_POLICY
+    forked_from_gnu_openmp_parent,
+    gnu_openmp_loaded,
+    load_bound_to_own_runtime,
+)
 
 import numba  # noqa: E402  (after OMP_WAIT_POLICY on purpose)
 from numba import njit  # noqa: E402
@@ -85,6 +92,16 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 if _omp_would_be_chosen() and forked_from_gnu_openmp_parent():
     _use_workqueue_after_fork()
 
+_OMP_POOL = "numba.np.ufunc.omppool"
+
+
+def _own_omp_runtime():
+    if _omp_would_be_chosen():
+        load_bound_to_own_runtime(_OMP_POOL)
+
+
+_own_omp_runtime()
+
 
 def threading_layer() -> str | None:
     """The Numba threading layer in use, or None before the first parallel kernel ran."""
@@ -125,6 +142,8 @@ def run(kernel, *args):
         return _serial(kernel)(*args)
     if _layer is None or _layer == "workqueue":
         with _launch_lock:
+            if _layer is None:
+                _own_omp_runtime()
             result = _call(kernel, args)
             if _layer is None:
                 _layer = numba.threading_layer()
