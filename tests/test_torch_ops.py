@@ -355,7 +355,7 @@ def test_cuda_tensors_route_to_the_cuda_backend_under_the_simulator():
         import numpy as np, torch
         from numba import cuda
         import fastconv as fc
-        from fastconv.backends import numba_cuda
+        from fastconv.backends.cuda import executor as numba_cuda
         from fastconv.torch import _bridge
 
         class FakeCudaTensor:
