@@ -2,7 +2,7 @@
 
 All package metadata lives in pyproject.toml; this file only adds the compiled kernels, and
 never makes installation fail: without Cython or a working C compiler fastconv installs without
-the extensions, and ``fastconv.backends.cython_cpu.unavailable_reason()`` says why.
+the extensions, and ``fastconv.backends.cython.executor.unavailable_reason()`` says why.
 
 The kernels are written once, in ``fastconv/backends/cython/_kernels.pyx.tp`` (a Tempita
 template, as scikit-learn's ``.pyx.tp`` files); this file expands it into one ``.pyx`` per

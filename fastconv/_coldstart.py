@@ -78,12 +78,6 @@ def numba_ready() -> bool:
         return _state in ("warm", "off")
 
 
-def deferring() -> bool:
-    """True while automatic selection keeps numba aside (compiling in the background, or that
-    compile failed): code outside the backends that would JIT (the fused Adam update) waits too."""
-    return _state in ("pending", "failed")
-
-
 def state() -> str:
     """``unknown`` (not decided yet), ``off``, ``warm``, ``pending`` or ``failed``."""
     return _state
@@ -263,7 +257,11 @@ def _remove_log() -> None:
 def _stop_child() -> None:
     """At exit: a child still compiling is terminated (what it cached so far stays cached)."""
     proc = _proc
-    if proc is None or proc.poll() is not None:
+    if proc is None:
+        return
+    if proc.poll() is not None:
+        if proc.returncode == 0:
+            _remove_log()  # a failed child's log stays: the failure message names it
         return
     proc.terminate()
     try:

@@ -147,13 +147,16 @@ def current_backend_name(*arrays) -> str:
     return "numpy"
 
 
+#: The start of the numba backend's reason when Numba is installed but raises at import (a
+#: NumPy it was not built for, a broken llvmlite): automatic selection then warns once.
+NUMBA_BROKEN_IMPORT = "numba is installed but failed to import"
 _broken_warned = False
 
 
 def _warn_broken_numba(reason: str) -> None:
     """Automatic selection passes over an installed numba that fails to import: say so once."""
     global _broken_warned
-    if not _broken_warned and reason.startswith("numba is installed but"):
+    if not _broken_warned and reason.startswith(NUMBA_BROKEN_IMPORT):
         _broken_warned = True
         warnings.warn(f"fastconv: {reason}; automatic backend selection falls back to the next "
                       f"of {', '.join(AUTO_ORDER[1:])}", RuntimeWarning, stacklevel=4)

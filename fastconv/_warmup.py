@@ -207,7 +207,7 @@ def main(argv=None) -> int:
             pass
     from . import _coldstart, _dispatch
 
-    reason = _dispatch.backend_status()["numba"]
+    reason = _dispatch._load("numba")[1]  # numba alone: no other backend (CUDA) probed
     if reason is not None:
         print(f"fastconv warmup: error: the numba backend is not available: {reason}",
               file=sys.stderr)

@@ -111,7 +111,7 @@ def test_results_identical_in_every_import_order():
 def test_numba_pool_does_not_bind_to_torchs_openmp(tmp_path):
     import numba
 
-    if numba.config.THREADING_LAYER not in ("default", "omp", "threadsafe", "safe"):
+    if numba.config.THREADING_LAYER not in ("default", "omp", "threadsafe"):
         pytest.skip(f"NUMBA_THREADING_LAYER={numba.config.THREADING_LAYER}: no omp pool")
     trace = tmp_path / "ld"
     result = _run("torch_first", {"LD_DEBUG": "bindings", "LD_DEBUG_OUTPUT": str(trace)})
@@ -124,3 +124,43 @@ def test_numba_pool_does_not_bind_to_torchs_openmp(tmp_path):
     for ln in lines:
         target = ln.split(" to ", 1)[1]
         assert "libgomp" in target and torch_lib not in target, ln
+
+
+_FORK_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, warnings
+    import torch
+    import numpy as np
+    import fastconv as fc
+    torch.set_num_threads(2)
+    torch.ones(256, 256) @ torch.ones(256, 256)       # torch's OpenMP threads have run
+    from fastconv import _dispatch
+    _dispatch.get_backend("numba")                    # fastconv's numba side imported, unused
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    ref = fc.conv2d(x, w, backend="numpy")
+    pid = os.fork()
+    if pid == 0:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = fc.conv2d(x, w, backend="numba")
+        ok = np.allclose(y, ref, rtol=1e-4, atol=1e-4)
+        forks = [str(c.message) for c in caught if "forked" in str(c.message)]
+        os._exit(0 if ok and not forks else 3 if forks else 4)
+    _, status = os.waitpid(pid, 0)
+    print("CHILD", os.waitstatus_to_exitcode(status))
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_fork_after_torch_keeps_numbas_threads_and_says_nothing(tmp_path):
+    """A child forked after torch ran its OpenMP threads (a DataLoader worker) runs numba's
+    kernels on numba's own runtime, correctly, with no fork warning: torch's libgomp is not
+    the one numba's pool uses."""
+    env = {k: v for k, v in os.environ.items() if k != "FASTCONV_BACKEND"}
+    run = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "CHILD 0" in run.stdout, run.stdout + run.stderr

@@ -114,6 +114,16 @@ def test_convert_keeps_parameters_and_warns_once():
     assert type(single) is ft.MaxPool2d and single.backend == "numpy"
 
 
+def test_convert_leaves_a_half_models_layers_and_says_which():
+    model = small_net().half()
+    with pytest.warns(UserWarning, match=r"float16") as caught:
+        ft.convert(model)
+    assert not any(isinstance(m, (ft.Conv2d, ft.MaxPool2d)) for m in model.modules())
+    msg = next(str(w.message) for w in caught if "fastconv.torch.convert" in str(w.message))
+    pools = [i for i, m in enumerate(model) if isinstance(m, nn.MaxPool2d)]
+    assert all(f"{i}: the model's dtype torch.float16" in msg for i in pools), msg
+
+
 def test_converted_model_matches_stock_outputs_gradients_and_training():
     stock = small_net()
     converted = ft.convert(copy.deepcopy(stock))

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads for the numba backend (numba.set_num_threads)")
     p.add_argument("--blas-threads", type=int, default=1,
                    help="OpenBLAS threads for the dense layers (default: %(default)s; 0 = leave "
-                        "as is); see fastconv/nn/_blas.py for why one")
+                        "as is); see fastconv/_cli/blas.py for why one")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over MPI: run under mpiexec -n N; --batch-size is the "

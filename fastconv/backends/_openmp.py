@@ -10,7 +10,7 @@ behaviours are handled here, once:
   loads its runtime) sets ``PASSIVE``; a user's own setting wins.
 * Another libgomp already in the process. PyTorch's wheels ship their own ``libgomp.so.1`` and
   load it into the global symbol scope (``RTLD_GLOBAL``) when ``torch`` is imported, reading its
-  environment then (so without ``PASSIVE``: idle threads spin ~3 ms after each region). A
+  environment then (so without ``PASSIVE``: idle threads spin for a while after each region). A
   library loaded later resolves ``GOMP_parallel`` and friends in that global scope first, so
   Numba's ``omp`` pool would run on torch's spinning runtime even though it links its own copy:
   that is why a fastconv step slowed many-fold with ``import torch`` first. Numba's pool is
@@ -31,30 +31,35 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def gnu_openmp_mapping(pid="self") -> str | None:
+_TORCH_LIBS = "/torch/lib/"
+
+
+def gnu_openmp_mapping(pid="self", skip_torch=False) -> str | None:
     """Address range of the first GNU libgomp in process ``pid``; None if unmapped or unknown.
 
-    (PyTorch's bundled ``torch/lib/libgomp.so.1`` is a GNU libgomp too and is matched.)
+    PyTorch's bundled ``torch/lib/libgomp.so.1`` is a GNU libgomp too and is matched, unless
+    ``skip_torch``: Numba's pool never runs on it (:func:`load_bound_to_own_runtime`), while a
+    Cython ``prange`` may (it links ``libgomp.so.1`` by the name torch's copy registered).
     """
     try:
         with open(f"/proc/{pid}/maps") as f:
             for line in f:
-                if "/libgomp.so" in line:
+                if "/libgomp.so" in line and not (skip_torch and _TORCH_LIBS in line):
                     return line.split()[0]
     except OSError:
         pass
     return None
 
 
-def gnu_openmp_loaded() -> bool:
-    """Whether this process has the system libgomp mapped."""
-    return gnu_openmp_mapping() is not None
+def gnu_openmp_loaded(skip_torch=False) -> bool:
+    """Whether this process has a GNU libgomp mapped (PyTorch's too, unless ``skip_torch``)."""
+    return gnu_openmp_mapping(skip_torch=skip_torch) is not None
 
 
-def forked_from_gnu_openmp_parent() -> bool:
+def forked_from_gnu_openmp_parent(skip_torch=False) -> bool:
     """Whether this process is a fork of a parent that had libgomp loaded (same mapping)."""
-    mine = gnu_openmp_mapping()
-    return mine is not None and mine == gnu_openmp_mapping(os.getppid())
+    mine = gnu_openmp_mapping(skip_torch=skip_torch)
+    return mine is not None and mine == gnu_openmp_mapping(os.getppid(), skip_torch)
 
 
 def load_bound_to_own_runtime(module: str) -> bool:

@@ -461,6 +461,7 @@ class PhaseSplit:
     wp: int = 0
 
 
+@lru_cache(maxsize=1024)  # planned, then asked again by each backward call
 def grad_input_phases(x_shape, w_shape, p) -> PhaseSplit | None:
     """The stride-phase split of dx (groups 1), or None where it does not apply.
 

@@ -126,17 +126,31 @@ class Adam(Optimizer):
         b1, b2 = self.betas
         step_size = self.lr / (1.0 - b1 ** self.t)
         bc2_sqrt = math.sqrt(1.0 - b2 ** self.t)
+        ops = None
         for name, p in params.items():
             m = self.exp_avg.get(name)
             if m is None:
                 m = self.exp_avg[name] = np.zeros_like(p)
                 self.exp_avg_sq[name] = np.zeros_like(p)
-            ops = _dispatch.get_backend("numpy") if self.fused is False else self._ops(p)
-            if self.fused and not ops.COMPILED_ADAM:
-                raise RuntimeError("Adam(fused=True) needs a backend with a compiled update "
-                                   f"(numba), not {self.backend or 'the one selected'!r}")
+            if ops is None:  # one backend for the whole step (parameters share a device)
+                ops = self._update_ops(p)
             ops.adam_update(p, grads[name], m, self.exp_avg_sq[name], b1, b2, self.eps,
                             step_size, bc2_sqrt, self.weight_decay)
+
+    def _update_ops(self, p):
+        """The backend whose ``adam_update`` runs: NumPy for ``fused=False``; for
+        ``fused=True`` a backend with a compiled update (the named one, else numba, even while
+        automatic selection runs cython during a background compile); else the selection."""
+        if self.fused is False:
+            return _dispatch.get_backend("numpy")
+        if not self.fused:
+            return self._ops(p)
+        name = self.backend or "numba"
+        ops = _dispatch.get_backend(name)
+        if not ops.COMPILED_ADAM:
+            raise RuntimeError(f"Adam(fused=True) needs a backend with a compiled update "
+                               f"(numba), not {name!r}")
+        return ops
 
     def state_dict(self):
         return {"lr": self.lr, "step": self.t, "exp_avg": _copy_tree(self.exp_avg),

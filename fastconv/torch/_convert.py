@@ -22,19 +22,22 @@ def _adopt(cls, old: nn.Module, backend):
     return new
 
 
-def _swap(module: nn.Module, backend, name: str, skipped: list):
+def _swap(module: nn.Module, backend, name: str, skipped: list, pool_reason=None):
     if type(module) is nn.Conv2d:
         reason = unsupported_conv(module)
         if reason is None:
             return _adopt(Conv2d, module, backend)
         skipped.append(f"{name or '<model>'}: {reason}")
     elif type(module) is nn.MaxPool2d:
-        return _adopt(MaxPool2d, module, backend)
+        if pool_reason is None:
+            return _adopt(MaxPool2d, module, backend)
+        skipped.append(f"{name or '<model>'}: {pool_reason}")
     elif isinstance(module, (nn.Conv2d, nn.MaxPool2d)) and not isinstance(
             module, (Conv2d, MaxPool2d)):
         skipped.append(f"{name or '<model>'}: subclass {type(module).__name__}")
     for child_name, child in list(module.named_children()):
-        new = _swap(child, backend, f"{name}.{child_name}" if name else child_name, skipped)
+        new = _swap(child, backend, f"{name}.{child_name}" if name else child_name, skipped,
+                    pool_reason)
         if new is not child:
             setattr(module, child_name, new)
     return module
@@ -46,14 +49,20 @@ def convert(module: nn.Module, backend=None) -> nn.Module:
     The swap is in place (the returned module is ``module`` unless ``module`` itself is a
     layer that was swapped) and keeps the same ``Parameter`` objects, so an optimizer built
     before the swap keeps working and the state dict is unchanged. Layers fastconv cannot take
-    (``padding_mode`` other than 'zeros', dtypes other than float32/float64, subclasses) stay as
-    they are and are listed in one ``UserWarning``.
+    (``padding_mode`` other than 'zeros', dtypes other than float32/float64, subclasses; the
+    pools of a model with parameters of another dtype) stay as they are and are listed in one
+    ``UserWarning``.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     backend = backend_arg(backend) or None
     skipped: list[str] = []
-    converted = _swap(module, backend, "", skipped)
+    # Pools have no parameters of their own: they follow the model's dtype.
+    other = sorted({str(p.dtype) for p in module.parameters()}
+                   - {str(torch.float32), str(torch.float64)})
+    pool_reason = f"the model's dtype {', '.join(other)} (fastconv: float32/float64)" \
+        if other else None
+    converted = _swap(module, backend, "", skipped, pool_reason)
     if skipped:
         warnings.warn(f"fastconv.torch.convert left {len(skipped)} layer(s) as they are: "
                       + "; ".join(skipped), UserWarning, stacklevel=2)

@@ -11,6 +11,7 @@ built and that this CPU runs (``_cpu.cpu_features``); ``FASTCONV_CYTHON_VARIANT`
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from typing import NamedTuple
 
@@ -37,11 +38,9 @@ def _import(variant: str):
 
 
 def _built(variant: str) -> bool:
-    try:
-        _import(variant)
-    except ImportError:
-        return False
-    return True
+    """Whether the variant's module is installed (found, not imported: importing a variant
+    this CPU cannot run could kill the process with SIGILL)."""
+    return importlib.util.find_spec(f"{__package__}._kernels_{variant}") is not None
 
 
 def cpu_features() -> dict:

@@ -49,8 +49,8 @@ from .._openmp import forked_from_gnu_openmp_parent  # (sets OMP_WAIT_POLICY fir
 from .._plan import chunks, padded_vector, round_up, sum_chunks
 from .._winograd_transforms import (HALF, transform_weight, transform_weight_paired,
                                    weight_from_transformed)
-# The ops fastconv.nn needs (the backend contract: see ``_host_ops``).
 from ._variant import VariantError, load as _load_kernels
+# The ops fastconv.nn needs (the backend contract: see ``_host_ops``).
 from .._host_ops import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F401
                          dropout, dropout_backward, relu, relu_backward, sgd_update)
 

@@ -68,14 +68,17 @@ def _use_workqueue_after_fork():
 
 
 def _omp_would_be_chosen() -> bool:
+    """Whether Numba's pool will be its ``omp`` layer: asked for by name, or the first choice
+    it can load of ``default``/``threadsafe`` (tbb, then omp). ``safe`` is tbb alone and
+    ``forksafe`` never GNU OpenMP."""
     layer = numba.config.THREADING_LAYER
-    if layer in ("omp", "threadsafe", "forksafe", "safe"):
-        return layer != "forksafe"
-    if layer == "workqueue" or layer == "tbb":
-        return False
-    from importlib.util import find_spec
+    if layer == "omp":
+        return True
+    if layer in ("default", "threadsafe"):
+        from importlib.util import find_spec
 
-    return find_spec("tbb") is None  # "default": tbb if installed, else omp
+        return find_spec("tbb") is None
+    return False
 
 
 def _after_fork_in_child():
@@ -83,13 +86,13 @@ def _after_fork_in_child():
     _launch_lock = threading.Lock()  # the parent's lock may have been held by another thread
     if _layer is not None or _started_in_parent:
         _forked_child = True
-    elif _omp_would_be_chosen() and gnu_openmp_loaded():
-        _use_workqueue_after_fork()
+    elif _omp_would_be_chosen() and gnu_openmp_loaded(skip_torch=True):
+        _use_workqueue_after_fork()  # (torch's libgomp: Numba's pool binds its own, fresh)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
-if _omp_would_be_chosen() and forked_from_gnu_openmp_parent():
+if _omp_would_be_chosen() and forked_from_gnu_openmp_parent(skip_torch=True):
     _use_workqueue_after_fork()
 
 _OMP_POOL = "numba.np.ufunc.omppool"

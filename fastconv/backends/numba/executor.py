@@ -47,7 +47,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..._dispatch import record_algorithm
+from ..._dispatch import NUMBA_BROKEN_IMPORT, record_algorithm
 from ..._validate import pool_index_error
 from .. import _plan
 from .._plan import chunks, round_up, sum_chunks
@@ -58,11 +58,6 @@ from ._nn import (COMPILED_ADAM, adam_update, dense, dense_backward,  # noqa: F4
 #: The scatter kernel range-checks the max-pool indices itself (``fastconv.max_pool2d_backward``
 #: then skips its separate single-threaded pass over them).
 CHECKS_POOL_INDICES = True
-
-
-#: The start of the reason when Numba is installed but raises at import (a NumPy it was not
-#: built for, a broken llvmlite): automatic selection then warns once (``fastconv._dispatch``).
-BROKEN_IMPORT = "numba is installed but failed to import"
 
 
 def unavailable_reason():
@@ -76,7 +71,7 @@ def unavailable_reason():
     try:
         import numba  # noqa: F401
     except Exception as e:
-        return f"{BROKEN_IMPORT}: {type(e).__name__}: {e}"
+        return f"{NUMBA_BROKEN_IMPORT}: {type(e).__name__}: {e}"
     return None
 
 
@@ -176,11 +171,9 @@ def _direct_forward_kernel(direct, dtype):
     """(kernel, channel unit) of the register-blocked direct forward for this CPU: the
     LLVM-vectorized 4 x 64 block where Numba compiles for AVX-512, else the explicit 6-column
     block of 256-bit vectors (``_simd``: the 4 x 64 block spills there)."""
-    from . import _simd as simd
-
-    if simd.WIDE_VECTORS:
+    if _wide():
         return direct.conv_forward_direct, direct.CB
-    lanes = simd.LANES[np.dtype(dtype)]
+    lanes = _kernels().simd.LANES[np.dtype(dtype)]
     kernel = direct.conv_forward_direct_vec32 if lanes == 8 else direct.conv_forward_direct_vec64
     return kernel, direct.VNV * lanes
 
