@@ -93,26 +93,34 @@ def torch_runner(twin, x, y, bs):
 
 
 def profile_layers(model, x, y, reps=5):
-    """Median ms of each layer's forward and backward on one batch."""
+    """Median ms of each stage's forward and backward on one batch, as ``train_batch`` runs
+    them (a stage is one layer, or element-wise layers fused with a neighbour: see
+    ``fastconv.nn._step``)."""
+    from fastconv.nn import _step
+
     xb = normalize(x)
-    fwd = {i: [] for i in range(len(model))}
-    bwd = {i: [] for i in range(len(model))}
+    stages = _step.plan(model.layers)
+    fwd = {i: [] for i in range(len(stages))}
+    bwd = {i: [] for i in range(len(stages))}
     loss = nn.SoftmaxCrossEntropy()
     for _ in range(reps):
-        a = xb
-        for i, layer in enumerate(model):
+        a, owned = xb, False
+        for i, stage in enumerate(stages):
             t = time.perf_counter()
-            a = layer.forward(a, training=True)
+            a = stage.forward(a, owned)
             fwd[i].append(time.perf_counter() - t)
+            owned = stage.owns_output
         loss.forward(a, y)
-        g = loss.backward()
-        for i in range(len(model) - 1, -1, -1):
+        g, owned = loss.backward(), False
+        for i in range(len(stages) - 1, -1, -1):
             t = time.perf_counter()
-            g = model[i].backward(g, input_grad=i > 0)
+            new = _step.backward_one(stages[i], g, stages[i].first > 0, owned)
             bwd[i].append(time.perf_counter() - t)
-    print(f"  {'layer':58s} {'fwd ms':>8s} {'bwd ms':>8s}")
-    for i, layer in enumerate(model):
-        print(f"  {i:2d} {layer!r:55s} {1e3 * statistics.median(fwd[i]):8.2f} "
+            owned = owned or not np.may_share_memory(new, g)
+            g = new
+    print(f"  {'stage (layers)':58s} {'fwd ms':>8s} {'bwd ms':>8s}")
+    for i, stage in enumerate(stages):
+        print(f"  {stage.describe():58s} {1e3 * statistics.median(fwd[i]):8.2f} "
               f"{1e3 * statistics.median(bwd[i]):8.2f}")
 
 

@@ -5,9 +5,9 @@ sizes their kernels do not take).
 The backend contract (``fastconv._dispatch``) names them; the layers and optimizers reach them
 only through it::
 
-    relu(x) -> y                                  relu_backward(grad, y) -> dx
-    dropout(x, seed, threshold, scale) -> (y, keep)
-    dropout_backward(grad, keep, scale) -> dx
+    relu(x, out=None) -> y                        relu_backward(grad, y, out=None) -> dx
+    dropout(x, seed, threshold, scale, relu=False) -> (y, keep)
+    dropout_backward(grad, keep, scale, relu=False) -> dx
     dense(x, w, b) -> x @ w.T + b                 dense_backward(grad, x, w, input_grad) -> (dx, dw)
     sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov) -> buf
     adam_update(p, g, m, v, b1, b2, eps, step_size, bc2_sqrt, weight_decay)   (in place)
@@ -16,6 +16,12 @@ Semantics are PyTorch's: ReLU's gradient is a select (0 where y <= 0, even for a
 dropout draws element i's mask from splitmix64(seed, i) (``fastconv._splitmix``), so every
 backend gives the same mask from the same seed, and scales by a product (NaN and inf
 propagate); the optimizer updates are ``torch.optim.SGD`` / ``torch.optim.Adam``'s.
+
+``out=`` may be the input itself (``relu(x, out=x)``, ``relu_backward(g, y, out=g)``): the
+training step of ``Sequential`` passes arrays it owns. ``dropout(..., relu=True)`` is dropout
+of ``relu(x)`` in one op, the same values; its ``keep`` then holds ``kept | passed << 1``
+(``passed``: not ``x <= 0``), and ``dropout_backward(..., relu=True)`` is the gradient of both
+(``Sequential``'s training step fuses ReLU -> Dropout with them).
 """
 
 from __future__ import annotations
@@ -28,28 +34,42 @@ from .. import _splitmix
 COMPILED_ADAM = False
 
 
-def relu(x):
-    """max(x, 0), NaN kept."""
-    return np.maximum(x, x.dtype.type(0))
+def relu(x, out=None):
+    """max(x, 0), NaN kept. Into ``out`` when given (may be x)."""
+    return np.maximum(x, x.dtype.type(0), out=out)
 
 
-def relu_backward(grad, y):
-    """0 where the ReLU output y <= 0, else grad."""
-    return np.where(y <= 0, y.dtype.type(0), grad)
+def relu_backward(grad, y, out=None):
+    """0 where the ReLU output y <= 0, else grad. Into ``out`` when given (may be grad)."""
+    dx = np.where(y <= 0, y.dtype.type(0), grad)
+    if out is None:
+        return dx
+    out[...] = dx
+    return out
 
 
-def dropout(x, seed, threshold, scale):
+def dropout(x, seed, threshold, scale, relu=False):
     """(x * (scale where kept, else 0), keep): element i is dropped when the high 32 bits of
-    splitmix64(seed, i) are below ``threshold`` (uint32)."""
+    splitmix64(seed, i) are below ``threshold`` (uint32). With ``relu``, of ``relu(x)``, and
+    keep (uint8) = kept | (not x <= 0) << 1."""
     keep = (_splitmix.hi32(seed, x.size) >= threshold).reshape(x.shape)
     with np.errstate(invalid="ignore"):  # inf * 0 = NaN, as in PyTorch
-        return x * np.where(keep, scale, x.dtype.type(0)), keep
+        if not relu:
+            return x * np.where(keep, scale, x.dtype.type(0)), keep
+        y = np.maximum(x, x.dtype.type(0)) * np.where(keep, scale, x.dtype.type(0))
+    return y, keep.astype(np.uint8) | np.where(x <= 0, np.uint8(0), np.uint8(2))
 
 
-def dropout_backward(grad, keep, scale):
-    """grad * (scale where kept, else 0)."""
+def dropout_backward(grad, keep, scale, relu=False):
+    """grad * (scale where kept, else 0); with ``relu`` (``keep`` from ``dropout(...,
+    relu=True)``), then 0 where the ReLU did not pass."""
+    zero = scale.dtype.type(0)
     with np.errstate(invalid="ignore"):
-        return grad * np.where(keep, scale, scale.dtype.type(0))
+        if not relu:
+            return grad * np.where(keep, scale, zero)
+        dx = grad * np.where(keep & 1, scale, zero)
+    return np.where(keep & 2, dx, zero)
+
 
 
 def dense(x, w, b):

@@ -300,14 +300,17 @@ class Dropout(Layer):
         within 2**-32 of ``p``."""
         return min(int(round(self.p * 2.0**32)), 2**32 - 1)
 
+    def _draw(self, dtype):
+        """(seed, scale) of one training forward: one draw from the generator per call seeds
+        a counter-based stream (``_splitmix``), so every backend gives the same mask from the
+        same seed. (``Sequential``'s training step draws through this too.)"""
+        return np.uint64(self.rng.bit_generator.random_raw()), dtype.type(1.0 / (1.0 - self.p))
+
     def forward(self, x, training=True):
         if not training or self.p == 0.0:
             self._cache = None
             return x
-        scale = x.dtype.type(1.0 / (1.0 - self.p))
-        # One draw from the generator per call seeds a counter-based stream (``_splitmix``):
-        # every backend gives the same mask from the same seed.
-        seed = np.uint64(self.rng.bit_generator.random_raw())
+        seed, scale = self._draw(x.dtype)
         y, keep = _ops(self.backend, x).dropout(x, seed, self._threshold(), scale)
         self._cache = (keep, scale)
         return y

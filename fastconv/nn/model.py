@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from . import _step
 from . import checkpoint as _ckpt
 from .layers import LAYERS, Dropout, Layer
 from .losses import SoftmaxCrossEntropy
@@ -156,10 +157,16 @@ class Sequential:
         return grad
 
     def train_batch(self, x, y, optimizer, loss=None) -> float:
-        """One step: forward, loss, backward, ``optimizer.step``. Returns the batch loss."""
+        """One step: forward, loss, backward, ``optimizer.step``. Returns the batch loss.
+
+        The same outputs and gradients as :meth:`forward` then :meth:`backward`; element-wise
+        layers run fused with their neighbours (``ReLU -> MaxPool2D`` as ``MaxPool2D ->
+        ReLU``, ``ReLU -> Dropout`` in one pass, ReLU in place: see ``fastconv.nn._step``).
+        """
         loss = loss or SoftmaxCrossEntropy()
-        value = loss.forward(self.forward(x, training=True), y)
-        self.backward(loss.backward())
+        stages = _step.plan(self.layers)
+        value = loss.forward(_step.forward(stages, x), y)
+        _step.backward(stages, loss.backward())
         optimizer.step(self.named_parameters(), self.named_grads())
         return value
 

@@ -1,5 +1,6 @@
-"""Parallel element-wise kernels for the layers (ReLU, Dropout) when they run beside the numba
-backend: NumPy's ufuncs are single-threaded and make one pass per operation.
+"""Parallel element-wise kernels for the layers (ReLU, Dropout, and the two fused in one pass)
+when they run beside the numba backend: NumPy's ufuncs are single-threaded and make one pass per
+operation.
 
 Every kernel takes flat, C-contiguous arrays of one length and splits them into ``TASKS`` fixed
 slices, one ``prange`` task each (each task owns its slice of the output). The results are the
@@ -77,3 +78,36 @@ def dropout_backward(grad, keep, scale, out):
             out[U(i)] = grad[U(i)] * (scale if keep[U(i)] else zero)
     return out
 
+
+
+@njit(**PARALLEL)
+def relu_dropout_forward(x, seed, threshold, scale, y, code):
+    """Dropout of ReLU in one pass: y = max(x, 0) * (scale if kept else 0), with the mask of
+    :func:`dropout_forward`; code[i] (uint8) = kept | (ReLU passed, i.e. not x <= 0) << 1.
+
+    The same IEEE operations as ``relu_forward`` then ``dropout_forward``, element by element.
+    """
+    n = x.size
+    zero = scale - scale
+    for t in prange(TASKS):
+        for i in range(t * n // TASKS, (t + 1) * n // TASKS):
+            k = _splitmix_hi32(seed, i) >= threshold
+            v = x[U(i)]
+            r = zero if v <= 0 else v
+            code[U(i)] = np.uint8(k) | (np.uint8(0) if v <= 0 else np.uint8(2))
+            y[U(i)] = r * (scale if k else zero)
+    return y
+
+
+@njit(**PARALLEL)
+def relu_dropout_backward(grad, code, scale, out):
+    """out = 0 where the ReLU did not pass (code bit 1 clear), else grad * (scale if kept
+    else 0): ``dropout_backward`` then ``relu_backward``'s select. ``out`` may be ``grad``."""
+    n = grad.size
+    zero = scale - scale
+    for t in prange(TASKS):
+        for i in range(t * n // TASKS, (t + 1) * n // TASKS):
+            c = code[U(i)]
+            d = grad[U(i)] * (scale if c & np.uint8(1) else zero)
+            out[U(i)] = d if c & np.uint8(2) else zero
+    return out

@@ -28,46 +28,62 @@ def _elementwise():
     return _elementwise, _threading.run
 
 
-def relu(x):
+def _into(out, like):
+    """``out`` if it is a C-contiguous array of ``like``'s shape and dtype, else a new one."""
+    if (isinstance(out, np.ndarray) and out.shape == like.shape and out.dtype == like.dtype
+            and out.flags.c_contiguous and out.flags.writeable):
+        return out
+    return np.empty_like(like)
+
+
+def relu(x, out=None):
     if not _compiled(x):
-        return _host_ops.relu(x)
+        return _host_ops.relu(x, out)
     kernels, run = _elementwise()
     x = np.ascontiguousarray(x)
-    y = np.empty_like(x)
+    y = _into(out, x)
     run(kernels.relu_forward, x.reshape(-1), y.reshape(-1))
+    if out is not None and y is not out:
+        out[...] = y
+        return out
     return y
 
 
-def relu_backward(grad, y):
+def relu_backward(grad, y, out=None):
     if not _compiled(grad) or grad.shape != y.shape:
-        return _host_ops.relu_backward(grad, y)
+        return _host_ops.relu_backward(grad, y, out)
     kernels, run = _elementwise()
     grad = np.ascontiguousarray(grad)
-    out = np.empty_like(grad)
-    return run(kernels.relu_backward, grad.reshape(-1), y.reshape(-1), out.reshape(-1)
-               ).reshape(y.shape)
+    y = np.ascontiguousarray(y)
+    dx = _into(out, grad)
+    run(kernels.relu_backward, grad.reshape(-1), y.reshape(-1), dx.reshape(-1))
+    if out is not None and dx is not out:
+        out[...] = dx
+        return out
+    return dx
 
 
-def dropout(x, seed, threshold, scale):
+def dropout(x, seed, threshold, scale, relu=False):
     if not _compiled(x):
-        return _host_ops.dropout(x, seed, threshold, scale)
+        return _host_ops.dropout(x, seed, threshold, scale, relu)
     kernels, run = _elementwise()
     x = np.ascontiguousarray(x)
     y = np.empty_like(x)
     keep = np.empty(x.shape, np.uint8)
-    run(kernels.dropout_forward, x.reshape(-1), seed, np.uint64(threshold), scale,
-        y.reshape(-1), keep.reshape(-1))
+    kernel = kernels.relu_dropout_forward if relu else kernels.dropout_forward
+    run(kernel, x.reshape(-1), seed, np.uint64(threshold), scale, y.reshape(-1), keep.reshape(-1))
     return y, keep
 
 
-def dropout_backward(grad, keep, scale):
+def dropout_backward(grad, keep, scale, relu=False):
     if not _compiled(grad) or grad.shape != keep.shape or grad.dtype != scale.dtype:
-        return _host_ops.dropout_backward(grad, keep, scale)
+        return _host_ops.dropout_backward(grad, keep, scale, relu)
     kernels, run = _elementwise()
     grad = np.ascontiguousarray(grad)
     out = np.empty_like(grad)
-    return run(kernels.dropout_backward, grad.reshape(-1), keep.reshape(-1), scale,
-               out.reshape(-1)).reshape(grad.shape)
+    kernel = kernels.relu_dropout_backward if relu else kernels.dropout_backward
+    return run(kernel, grad.reshape(-1), keep.reshape(-1), scale, out.reshape(-1)
+               ).reshape(grad.shape)
 
 
 def _gemm(a, m, k, n):
