@@ -10,8 +10,10 @@ compiles, allocator); rounds alternate fastconv / PyTorch ``--rounds`` times and
 images/s of each is reported with their ratio. PyTorch runs in a child process driven round by
 round (see :class:`TorchProcess`; ``--torch-process same`` keeps it in this one). Both use
 ``--threads`` threads (2 by default: ``numba.set_num_threads`` and ``torch.set_num_threads``).
-``--profile`` adds a per-layer breakdown of one fastconv batch. Not a pytest file (pytest
-collects test_*.py / bench_*.py).
+``--profile`` adds a per-stage breakdown of one fastconv batch (the stages of
+``Sequential.train_batch``: a layer, or element-wise layers fused with a neighbour);
+``--memory`` the peak memory (ru_maxrss) of a fresh process per framework training
+``--memory-batches`` batches. Not a pytest file (pytest collects test_*.py / bench_*.py).
 """
 
 from __future__ import annotations
@@ -183,6 +185,66 @@ def serve_torch(args):
             print("ok", flush=True)
 
 
+def _maxrss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def serve_memory(args):
+    """``--serve-memory FRAMEWORK``: in this fresh process, train ``--batches`` batches of the
+    model(s) with FRAMEWORK alone (the other is never imported) and print one line per model:
+    ``name peak_MiB before_MiB`` (ru_maxrss after the batches, and after the model, data and
+    runtime were set up, before the first batch)."""
+    bs = args.batch_size
+    x, y = load_images(bs * args.batches, np.random.default_rng(0))
+    if args.serve_memory == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
+    else:
+        backend = args.backend or fc._dispatch.current_backend_name()
+        fc._dispatch.get_backend(backend)
+        if backend == "numba":
+            import numba
+
+            numba.set_num_threads(args.threads)
+        if args.blas_threads:
+            from fastconv._cli.blas import limit_blas_threads
+
+            limit_blas_threads(args.blas_threads)
+    for name in args.models.split(","):
+        model = nn.ARCHITECTURES[name](rng=np.random.default_rng(1))
+        if args.serve_memory == "torch":
+            run = torch_runner(torch_twin(model), x, y, bs)
+        else:
+            model.set_backend(backend)
+            run = fastconv_runner(model, x, y, bs)
+        before = _maxrss_mib()
+        run(args.batches, 0)
+        print(f"{name} {_maxrss_mib():.1f} {before:.1f}", flush=True)
+
+
+def peak_memory(args) -> dict:
+    """{(framework, model): (peak MiB, MiB before the first batch)}, each in its own fresh
+    process (see :func:`serve_memory`)."""
+    import subprocess
+
+    out = {}
+    for model in args.models.split(","):
+        for fw in ("fastconv", "torch"):
+            cmd = [sys.executable, __file__, "--serve-memory", fw, "--models", model,
+                   "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+                   "--batches", str(args.memory_batches), "--blas-threads",
+                   str(args.blas_threads)]
+            if args.backend:
+                cmd += ["--backend", args.backend]
+            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            name, peak, before = line.split()
+            out[fw, name] = (float(peak), float(before))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="mnist,lenet5")
@@ -199,10 +261,18 @@ def main(argv=None):
     p.add_argument("--blas-threads", type=int, default=1,
                    help="OpenBLAS threads for fastconv's dense layers, as fastconv train "
                         "(default: %(default)s; 0 = leave as is)")
+    p.add_argument("--memory", action="store_true",
+                   help="peak memory (ru_maxrss) of a fresh process per framework and model "
+                        "that trains --memory-batches batches")
+    p.add_argument("--memory-batches", type=int, default=100)
     p.add_argument("--serve-torch", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--serve-memory", choices=["fastconv", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_torch:
         return serve_torch(args)
+    if args.serve_memory:
+        return serve_memory(args)
+    memory = peak_memory(args) if args.memory else None
 
     backend = args.backend or fc._dispatch.current_backend_name()
     # Load the backend (and its threading policy) before torch can load an OpenMP runtime.
@@ -253,6 +323,12 @@ def main(argv=None):
     print("\n| net | fastconv images/s | PyTorch images/s | ratio |\n| --- | ---: | ---: | ---: |")
     for name, f, t, r in rows:
         print(f"| {name} | {f:.0f} | {t:.0f} | {r:.2f} |")
+    if memory:
+        print(f"\nPeak memory (ru_maxrss, MiB) of a fresh process training {args.memory_batches} "
+              f"batches (in parentheses: the growth from before the first batch)\n\n| net | fastconv | PyTorch |\n| --- | ---: | ---: |")
+        for name in args.models.split(","):
+            (fp, fb), (tp, tb) = memory["fastconv", name], memory["torch", name]
+            print(f"| {name} | {fp:.0f} (+{fp - fb:.0f}) | {tp:.0f} (+{tp - tb:.0f}) |")
     return rows
 
 
