@@ -111,3 +111,20 @@ def relu_dropout_backward(grad, code, scale, out):
             d = grad[U(i)] * (scale if c & np.uint8(1) else zero)
             out[U(i)] = d if c & np.uint8(2) else zero
     return out
+
+
+@njit(**dict(PARALLEL, fastmath=False))
+def adam_step(p, g, m, v, b1, b2, eps, step_size, bc2_sqrt, weight_decay):
+    """One ``torch.optim.Adam`` step of flat p, m and v in place, one pass (see
+    ``fastconv.backends._host_ops.adam_update``); no fast-math: the same IEEE operations, in
+    the same order, as the serial pass."""
+    n = p.size
+    one = p.dtype.type(1)
+    for t in prange(TASKS):
+        for i in range(t * n // TASKS, (t + 1) * n // TASKS):
+            gi = g[U(i)] + weight_decay * p[U(i)]
+            mi = b1 * m[U(i)] + (one - b1) * gi
+            vi = b2 * v[U(i)] + (one - b2) * gi * gi
+            m[U(i)] = mi
+            v[U(i)] = vi
+            p[U(i)] -= step_size * (mi / (np.sqrt(vi) / bc2_sqrt + eps))

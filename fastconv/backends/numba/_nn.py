@@ -1,7 +1,7 @@
 """The numba backend's versions of the ops ``fastconv.nn`` needs (see ``_host_ops``): ReLU
 and dropout as parallel element-wise kernels (``_elementwise``), large float32 Dense
 products as register-blocked kernels on numba's threads (``_gemm``), and Adam as one
-compiled pass. Each falls back to the NumPy version for the dtypes and sizes its kernel does
+compiled pass (parallel, ``_elementwise.adam_step``). Each falls back to the NumPy version for the dtypes and sizes its kernel does
 not take. Numba is imported on first call, not with this module.
 """
 
@@ -22,10 +22,33 @@ def _compiled(*arrays) -> bool:
     return all(isinstance(a, np.ndarray) and a.dtype in (np.float32, np.float64) for a in arrays)
 
 
+#: Element-wise ops on fewer elements run on the calling thread alone: waking the other
+#: threads costs more than the pass, and on a loaded machine a sleeping thread can take
+#: milliseconds to get a core (docs/performance.md).
+SERIAL_BELOW = 1 << 15
+
+
 def _elementwise():
     from . import _elementwise, _threading
 
-    return _elementwise, _threading.run
+    return _elementwise, _run
+
+
+def _run(kernel, *args):
+    """``_threading.run(kernel, *args)``, on this thread alone when the first array is small
+    (``SERIAL_BELOW``)."""
+    import numba
+
+    from ._threading import run
+
+    threads = numba.get_num_threads()
+    if args[0].size >= SERIAL_BELOW or threads == 1:
+        return run(kernel, *args)
+    numba.set_num_threads(1)  # this thread's setting only
+    try:
+        return run(kernel, *args)
+    finally:
+        numba.set_num_threads(threads)
 
 
 def _into(out, like):
@@ -126,32 +149,11 @@ def dense_backward(grad, x, w, input_grad=True):
     return dx, dw
 
 
-def _adam_pass(p, g, m, v, b1, b2, eps, step_size, bc2_sqrt, weight_decay):
-    """One fused pass over flat float arrays (the NumPy version makes about 13 passes over
-    model-sized arrays per step)."""
-    one = p.dtype.type(1)
-    for i in range(p.size):
-        gi = g[i] + weight_decay * p[i]
-        mi = b1 * m[i] + (one - b1) * gi
-        vi = b2 * v[i] + (one - b2) * gi * gi
-        m[i] = mi
-        v[i] = vi
-        p[i] -= step_size * (mi / (np.sqrt(vi) / bc2_sqrt + eps))
-
-
-_ADAM = []
-
-
 def adam_update(p, g, m, v, b1, b2, eps, step_size, bc2_sqrt, weight_decay):
     if not (_compiled(p) and p.flags.c_contiguous and g.shape == p.shape):
         return _host_ops.adam_update(p, g, m, v, b1, b2, eps, step_size, bc2_sqrt, weight_decay)
-    if not _ADAM:
-        from numba import njit
-
-        from ._options import CACHE
-
-        # Serial on purpose: safe in any thread and after fork; one pass is memory-bound.
-        _ADAM.append(njit(cache=CACHE, nogil=True, error_model="numpy")(_adam_pass))
+    kernels, run = _elementwise()
     f = p.dtype.type
-    _ADAM[0](p.reshape(-1), np.ascontiguousarray(g, p.dtype).reshape(-1), m.reshape(-1),
-             v.reshape(-1), f(b1), f(b2), f(eps), f(step_size), f(bc2_sqrt), f(weight_decay))
+    run(kernels.adam_step, p.reshape(-1), np.ascontiguousarray(g, p.dtype).reshape(-1),
+        m.reshape(-1), v.reshape(-1), f(b1), f(b2), f(eps), f(step_size), f(bc2_sqrt),
+        f(weight_decay))
