@@ -240,3 +240,24 @@ def test_relu_ops_in_place_and_fused_dropout_equal_the_plain_ops(backend_name, d
         dxd = ops.dropout_backward(g, code, scale, relu=True)
         np.testing.assert_array_equal(dxd, np.where(y_ref <= 0, dtype(0),
                                                     g * np.where(keep, scale, dtype(0))))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_parallel_adam_on_a_large_parameter_follows_torch(dtype):
+    """Above ``SERIAL_BELOW`` elements the numba Adam runs as a parallel pass: three steps of a
+    120,000-element parameter against ``torch.optim.Adam`` (weight decay on)."""
+    if fc.backend_status().get("numba"):
+        pytest.skip("numba unavailable here")
+    rng = np.random.default_rng(11)
+    p = rng.standard_normal((300, 400)).astype(dtype)
+    tp = torch.tensor(p.copy(), requires_grad=True)
+    topt = torch.optim.Adam([tp], lr=1e-2, weight_decay=0.01)
+    opt = nn.Adam(1e-2, weight_decay=0.01, backend="numba", fused=True)
+    for _ in range(3):
+        g = rng.standard_normal(p.shape).astype(dtype)
+        opt.step({"w": p}, {"w": g})
+        tp.grad = torch.tensor(g)
+        topt.step()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(p, tp.detach().numpy(), **tol)
+    np.testing.assert_allclose(opt.exp_avg_sq["w"], topt.state[tp]["exp_avg_sq"].numpy(), **tol)
