@@ -207,16 +207,19 @@ def test_train_batch_writes_neither_input_nor_loss_gradient(rng):
     np.testing.assert_array_equal(loss.grad, loss.kept)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 16, 32, 33)], ids=["small", "large"])
 @pytest.mark.parametrize("backend_name", ["numpy", "numba"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_relu_ops_in_place_and_fused_dropout_equal_the_plain_ops(backend_name, dtype):
+def test_relu_ops_in_place_and_fused_dropout_equal_the_plain_ops(backend_name, dtype, shape):
     """relu(x, out=x), relu_backward(g, y, out=g) and dropout(..., relu=True) against the NumPy
-    expressions they stand for."""
+    expressions they stand for (numba: below and above ``SERIAL_BELOW`` elements, once its
+    thread pool runs)."""
     if fc.backend_status().get(backend_name):
         pytest.skip(f"{backend_name} unavailable here")
     ops = fc._dispatch.get_backend(backend_name)
+    ops.relu(np.ones(1 << 16, dtype))  # starts numba's pool (the small path needs it running)
     rng = np.random.default_rng(10)
-    x = rng.standard_normal((3, 5, 7, 9)).astype(dtype)
+    x = rng.standard_normal(shape).astype(dtype)
     x.flat[::13] = np.nan
     x.flat[5::17] = -0.0
     g = rng.standard_normal(x.shape).astype(dtype)

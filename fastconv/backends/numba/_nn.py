@@ -39,10 +39,14 @@ def _run(kernel, *args):
     (``SERIAL_BELOW``)."""
     import numba
 
-    from ._threading import run
+    from ._threading import run, threading_layer
 
+    # Until ``run`` has started the pool (its first call), numba's thread calls would start it
+    # outside that policy.
+    if args[0].size >= SERIAL_BELOW or threading_layer() is None:
+        return run(kernel, *args)
     threads = numba.get_num_threads()
-    if args[0].size >= SERIAL_BELOW or threads == 1:
+    if threads == 1:
         return run(kernel, *args)
     numba.set_num_threads(1)  # this thread's setting only
     try:
