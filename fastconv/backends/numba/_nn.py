@@ -23,9 +23,11 @@ def _compiled(*arrays) -> bool:
 
 
 #: Element-wise ops on fewer elements run on the calling thread alone: waking the other
-#: threads costs more than the pass, and on a loaded machine a sleeping thread can take
-#: milliseconds to get a core (docs/performance.md).
-SERIAL_BELOW = 1 << 15
+#: threads costs about as much as the pass, and on a loaded machine a sleeping thread can
+#: take milliseconds to get a core (docs/performance.md).
+SERIAL_BELOW = 1 << 17
+#: The same for Adam's pass over one parameter (about 4x the work per element).
+ADAM_SERIAL_BELOW = 1 << 20
 
 
 def _elementwise():
@@ -34,16 +36,17 @@ def _elementwise():
     return _elementwise, _run
 
 
-def _run(kernel, *args):
-    """``_threading.run(kernel, *args)``, on this thread alone when the first array is small
-    (``SERIAL_BELOW``)."""
+def _run(kernel, *args, serial_below=None):
+    """``_threading.run(kernel, *args)``, on this thread alone when the first array has fewer
+    than ``serial_below`` (default ``SERIAL_BELOW``) elements."""
     import numba
 
     from ._threading import run, threading_layer
 
     # Until ``run`` has started the pool (its first call), numba's thread calls would start it
     # outside that policy.
-    if args[0].size >= SERIAL_BELOW or threading_layer() is None:
+    limit = SERIAL_BELOW if serial_below is None else serial_below
+    if args[0].size >= limit or threading_layer() is None:
         return run(kernel, *args)
     threads = numba.get_num_threads()
     if threads == 1:
@@ -160,4 +163,4 @@ def adam_update(p, g, m, v, b1, b2, eps, step_size, bc2_sqrt, weight_decay):
     f = p.dtype.type
     run(kernels.adam_step, p.reshape(-1), np.ascontiguousarray(g, p.dtype).reshape(-1),
         m.reshape(-1), v.reshape(-1), f(b1), f(b2), f(eps), f(step_size), f(bc2_sqrt),
-        f(weight_decay))
+        f(weight_decay), serial_below=ADAM_SERIAL_BELOW)
