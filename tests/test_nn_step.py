@@ -212,12 +212,11 @@ def test_train_batch_writes_neither_input_nor_loss_gradient(rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_relu_ops_in_place_and_fused_dropout_equal_the_plain_ops(backend_name, dtype, shape):
     """relu(x, out=x), relu_backward(g, y, out=g) and dropout(..., relu=True) against the NumPy
-    expressions they stand for (numba: below and above ``SERIAL_BELOW`` elements, once its
-    thread pool runs)."""
+    expressions they stand for (numba: its serial and parallel builds, below and above
+    ``SERIAL_BELOW`` elements)."""
     if fc.backend_status().get(backend_name):
         pytest.skip(f"{backend_name} unavailable here")
     ops = fc._dispatch.get_backend(backend_name)
-    ops.relu(np.ones(1 << 18, dtype))  # starts numba's pool (the small path needs it running)
     rng = np.random.default_rng(10)
     x = rng.standard_normal(shape).astype(dtype)
     x.flat[::13] = np.nan

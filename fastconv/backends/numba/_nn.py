@@ -1,9 +1,8 @@
-"""The numba backend's versions of the ops ``fastconv.nn`` needs (see ``_host_ops``): ReLU
-and dropout as parallel element-wise kernels (``_elementwise``), large float32 Dense
-products as register-blocked kernels on numba's threads (``_gemm``), and Adam as one
-compiled pass (parallel, ``_elementwise.adam_step``). Each falls back to the NumPy version for the dtypes and sizes its kernel does
-not take. Numba is imported on first call, not with this module.
-"""
+"""The numba backend's versions of the ops ``fastconv.nn`` needs (see ``_host_ops``): ReLU,
+dropout (and the two fused) and Adam's update as element-wise kernels (``_elementwise``:
+parallel, or serial on small arrays), large float32 Dense products as register-blocked kernels
+on numba's threads (``_gemm``). Each falls back to the NumPy version for the dtypes and sizes
+its kernel does not take. Numba is imported on first call, not with this module."""
 
 from __future__ import annotations
 
@@ -22,40 +21,32 @@ def _compiled(*arrays) -> bool:
     return all(isinstance(a, np.ndarray) and a.dtype in (np.float32, np.float64) for a in arrays)
 
 
-#: Element-wise ops on fewer elements run on the calling thread alone: waking the other
-#: threads costs about as much as the pass, and on a loaded machine a sleeping thread can
-#: take milliseconds to get a core (docs/performance.md).
+#: Element-wise ops on fewer elements run as the serial builds, on the calling thread: waking
+#: the other threads costs about as much as the pass, and on a loaded machine a sleeping thread
+#: can take milliseconds to get a core (docs/performance.md).
 SERIAL_BELOW = 1 << 17
 #: The same for Adam's pass over one parameter (about 4x the work per element).
 ADAM_SERIAL_BELOW = 1 << 20
 
 
-def _elementwise():
-    from . import _elementwise, _threading
-
-    return _elementwise, _run
+_KERNELS: dict = {}  # name -> (parallel build, serial build), imported on first use
 
 
-def _run(kernel, *args, serial_below=None):
-    """``_threading.run(kernel, *args)``, on this thread alone when the first array has fewer
-    than ``serial_below`` (default ``SERIAL_BELOW``) elements."""
-    import numba
+def _launch(name, *args, serial_below=None):
+    """Run ``_elementwise.<name>`` (parallel, through ``_threading.run``) on ``args``, or its
+    ``<name>_serial`` build when the first array has fewer than ``serial_below`` (default
+    ``SERIAL_BELOW``) elements."""
+    kernels = _KERNELS.get(name)
+    if kernels is None:
+        from . import _elementwise
 
-    from ._threading import run, threading_layer
+        kernels = _KERNELS[name] = (getattr(_elementwise, name),
+                                    getattr(_elementwise, name + "_serial"))
+    if args[0].size < (SERIAL_BELOW if serial_below is None else serial_below):
+        return kernels[1](*args)
+    from ._threading import run
 
-    # Until ``run`` has started the pool (its first call), numba's thread calls would start it
-    # outside that policy.
-    limit = SERIAL_BELOW if serial_below is None else serial_below
-    if args[0].size >= limit or threading_layer() is None:
-        return run(kernel, *args)
-    threads = numba.get_num_threads()
-    if threads == 1:
-        return run(kernel, *args)
-    numba.set_num_threads(1)  # this thread's setting only
-    try:
-        return run(kernel, *args)
-    finally:
-        numba.set_num_threads(threads)
+    return run(kernels[0], *args)
 
 
 def _into(out, like):
@@ -69,10 +60,9 @@ def _into(out, like):
 def relu(x, out=None):
     if not _compiled(x):
         return _host_ops.relu(x, out)
-    kernels, run = _elementwise()
     x = np.ascontiguousarray(x)
     y = _into(out, x)
-    run(kernels.relu_forward, x.reshape(-1), y.reshape(-1))
+    _launch("relu_forward", x.reshape(-1), y.reshape(-1))
     if out is not None and y is not out:
         out[...] = y
         return out
@@ -82,11 +72,10 @@ def relu(x, out=None):
 def relu_backward(grad, y, out=None):
     if not _compiled(grad) or grad.shape != y.shape:
         return _host_ops.relu_backward(grad, y, out)
-    kernels, run = _elementwise()
     grad = np.ascontiguousarray(grad)
     y = np.ascontiguousarray(y)
     dx = _into(out, grad)
-    run(kernels.relu_backward, grad.reshape(-1), y.reshape(-1), dx.reshape(-1))
+    _launch("relu_backward", grad.reshape(-1), y.reshape(-1), dx.reshape(-1))
     if out is not None and dx is not out:
         out[...] = dx
         return out
@@ -96,24 +85,22 @@ def relu_backward(grad, y, out=None):
 def dropout(x, seed, threshold, scale, relu=False):
     if not _compiled(x):
         return _host_ops.dropout(x, seed, threshold, scale, relu)
-    kernels, run = _elementwise()
     x = np.ascontiguousarray(x)
     y = np.empty_like(x)
     keep = np.empty(x.shape, np.uint8)
-    kernel = kernels.relu_dropout_forward if relu else kernels.dropout_forward
-    run(kernel, x.reshape(-1), seed, np.uint64(threshold), scale, y.reshape(-1), keep.reshape(-1))
+    _launch("relu_dropout_forward" if relu else "dropout_forward", x.reshape(-1), seed,
+            np.uint64(threshold), scale, keep.reshape(-1), y.reshape(-1))
     return y, keep
 
 
 def dropout_backward(grad, keep, scale, relu=False):
     if not _compiled(grad) or grad.shape != keep.shape or grad.dtype != scale.dtype:
         return _host_ops.dropout_backward(grad, keep, scale, relu)
-    kernels, run = _elementwise()
     grad = np.ascontiguousarray(grad)
     out = np.empty_like(grad)
-    kernel = kernels.relu_dropout_backward if relu else kernels.dropout_backward
-    return run(kernel, grad.reshape(-1), keep.reshape(-1), scale, out.reshape(-1)
-               ).reshape(grad.shape)
+    _launch("relu_dropout_backward" if relu else "dropout_backward", grad.reshape(-1),
+            keep.reshape(-1), scale, out.reshape(-1))
+    return out
 
 
 def _gemm(a, m, k, n):
@@ -159,8 +146,7 @@ def dense_backward(grad, x, w, input_grad=True):
 def adam_update(p, g, m, v, b1, b2, eps, step_size, bc2_sqrt, weight_decay):
     if not (_compiled(p) and p.flags.c_contiguous and g.shape == p.shape):
         return _host_ops.adam_update(p, g, m, v, b1, b2, eps, step_size, bc2_sqrt, weight_decay)
-    kernels, run = _elementwise()
     f = p.dtype.type
-    run(kernels.adam_step, p.reshape(-1), np.ascontiguousarray(g, p.dtype).reshape(-1),
-        m.reshape(-1), v.reshape(-1), f(b1), f(b2), f(eps), f(step_size), f(bc2_sqrt),
-        f(weight_decay), serial_below=ADAM_SERIAL_BELOW)
+    _launch("adam_step", np.ascontiguousarray(g, p.dtype).reshape(-1), m.reshape(-1),
+            v.reshape(-1), f(b1), f(b2), f(eps), f(step_size), f(bc2_sqrt), f(weight_decay),
+            p.reshape(-1), serial_below=ADAM_SERIAL_BELOW)
