@@ -48,6 +48,12 @@ WEIGHT_CHUNKS = 8
 FUSED_MAX_C_IN = 4
 #: The order gradients are named in.
 GRADS = ("input", "weight", "bias")
+#: Small work: a numba forward convolution of fewer multiply-adds than this, or a max-pool of
+#: fewer input elements than ``SMALL_POOL_ELEMENTS``, runs its kernels on the calling thread
+#: alone; waking the thread pool costs more than the other threads save there (measured:
+#: docs/performance.md, section smallwork).
+SMALL_CONV_MACS = 300_000
+SMALL_POOL_ELEMENTS = 40_000
 
 
 # ------------------------------------------------------------------------------ plans

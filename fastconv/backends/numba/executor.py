@@ -97,6 +97,38 @@ def _kernels() -> Kernels:
     return Kernels(_generic, _direct, _pool, _simd, _threading)
 
 
+class _OneThread:
+    """A ``run`` that launches the kernel with numba's thread count set to 1 for the calling
+    thread (numba keeps the count per thread), then restores it: the parallel region then runs
+    inline on the caller, without waking the pool, which costs more than the threads save on
+    small work (``_plan.SMALL_CONV_MACS``). Same compiled kernels, so no extra specializations,
+    and the same results (every kernel's result is independent of the thread count)."""
+
+    def __init__(self, threading):
+        from numba.np.ufunc import parallel
+
+        self._threading = threading
+        self._parallel = parallel
+
+    def run(self, kernel, *args):
+        threading, parallel = self._threading, self._parallel
+        if threading.threading_layer() is None:  # the pool's first launch: the ordinary path
+            return threading.run(kernel, *args)
+        old = parallel._get_num_threads()
+        parallel._set_num_threads(1)
+        try:
+            return threading.run(kernel, *args)
+        finally:
+            parallel._set_num_threads(old)
+
+
+@functools.lru_cache(maxsize=1)
+def _small_kernels() -> Kernels:
+    """``_kernels()`` whose ``run`` launches on one thread (:class:`_OneThread`)."""
+    k = _kernels()
+    return k._replace(threading=_OneThread(k.threading))
+
+
 def _wide() -> bool:
     """Whether the register-blocked kernels are the LLVM-vectorized AVX-512 ones (else the
     explicit 256-bit vectors of ``_simd``, whose 32 registers those blocks need)."""
@@ -250,7 +282,8 @@ def _bias_sums(k: Kernels, dy):
 
 def conv2d(x, w, b, p):
     """y (N, C_out, H_out, W_out) = conv2d(x, w) + b; see ``fastconv.conv2d``."""
-    k = _kernels()
+    small = p.macs(x.shape[0], x.shape[1], w.shape[0]) < _plan.SMALL_CONV_MACS
+    k = _small_kernels() if small else _kernels()
     plan = _plan.numba_forward(p, x.dtype, w.shape[1], w.shape[0], _wide())
     y = _FORWARD[plan.algorithm](k, x, w, b, p)
     name = plan.algorithm
@@ -628,7 +661,7 @@ _BACKWARD = {
 
 def max_pool2d(x, p):
     """(y, idx) of max_pool2d with PyTorch's indices; see ``fastconv.max_pool2d``."""
-    k = _kernels()
+    k = _small_kernels() if x.size < _plan.SMALL_POOL_ELEMENTS else _kernels()
     pool = k.pool
     n, c, h, w = x.shape
     ho, wo = p.out_hw
