@@ -179,18 +179,40 @@ def _plane_kernel(plane, dtype, c_out):
 
 
 def _plane_forward(plane, run, x, wt_oihw, bias, out, pt, pl, dil_h, dil_w, wrap=False,
-                   sums=None):
+                   sums=None, cache=None):
     """out = conv(x, wt_oihw) + bias with stride 1 and (top, left) padding (pt, pl) via the
     plane kernel; the bottom/right padding follows from out's size (``wrap``, ``sums``: see
-    ``_plane_input``)."""
+    ``_plane_input``; ``cache``: see :func:`_reused`)."""
     c_out, c_in, kh, kw = wt_oihw.shape
     ho, wo = out.shape[2:]
     xp = _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dil_h, dil_w, wrap, sums)
     kernel, pcb = _plane_kernel(plane, x.dtype, c_out)
     cp = round_up(c_out, pcb)
-    wt = np.zeros((c_in, kh, kw, cp), x.dtype)
-    wt[..., :c_out] = wt_oihw.transpose(1, 2, 3, 0)
+
+    def layout():
+        wt = np.zeros((c_in, kh, kw, cp), x.dtype)
+        wt[..., :c_out] = wt_oihw.transpose(1, 2, 3, 0)
+        return wt
+
+    wt = _reused(cache, ("plane", cp), wt_oihw, layout)
     return run(kernel, xp, wt, _plan.padded_vector(bias, cp, x.dtype), out, dil_h, dil_w)
+
+
+def _reused(cache, key, w, make):
+    """``make()``, a weight laid out or transformed for a kernel from ``w``. With ``cache`` (a
+    dict its caller owns: ``fastconv._conv2d_reusing_weights``), the result is kept there under
+    ``key`` beside a copy of w's bytes and reused while w is unchanged byte for byte, so an
+    in-place edit of w (an optimizer step) is always seen. Kernels only read the result."""
+    if cache is None:
+        return make()
+    raw = w.tobytes()
+    key = (key, w.shape, w.dtype)
+    hit = cache.get(key)
+    if hit is not None and hit[0] == raw:
+        return hit[1]
+    value = make()
+    cache[key] = (raw, value)
+    return value
 
 
 def _nchw_strides(y, base=0):
@@ -230,17 +252,19 @@ def _pad_split(wino, run, x, xq, pt, pl, sums=None):
     return xq
 
 
-def _winograd_forward(wino, run, x, w, b, y, pt, pl, xq=None):
+def _winograd_forward(wino, run, x, w, b, y, pt, pl, xq=None, cache=None):
     """y = conv(x, w) + b (3x3, stride 1, padding (pt, pl)) by Winograd F(2x2, 3x3), from x or
-    its ``_winograd_input`` layout ``xq``. False if an input, weight or output was not finite:
-    y is then to be recomputed exactly."""
+    its ``_winograd_input`` layout ``xq`` (``cache``: the transformed weight, see
+    :func:`_reused`). False if an input, weight or output was not finite: y is then to be
+    recomputed exactly."""
     c_out = w.shape[0]
     if xq is None:
         xq = _winograd_input(wino, run, x, y.shape[2:], pt, pl)
     vec = not _wide()
     paired = not vec and c_out <= wino.HALF and xq.shape[3] - 1 >= 2 * wino.TB
-    u = wino.transform_weight_paired(w) if paired else \
-        wino.transform_weight(w, round_up(c_out, wino.VCB if vec else wino.CB))
+    u = _reused(cache, ("winograd", paired, vec), w, lambda: (
+        wino.transform_weight_paired(w) if paired else
+        wino.transform_weight(w, round_up(c_out, wino.VCB if vec else wino.CB))))
     bias = np.zeros(c_out, x.dtype) if b is None else b
     check = np.empty(xq.shape[0] * ((xq.shape[1] - 2) // 2), x.dtype)
     run(wino.conv_forward_winograd, xq, u, bias, y, check, paired, vec)
@@ -280,12 +304,21 @@ def _bias_sums(k: Kernels, dy):
 # ------------------------------------------------------------------------------ forward
 
 
-def conv2d(x, w, b, p):
-    """y (N, C_out, H_out, W_out) = conv2d(x, w) + b; see ``fastconv.conv2d``."""
+#: ``conv2d`` takes ``weight_cache`` (see ``fastconv._conv2d_reusing_weights``).
+REUSES_WEIGHTS = True
+
+
+def conv2d(x, w, b, p, weight_cache=None):
+    """y (N, C_out, H_out, W_out) = conv2d(x, w) + b; see ``fastconv.conv2d``. With
+    ``weight_cache`` (a dict the caller owns), the Winograd and plane forwards keep their
+    transformed weight there and reuse it while w is unchanged (:func:`_reused`)."""
     small = p.macs(x.shape[0], x.shape[1], w.shape[0]) < _plan.SMALL_CONV_MACS
     k = _small_kernels() if small else _kernels()
     plan = _plan.numba_forward(p, x.dtype, w.shape[1], w.shape[0], _wide())
-    y = _FORWARD[plan.algorithm](k, x, w, b, p)
+    if weight_cache is not None and plan.algorithm in _REUSING:
+        y = _FORWARD[plan.algorithm](k, x, w, b, p, weight_cache)
+    else:
+        y = _FORWARD[plan.algorithm](k, x, w, b, p)
     name = plan.algorithm
     if y is None:  # a non-finite value inside the Winograd transforms
         y = _FORWARD[plan.fallback](k, x, w, b, p)
@@ -300,18 +333,18 @@ def _forward_pointwise(k, x, w, b, p):
     return y.reshape(n, c_out, *p.out_hw)
 
 
-def _forward_winograd(k, x, w, b, p):
+def _forward_winograd(k, x, w, b, p, cache=None):
     from . import _winograd as wino
 
     y = np.empty((x.shape[0], w.shape[0], *p.out_hw), x.dtype)
-    return y if _winograd_forward(wino, k.run, x, w, b, y, *p.padding) else None
+    return y if _winograd_forward(wino, k.run, x, w, b, y, *p.padding, cache=cache) else None
 
 
-def _forward_plane(k, x, w, b, p):
+def _forward_plane(k, x, w, b, p, cache=None):
     from . import _plane as plane
 
     y = np.empty((x.shape[0], w.shape[0], *p.out_hw), x.dtype)
-    return _plane_forward(plane, k.run, x, w, b, y, *p.padding, *p.dilation)
+    return _plane_forward(plane, k.run, x, w, b, y, *p.padding, *p.dilation, cache=cache)
 
 
 def _forward_direct(k, x, w, b, p):
@@ -343,6 +376,8 @@ _FORWARD = {
     "direct-nhwc-v256": _forward_direct,
     "generic": _forward_generic,
 }
+#: The forwards that take a ``cache`` for their prepared weight.
+_REUSING = frozenset({"winograd-f2x2", "plane"})
 
 
 # ------------------------------------------------------------------------------ backward
