@@ -132,6 +132,9 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=0.004, help="seconds per timing sample")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--profile", default=None, help="cProfile the fastconv side of this case")
+    p.add_argument("--blas-threads", type=int, default=1,
+                   help="OpenBLAS threads for fastconv's dense layers, as fastconv train and "
+                        "benchmarks/train_vs_torch.py (default: %(default)s; 0 = leave as is)")
     p.add_argument("--torch-first", action="store_true",
                    help="import torch before fastconv loads (see _setup)")
     p.add_argument("--separate", action="store_true",
@@ -139,6 +142,10 @@ def main(argv=None):
     p.add_argument("--side", choices=["torch"], help=argparse.SUPPRESS)
     p.add_argument("--only", default=None, help="comma-separated substrings of case names")
     args = p.parse_args(argv)
+    if args.blas_threads:
+        from fastconv._cli.blas import limit_blas_threads
+
+        limit_blas_threads(args.blas_threads)
     torch = _setup(args.threads, args.torch_first or args.side == "torch")
     table = cases(torch)
     if args.only:
@@ -164,7 +171,8 @@ def main(argv=None):
     res = measure(table, args.repeat, args.budget, sides=(0,) if args.separate else (0, 1))
     if args.separate:
         cmd = [sys.executable, os.path.abspath(__file__), "--side", "torch", "--repeat",
-               str(args.repeat), "--budget", str(args.budget), "--threads", str(args.threads)]
+               str(args.repeat), "--budget", str(args.budget), "--threads", str(args.threads),
+               "--blas-threads", str(args.blas_threads)]
         cmd += ["--only", args.only] if args.only else []
         torch_us = json.loads(subprocess.run(cmd, check=True, capture_output=True,
                                              text=True).stdout.splitlines()[-1])
@@ -174,7 +182,7 @@ def main(argv=None):
     print(f"numba {numba.__version__}, torch {torch.__version__}, "
           f"{numba.get_num_threads()} threads, layer {numba.threading_layer()}, "
           f"vectors {os.environ.get('FASTCONV_NUMBA_VECTORS', 'native')}, "
-          f"median of {args.repeat}, {where}")
+          f"OpenBLAS threads {args.blas_threads or 'default'}, median of {args.repeat}, {where}")
     print()
     print("| case | fastconv µs | torch µs | fastconv / torch |")
     print("|---|---|---|---|")

@@ -52,8 +52,10 @@ GRADS = ("input", "weight", "bias")
 #: fewer input elements than ``SMALL_POOL_ELEMENTS``, runs its kernels on the calling thread
 #: alone; waking the thread pool costs more than the other threads save there (measured:
 #: docs/performance.md, section smallwork).
-SMALL_CONV_MACS = 300_000
-SMALL_POOL_ELEMENTS = 40_000
+SMALL_CONV_MACS = 2_000_000
+SMALL_POOL_ELEMENTS = 100_000
+#: A zero-padded plane input of at most this many elements is laid out by NumPy, not a kernel.
+SMALL_PAD_ELEMENTS = 4096
 
 
 # ------------------------------------------------------------------------------ plans

@@ -129,6 +129,13 @@ def _small_kernels() -> Kernels:
     return k._replace(threading=_OneThread(k.threading))
 
 
+@functools.lru_cache(maxsize=None)
+def _module(name: str):
+    """The kernel module ``name`` of this package, imported on first use (a function-level
+    ``from . import`` costs about a microsecond per call: small work notices)."""
+    return importlib.import_module(f"{__package__}.{name}")
+
+
 def _wide() -> bool:
     """Whether the register-blocked kernels are the LLVM-vectorized AVX-512 ones (else the
     explicit 256-bit vectors of ``_simd``, whose 32 registers those blocks need)."""
@@ -152,10 +159,24 @@ def _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dil_h, dil_w, wrap=False
         wp = wo
     lanes = round_up(ho * wp, plane.LANES)
     hx = -(-(lanes + dil_h * (kh - 1) * wp + dil_w * (kw - 1)) // wp)
+    if sums is None and pl >= 0 and n * c * hx * wp <= _plan.SMALL_PAD_ELEMENTS:
+        return _pad_plane_host(x, np.zeros((n, c, hx, wp), x.dtype), pt, pl)
     planes = np.empty(n * c if sums is not None else 0, x.dtype)
     xp = run(plane.pad_plane, x, np.empty((n, c, hx, wp), x.dtype), pt, pl, planes)
     if sums is not None:
         sums.append(planes.reshape(n, c).sum(axis=0, dtype=np.float64).astype(x.dtype))
+    return xp
+
+
+def _pad_plane_host(x, xp, pt, pl):
+    """``_plane.pad_plane`` (without sums) by NumPy into a zeroed xp, for planes so small that a
+    kernel launch costs more than the copy: xp[n, c, pt + h, pl + w] = x[n, c, h, w] where it
+    fits (pt may be negative: rows of x above the window grid are dropped; pl >= 0)."""
+    h, w = x.shape[2:]
+    hx, wp = xp.shape[2:]
+    r0, r1, wmax = max(pt, 0), min(hx, pt + h), min(w, wp - pl)
+    if r1 > r0 and wmax > 0:
+        xp[:, :, r0:r1, pl:pl + wmax] = x[:, :, r0 - pt:r1 - pt, :wmax]
     return xp
 
 
@@ -334,15 +355,13 @@ def _forward_pointwise(k, x, w, b, p):
 
 
 def _forward_winograd(k, x, w, b, p, cache=None):
-    from . import _winograd as wino
-
+    wino = _module("_winograd")
     y = np.empty((x.shape[0], w.shape[0], *p.out_hw), x.dtype)
     return y if _winograd_forward(wino, k.run, x, w, b, y, *p.padding, cache=cache) else None
 
 
 def _forward_plane(k, x, w, b, p, cache=None):
-    from . import _plane as plane
-
+    plane = _module("_plane")
     y = np.empty((x.shape[0], w.shape[0], *p.out_hw), x.dtype)
     return _plane_forward(plane, k.run, x, w, b, y, *p.padding, *p.dilation, cache=cache)
 
