@@ -16,7 +16,10 @@ Run (timings under the machine's benchmark lock)::
 
     flock /tmp/fastconv-bench.lock python benchmarks/small_work.py --repeat 15
 
-``--profile CASE`` prints a cProfile of the fastconv side of one case instead.
+``--separate`` times torch in a process of its own (see ``_setup`` for why), ``--threads 1``
+compares one thread with one thread, ``--only`` picks cases by substring, ``--profile CASE``
+prints a cProfile of the fastconv side of one case instead. OpenBLAS (NumPy's matmul in the
+dense layers) runs on one thread, as in ``fastconv train`` (``--blas-threads``).
 """
 
 from __future__ import annotations
