@@ -99,11 +99,14 @@ def cases(torch):
     return out
 
 
+_CLOCK = time.perf_counter
+
+
 def _time(fn, inner):
-    t0 = time.perf_counter()
+    t0 = _CLOCK()
     for _ in range(inner):
         fn()
-    return (time.perf_counter() - t0) / inner
+    return (_CLOCK() - t0) / inner
 
 
 def measure(table, repeat, budget, sides=(0, 1)):
@@ -138,6 +141,9 @@ def main(argv=None):
     p.add_argument("--blas-threads", type=int, default=1,
                    help="OpenBLAS threads for fastconv's dense layers, as fastconv train and "
                         "benchmarks/train_vs_torch.py (default: %(default)s; 0 = leave as is)")
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                   help="'thread': CPU time of the calling thread (time.thread_time), immune to "
+                        "other processes on a loaded machine; meaningful with --threads 1 only")
     p.add_argument("--torch-first", action="store_true",
                    help="import torch before fastconv loads (see _setup)")
     p.add_argument("--separate", action="store_true",
@@ -145,6 +151,11 @@ def main(argv=None):
     p.add_argument("--side", choices=["torch"], help=argparse.SUPPRESS)
     p.add_argument("--only", default=None, help="comma-separated substrings of case names")
     args = p.parse_args(argv)
+    global _CLOCK
+    if args.clock == "thread":
+        if args.threads != 1:
+            p.error("--clock thread needs --threads 1 (other threads' work would not count)")
+        _CLOCK = time.thread_time
     if args.blas_threads:
         from fastconv._cli.blas import limit_blas_threads
 
@@ -175,7 +186,7 @@ def main(argv=None):
     if args.separate:
         cmd = [sys.executable, os.path.abspath(__file__), "--side", "torch", "--repeat",
                str(args.repeat), "--budget", str(args.budget), "--threads", str(args.threads),
-               "--blas-threads", str(args.blas_threads)]
+               "--blas-threads", str(args.blas_threads), "--clock", args.clock]
         cmd += ["--only", args.only] if args.only else []
         torch_us = json.loads(subprocess.run(cmd, check=True, capture_output=True,
                                              text=True).stdout.splitlines()[-1])
@@ -185,7 +196,8 @@ def main(argv=None):
     print(f"numba {numba.__version__}, torch {torch.__version__}, "
           f"{numba.get_num_threads()} threads, layer {numba.threading_layer()}, "
           f"vectors {os.environ.get('FASTCONV_NUMBA_VECTORS', 'native')}, "
-          f"OpenBLAS threads {args.blas_threads or 'default'}, median of {args.repeat}, {where}")
+          f"OpenBLAS threads {args.blas_threads or 'default'}, {args.clock} clock, "
+          f"median of {args.repeat}, {where}")
     print()
     print("| case | fastconv µs | torch µs | fastconv / torch |")
     print("|---|---|---|---|")
