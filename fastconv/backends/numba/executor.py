@@ -112,14 +112,18 @@ class _OneThread:
 
     def run(self, kernel, *args):
         threading, parallel = self._threading, self._parallel
-        if threading.threading_layer() is None:  # the pool's first launch: the ordinary path
+        # Numba's raw per-thread setters (``numba.set_num_threads`` takes a lock: 3x the cost),
+        # set once its pool has started; before that, or in a Numba without them, the
+        # ordinary path.
+        setter = getattr(parallel, "_set_num_threads", None)
+        if threading.threading_layer() is None or setter is None:
             return threading.run(kernel, *args)
         old = parallel._get_num_threads()
-        parallel._set_num_threads(1)
+        setter(1)
         try:
             return threading.run(kernel, *args)
         finally:
-            parallel._set_num_threads(old)
+            setter(old)
 
 
 @functools.lru_cache(maxsize=1)
