@@ -205,8 +205,9 @@ def numba_c16_ok(p, dtype, c_in: int, c_out: int) -> bool:
         and p.dilation[1] == 1
 
 
-def numba_small_ok(p, dtype, c_in: int, c_out: int) -> bool:
-    """The kernels vectorized over 16 output channels (``_small``): float32, stride 1, groups 1,
+def c16_ok(p, dtype, c_in: int, c_out: int) -> bool:
+    """The kernels vectorized over 16 output channels (numba's ``_small``, cython's
+    ``conv_bwd_c16``): float32, stride 1, groups 1,
     9 to 16 output channels, more input channels than a fused first layer and fewer than
     ``SMALL_MAX_C_IN``, padding within the dilated kernel's reach (dx reads dy shifted)."""
     return (dtype == np.float32 and p.groups == 1 and p.stride == (1, 1)
@@ -229,7 +230,7 @@ def numba_forward(p, dtype, c_in: int, c_out: int, wide: bool) -> ConvPlan:
 
 
 def _numba_forward_exact(p, c_in, c_out, wide, dtype=None) -> str:
-    if numba_small_ok(p, dtype, c_in, c_out):
+    if c16_ok(p, dtype, c_in, c_out):
         return "c16"
     if numba_plane_ok(p, c_in, c_out):
         return "plane"
@@ -250,7 +251,7 @@ def _numba_backward(p, x, c_out, needs, wide, exact_only) -> BackwardPlan:
         return _winograd_backward(p, x, needs)
     if not exact_only and pointwise_ok(p, x.dtype) and c_out >= 64:
         return _all("pointwise-gemm", needs, bias="sum")
-    if numba_small_ok(p, x.dtype, c_in, c_out):
+    if c16_ok(p, x.dtype, c_in, c_out):
         return _all("c16-fused", needs)
     if numba_plane_ok(p, c_in, c_out):
         x_finite = "weight" not in needs or finite(x)
@@ -355,6 +356,8 @@ def _cython_backward(p, x, c_out, needs, exact_only) -> BackwardPlan:
     if (not exact_only and fused_ok(p, x.shape[1], needs, skips_input=False)
             and ("weight" not in needs or finite(x))):
         return _all("plane-fused", needs)
+    if c16_ok(p, x.dtype, x.shape[1], c_out):
+        return _all("c16-fused", needs)
     g = p.groups
     kh, kw = p.kernel_hw
     parts = []
