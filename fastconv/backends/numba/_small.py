@@ -32,16 +32,51 @@ C16 = 16  # output channels per lane group (two 8-lane vectors)
 VL = 8  # lanes of one float32 vector
 
 
+V16 = Vector(types.float32, 16)  # one AVX-512 register of float32
+
+
+@intrinsic
+def vload16(typingctx, arr, index):
+    """lanes arr[index : index + 16] of a C-contiguous 1-D float32 array (``_simd.vload``)."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"
+            and arr.dtype == types.float32 and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]),
+                              ir.PointerType(context.get_value_type(V16)))
+        return builder.load(ptr, align=1)
+
+    return V16(arr, index), codegen
+
+
+@intrinsic
+def vsplat16(typingctx, x):
+    """x (float32) in all 16 lanes."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        lty = context.get_value_type(V16)
+        one = builder.insert_element(ir.Constant(lty, ir.Undefined), args[0],
+                                     ir.Constant(ir.IntType(32), 0))
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
+        return builder.shuffle_vector(one, ir.Constant(lty, ir.Undefined), mask)
+
+    return V16(x), codegen
+
+
 @intrinsic
 def vsum(typingctx, v):
-    """The sum of the lanes of an 8-lane float32 vector (pairwise halving)."""
-    if not isinstance(v, Vector) or v.lanes != 8:
+    """The sum of the lanes of a float32 vector of 8 or 16 lanes (pairwise halving)."""
+    if not isinstance(v, Vector) or v.lanes not in (8, 16):
         return None
 
     def codegen(context, builder, sig, args):
         x = args[0]
         undef = ir.Constant(x.type, ir.Undefined)
-        n = 8
+        n = sig.args[0].lanes
         while n > 1:
             n //= 2
             lo = builder.shuffle_vector(x, undef, ir.Constant(ir.VectorType(ir.IntType(32), n),
@@ -66,10 +101,17 @@ def _place_x(x1, xs, n, c_in, h_, w_, hp, wx, pt, pl):
                 xs[U(dst + w)] = x1[U(src + w)]
 
 
-def _make_forward(p_cols):
-    """The forward with a block of ``p_cols`` output columns x 16 channels (2*p_cols vector
-    accumulators), a closure constant."""
-    nacc = 2 * p_cols * VL
+def _ops(vw):
+    """(load, splat) of ``vw``-lane float32 vectors (16: one AVX-512 register, 8: ``_simd``)."""
+    return (vload16, vsplat16) if vw == 16 else (vload, vsplat)
+
+
+def _make_forward(p_cols, vw):
+    """The forward with a block of ``p_cols`` output columns x 16 channels in ``vw``-lane
+    vectors (``16 // vw`` per column), closure constants."""
+    nv = C16 // vw
+    nacc = p_cols * C16
+    ld, splat = _ops(vw)
 
     @njit(**PARALLEL)
     def conv_forward_c16(x, wf, bias, y, pt, pl, dil_h, dil_w, hp, wx):
@@ -79,8 +121,8 @@ def _make_forward(p_cols):
         ``bias`` (16,), zero beyond C_out. ``hp``, ``wx``: the scratch plane's size."""
         # Loop order: one task per image; output row, block of p_cols columns (the last block
         # shifted left to end at W_out, recomputing a few columns), then input channel and
-        # taps: two weight vectors loaded per tap, one broadcast input per column. The block
-        # is written transposed into NCHW from the stack.
+        # taps: the weight vectors loaded once per tap, one broadcast input per column. The
+        # block is written transposed into NCHW from the stack.
         n_, c_in, h_, w_ = x.shape
         kh_, kw_ = wf.shape[1], wf.shape[2]
         c_out, ho, wo = y.shape[1], y.shape[2], y.shape[3]
@@ -91,24 +133,24 @@ def _make_forward(p_cols):
             xs = np.zeros(c_in * hp * wx, x.dtype)
             _place_x(x1, xs, n, c_in, h_, w_, hp, wx, pt, pl)
             acc = stack_array(nacc, x.dtype)
+            zero = splat(np.float32(0))
             for oh in range(ho):
                 for cb in range(0, wo, p_cols):
                     ow0 = max(0, min(cb, wo - p_cols))
-                    for i in range(2 * p_cols):
-                        vstore(acc, i * VL, vzero(acc))
+                    for i in range(p_cols * nv):
+                        vstore(acc, i * vw, zero)
                     for ci in range(c_in):
                         for kh in range(kh_):
                             xr = (ci * hp + oh + kh * dil_h) * wx + ow0
                             for kw in range(kw_):
                                 wb = ((ci * kh_ + kh) * kw_ + kw) * C16
-                                wlo = vload(w1, U(wb))
-                                whi = vload(w1, U(wb + VL))
                                 xo = xr + kw * dil_w
-                                for j in range(p_cols):
-                                    xv = vsplat(xs[U(xo + j)])
-                                    k = 2 * j * VL
-                                    vstore(acc, k, vfma(xv, wlo, vload(acc, k)))
-                                    vstore(acc, k + VL, vfma(xv, whi, vload(acc, k + VL)))
+                                for v in range(nv):
+                                    wv = ld(w1, U(wb + v * vw))
+                                    for j in range(p_cols):
+                                        k = j * C16 + v * vw
+                                        vstore(acc, k, vfma(splat(xs[U(xo + j)]), wv,
+                                                            ld(acc, k)))
                     for co in range(c_out):
                         bv = bias[co]
                         dst = ((n * c_out + co) * ho + oh) * wo
@@ -119,12 +161,14 @@ def _make_forward(p_cols):
     return conv_forward_c16
 
 
-def _make_backward(p_cols, cib, kwb):
+def _make_backward(p_cols, cib, kwb, vw):
     """The fused backward with closure-constant blocks: dx ``p_cols`` columns x ``cib`` input
-    channels (one 8-lane accumulator each, reduced at the end), dw ``kwb`` taps of one row x
-    16 channels."""
-    ndx = p_cols * cib * VL
-    ndw = 2 * kwb * VL
+    channels (one ``vw``-lane accumulator each, over the 16 output channels in 16 // vw
+    parts, reduced over its lanes at the end), dw ``kwb`` taps of one row x 16 channels."""
+    nv = C16 // vw
+    ndx = p_cols * cib * vw
+    ndw = kwb * C16
+    ld, splat = _ops(vw)
 
     @njit(**PARALLEL)
     def conv_backward_c16(x, dy, wx_, dx, pdw, pdb, pt, pl, dil_h, dil_w, hp, wxs, wt, want):
@@ -138,11 +182,10 @@ def _make_backward(p_cols, cib, kwb):
         most the dilated kernel's reach."""
         # Loop order: one task per chunk of images, owning dx of its images, pdw[t], pdb[t].
         # Per image: dy transposed once into dyt (db summed on the way), x copied into xs.
-        # dw: input channel, tap row, block of kwb taps, then every output pixel: two dy
-        # vectors, one broadcast x per tap. dx: row, the tap rows that reach dy, block of
-        # p_cols columns x cib input channels, then taps and both dy vectors (weights
-        # broadcast per channel as vectors over output channels); each accumulator is reduced
-        # over its lanes at the end.
+        # dw: input channel, tap row, block of kwb taps, then every output pixel: the dy
+        # vectors, one broadcast x per tap. dx: row, block of p_cols columns x cib input
+        # channels, the tap rows that reach dy, taps, then the dy vectors times the weight
+        # vectors of each channel; each accumulator is reduced over its lanes at the end.
         n_, c_in, h_, w_ = x.shape
         c_out, ho, wo = dy.shape[1], dy.shape[2], dy.shape[3]
         kh_, kw_, cip = wx_.shape[0], wx_.shape[1], wx_.shape[2]
@@ -161,6 +204,7 @@ def _make_backward(p_cols, cib, kwb):
             for co in range(C16):
                 pdb[t, co] = 0
             acc = stack_array(ndw if ndw > ndx else ndx, x.dtype)
+            zero = splat(np.float32(0))
             for n in range(t * n_ // t_, (t + 1) * n_ // t_):
                 for co in range(c_out):
                     s = pdb[t, co] * 0
@@ -177,20 +221,18 @@ def _make_backward(p_cols, cib, kwb):
                     for ci in range(c_in):
                         for kh in range(kh_):
                             for kb in range(0, kwp, kwb):
-                                for i in range(2 * kwb):
-                                    vstore(acc, i * VL, vzero(acc))
+                                for i in range(kwb * nv):
+                                    vstore(acc, i * vw, zero)
                                 for oh in range(ho):
                                     xr = (ci * hp + oh + kh * dil_h) * wxs + kb * dil_w
                                     dr = (oh * wt + lft) * C16
                                     for ow in range(wo):
-                                        dlo = vload(dyt, U(dr + ow * C16))
-                                        dhi = vload(dyt, U(dr + ow * C16 + VL))
-                                        for j in range(kwb):
-                                            xv = vsplat(xs[U(xr + ow + j * dil_w)])
-                                            k = 2 * j * VL
-                                            vstore(acc, k, vfma(xv, dlo, vload(acc, k)))
-                                            vstore(acc, k + VL, vfma(xv, dhi,
-                                                                     vload(acc, k + VL)))
+                                        for v in range(nv):
+                                            dv = ld(dyt, U(dr + ow * C16 + v * vw))
+                                            for j in range(kwb):
+                                                xv = splat(xs[U(xr + ow + j * dil_w)])
+                                                k = j * C16 + v * vw
+                                                vstore(acc, k, vfma(xv, dv, ld(acc, k)))
                                 base = ((ci * kh_ + kh) * kwp + kb) * C16
                                 for i in range(ndw):
                                     pw1[U(base + i)] += acc[i]
@@ -200,7 +242,7 @@ def _make_backward(p_cols, cib, kwb):
                             w0 = max(0, min(cb, w_ - p_cols))
                             for c0 in range(0, cip, cib):
                                 for i in range(p_cols * cib):
-                                    vstore(acc, i * VL, vzero(acc))
+                                    vstore(acc, i * vw, zero)
                                 for kh in range(kh_):
                                     oh = h + pt - kh * dil_h
                                     if oh < 0 or oh >= ho:
@@ -209,25 +251,25 @@ def _make_backward(p_cols, cib, kwb):
                                         # dy column of dx column w0: w0 + pl - kw*dil_w + lft
                                         dr = (oh * wt + w0 + dil_w * (kw_ - 1 - kw)) * C16
                                         wb = ((kh * kw_ + kw) * cip + c0) * C16
-                                        for half in range(2):
+                                        for v in range(nv):
                                             for c in range(cib):
-                                                wv = vload(w1, U(wb + c * C16 + half * VL))
+                                                wv = ld(w1, U(wb + c * C16 + v * vw))
                                                 for j in range(p_cols):
-                                                    dv = vload(dyt, U(dr + j * C16 + half * VL))
-                                                    k = (j * cib + c) * VL
-                                                    vstore(acc, k, vfma(wv, dv, vload(acc, k)))
+                                                    dv = ld(dyt, U(dr + j * C16 + v * vw))
+                                                    k = (j * cib + c) * vw
+                                                    vstore(acc, k, vfma(wv, dv, ld(acc, k)))
                                 for c in range(min(cib, c_in - c0)):
                                     dst = ((n * c_in + c0 + c) * h_ + h) * w_ + w0
                                     for j in range(min(p_cols, w_ - w0)):
-                                        o1[U(dst + j)] = vsum(vload(acc, (j * cib + c) * VL))
+                                        o1[U(dst + j)] = vsum(ld(acc, (j * cib + c) * vw))
         return dx
 
     return conv_backward_c16
 
 
-# Blocks of at most 14 accumulators, so that the same kernels fit the 16 registers of an AVX2
-# core: forward 5 columns x 16 channels (10), dx 7 columns x 2 input channels (14), dw 5 taps
-# x 16 channels (10). Larger blocks (10 x 16 forward, 4 x 6 dx) were slower on Zen 4 too.
-FWD_COLS, DX_COLS, DX_CHANNELS, DW_TAPS = 5, 7, 2, 5
-conv_forward_c16 = _make_forward(FWD_COLS)
-conv_backward_c16 = _make_backward(DX_COLS, DX_CHANNELS, DW_TAPS)
+# Register blocks per vector family, as (forward columns, dx columns, dx input channels, dw
+# taps). 256-bit vectors (two per 16 channels): at most 14 accumulators, so that they fit the
+# 16 registers of an AVX2 core. AVX-512 (one register per 16 channels): see
+# docs/performance.md, branch plane.
+BLOCKS = {8: (5, 7, 2, 5), 16: (10, 7, 2, 5)}
+KERNELS = {vw: (_make_forward(b[0], vw), _make_backward(*b[1:], vw)) for vw, b in BLOCKS.items()}

@@ -322,8 +322,10 @@ def _forward_c16(k, x, w, b, p):
     y = np.empty((x.shape[0], c_out, *p.out_hw), x.dtype)
     wf = np.zeros((c_in, kh, kw, small.C16), x.dtype)
     wf[..., :c_out] = w.transpose(1, 2, 3, 0)
-    hp, wx, _ = _c16_scratch(x.shape, w.shape, p, small.FWD_COLS, small.DW_TAPS)
-    return k.run(small.conv_forward_c16, x, wf, _plan.padded_vector(b, small.C16, x.dtype), y,
+    vw = 16 if _wide() else 8
+    fwd_cols, _, _, taps = small.BLOCKS[vw]
+    hp, wx, _ = _c16_scratch(x.shape, w.shape, p, fwd_cols, taps)
+    return k.run(small.KERNELS[vw][0], x, wf, _plan.padded_vector(b, small.C16, x.dtype), y,
                  *p.padding, *p.dilation, hp, wx)
 
 
@@ -453,16 +455,18 @@ def _backward_c16(k, plan, dy, x, w, p):
 
     n, c_in = x.shape[:2]
     c_out, _, kh, kw = w.shape
-    cip = round_up(c_in, small.DX_CHANNELS)
-    kwp = round_up(kw, small.DW_TAPS)
+    vw = 16 if _wide() else 8
+    _, dx_cols, dx_channels, taps = small.BLOCKS[vw]
+    cip = round_up(c_in, dx_channels)
+    kwp = round_up(kw, taps)
     wx = np.zeros((kh, kw, cip, small.C16), x.dtype)
     wx[:, :, :c_in, :c_out] = w.transpose(2, 3, 1, 0)
-    hp, wxs, wt = _c16_scratch(x.shape, w.shape, p, small.DX_COLS, small.DW_TAPS)
+    hp, wxs, wt = _c16_scratch(x.shape, w.shape, p, dx_cols, taps)
     want = np.array([bool(plan[g]) for g in _plan.GRADS])
     dx = np.empty(x.shape if want[0] else (0, 0, 0, 0), x.dtype)
     pdw = np.empty((chunks(n), c_in, kh, kwp, small.C16), x.dtype)
     pdb = np.empty((chunks(n), small.C16), x.dtype)
-    k.run(small.conv_backward_c16, x, dy, wx, dx, pdw, pdb, *p.padding, *p.dilation, hp, wxs,
+    k.run(small.KERNELS[vw][1], x, dy, wx, dx, pdw, pdb, *p.padding, *p.dilation, hp, wxs,
           wt, want)
     dw = sum_chunks(pdw)[:, :, :kw, :c_out].transpose(3, 0, 1, 2) if want[1] else None
     return {"input": dx if want[0] else None,
