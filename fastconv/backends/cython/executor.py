@@ -26,6 +26,10 @@ The kernels, by name:
   zero-padded planes held in cache, and computes from there dx (as the plane forward), dw (dot
   products over the planes, 3 kernel columns per pass) and db; dw and db as 32-lane partial
   sums per chunk, added in order over the chunks, then the lanes.
+* ``c16-fused``: float32, 9-16 output channels, 5-16 input channels, stride 1: per chunk of
+  images, each image's dy transposed once (channels innermost), then dx (7 or 5 columns x 2
+  input channels, reduced over the output channels) and dw (5 taps x 16 channels), as the
+  numba backend's ``c16`` kernels.
 * grad-weight: ``direct-blocked`` (6 run rows x 64 channels, or 24/12 x 16 for at most 16
   output channels), ``flat-blocked`` (4 channels x 4 taps x 16 lanes over the padded-pitch
   grid), else ``gemm-nhwc``; the bias: ``sum``.

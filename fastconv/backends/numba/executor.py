@@ -17,6 +17,10 @@ The kernels, by family:
   channels (float32; 128 x 2 below 8 channels; float64 64 x 4); dx the same kernel on padded
   dy with the flipped weight; dw dot products over whole padded planes; ``plane-fused`` all
   three gradients in one pass over dy; ``direct-c16`` dw by 16-run-row x 16-channel blocks.
+* ``c16`` (``_small``): float32, 9-16 output channels and 5-16 input channels, stride 1,
+  vectorized over the 16 output channels (one 16-lane vector, or two of 8 with 256-bit
+  blocks); ``c16-fused`` dx, dw and db of each image from one transposed copy of its dy, in
+  one parallel region.
 * ``direct-nhwc-c64`` (``_direct``): NHWC, a 4-column x 64-channel register block over
   the (kW, C_in) run; dx one direct forward call per stride phase (``direct-phases``); dw
   6-run-row (float64: 4) x 64-channel blocks (``direct-c64``).
