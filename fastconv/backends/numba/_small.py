@@ -2,11 +2,12 @@
 groups 1): LeNet-5's second layer and its like, whose 10-column output rows and few input
 channels leave the padded-plane kernels computing dropped columns.
 
-Both passes hold one output channel per lane: 16 channels are two 8-lane vectors (``_simd``,
-two 256-bit registers; an AVX-512 core runs the same FLOPs per cycle on them), and the weights
-are zero-padded to 16 channels. One ``prange`` region per pass: the forward owns one image per
-task; the backward owns a fixed chunk of images per task and computes dx, dw and db of each
-image from one layout of its dy, so the result does not depend on the thread count.
+Both passes hold one output channel per lane: 16 channels are one 16-lane vector where Numba
+compiles for AVX-512, else two 8-lane vectors (``_simd``, 256-bit blocks that fit AVX2's 16
+registers), with the weights zero-padded to 16 channels. One ``prange`` region per pass: the
+forward owns one image per task; the backward owns a fixed chunk of images per task and
+computes dx, dw and db of each image from one layout of its dy, so the result does not depend
+on the thread count.
 
 Per task, each image is copied once into scratch planes that are zero-padded so that no
 register block tests a bound inside its tap loop:
@@ -25,11 +26,10 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ._options import PARALLEL, U
-from ._simd import Vector, vfma, vload, vsplat, vstore, vzero
+from ._simd import Vector, vfma, vload, vsplat, vstore
 from ._stack import stack_array
 
 C16 = 16  # output channels per lane group (two 8-lane vectors)
-VL = 8  # lanes of one float32 vector
 
 
 V16 = Vector(types.float32, 16)  # one AVX-512 register of float32
@@ -267,9 +267,9 @@ def _make_backward(p_cols, cib, kwb, vw):
     return conv_backward_c16
 
 
-# Register blocks per vector family, as (forward columns, dx columns, dx input channels, dw
-# taps). 256-bit vectors (two per 16 channels): at most 14 accumulators, so that they fit the
-# 16 registers of an AVX2 core. AVX-512 (one register per 16 channels): see
-# docs/performance.md, branch plane.
+# Register blocks per vector width, as (forward columns, dx columns, dx input channels, dw
+# taps). 8 lanes: at most 14 accumulators, so that they fit AVX2's 16 registers (10 x 16
+# forward and 4 x 6 dx blocks were slower on Zen 4 as well). 16 lanes: 10 forward columns (10
+# accumulators), the rest as the 8-lane blocks (not tuned further).
 BLOCKS = {8: (5, 7, 2, 5), 16: (10, 7, 2, 5)}
 KERNELS = {vw: (_make_forward(b[0], vw), _make_backward(*b[1:], vw)) for vw, b in BLOCKS.items()}
