@@ -17,6 +17,10 @@ The kernels, by family:
   channels (float32; 128 x 2 below 8 channels; float64 64 x 4); dx the same kernel on padded
   dy with the flipped weight; dw dot products over whole padded planes; ``plane-fused`` all
   three gradients in one pass over dy; ``direct-c16`` dw by 16-run-row x 16-channel blocks.
+* ``c16`` (``_small``): float32, 9-16 output channels and 5-16 input channels, stride 1,
+  vectorized over the 16 output channels (one 16-lane vector, or two of 8 with 256-bit
+  blocks); ``c16-fused`` dx, dw and db of each image from one transposed copy of its dy, in
+  one parallel region.
 * ``direct-nhwc-c64`` (``_direct``): NHWC, a 4-column x 64-channel register block over
   the (kW, C_in) run; dx one direct forward call per stride phase (``direct-phases``); dw
   6-run-row (float64: 4) x 64-channel blocks (``direct-c64``).
@@ -391,10 +395,38 @@ def _forward_generic(k, x, w, b, p):
     return y
 
 
+def _c16_scratch(x_shape, w_shape, p, p_cols, kwb):
+    """(Hp, WX, WT): the scratch planes of ``_small`` (its module docstring)."""
+    h, w_ = x_shape[2:]
+    kh, kw = w_shape[2:]
+    ho, wo = p.out_hw
+    (dil_h, dil_w), (pt, pl) = p.dilation, p.padding
+    hp = max(ho + dil_h * (kh - 1), pt + h)
+    reach = dil_w * (kw - 1)
+    wx = max(max(wo, p_cols) + reach, wo + dil_w * (round_up(kw, kwb) - 1), pl + w_)
+    wt = max(w_, p_cols) + reach
+    return hp, wx, wt
+
+
+def _forward_c16(k, x, w, b, p):
+    from . import _small as small
+
+    c_out, c_in, kh, kw = w.shape
+    y = np.empty((x.shape[0], c_out, *p.out_hw), x.dtype)
+    wf = np.zeros((c_in, kh, kw, small.C16), x.dtype)
+    wf[..., :c_out] = w.transpose(1, 2, 3, 0)
+    vw = 16 if _wide() else 8
+    fwd_cols, _, _, taps = small.BLOCKS[vw]
+    hp, wx, _ = _c16_scratch(x.shape, w.shape, p, fwd_cols, taps)
+    return k.run(small.KERNELS[vw][0], x, wf, _plan.padded_vector(b, small.C16, x.dtype), y,
+                 *p.padding, *p.dilation, hp, wx)
+
+
 _FORWARD = {
     "pointwise-gemm": _forward_pointwise,
     "winograd-f2x2": _forward_winograd,
     "plane": _forward_plane,
+    "c16": _forward_c16,
     "direct-nhwc-c64": _forward_direct,
     "direct-nhwc-v256": _forward_direct,
     "generic": _forward_generic,
@@ -509,6 +541,32 @@ def _backward_fused(k, plan, dy, x, w, p):
     return {"input": dx if want[0] else None,
             "weight": sum_chunks(pdw) if want[1] else None,
             "bias": sum_chunks(pdb) if want[2] else None}
+
+
+def _backward_c16(k, plan, dy, x, w, p):
+    """All wanted gradients of a stride-1 layer with 9-16 output channels in one region
+    (``_small.conv_backward_c16``)."""
+    from . import _small as small
+
+    n, c_in = x.shape[:2]
+    c_out, _, kh, kw = w.shape
+    vw = 16 if _wide() else 8
+    _, dx_cols, dx_channels, taps = small.BLOCKS[vw]
+    cip = round_up(c_in, dx_channels)
+    kwp = round_up(kw, taps)
+    wx = np.zeros((kh, kw, cip, small.C16), x.dtype)
+    wx[:, :, :c_in, :c_out] = w.transpose(2, 3, 1, 0)
+    hp, wxs, wt = _c16_scratch(x.shape, w.shape, p, dx_cols, taps)
+    want = np.array([bool(plan[g]) for g in _plan.GRADS])
+    dx = np.empty(x.shape if want[0] else (0, 0, 0, 0), x.dtype)
+    pdw = np.empty((chunks(n), c_in, kh, kwp, small.C16), x.dtype)
+    pdb = np.empty((chunks(n), small.C16), x.dtype)
+    k.run(small.KERNELS[vw][1], x, dy, wx, dx, pdw, pdb, *p.padding, *p.dilation, hp, wxs,
+          wt, want)
+    dw = sum_chunks(pdw)[:, :, :kw, :c_out].transpose(3, 0, 1, 2) if want[1] else None
+    return {"input": dx if want[0] else None,
+            "weight": np.ascontiguousarray(dw) if want[1] else None,
+            "bias": sum_chunks(pdb)[:c_out].copy() if want[2] else None}
 
 
 def _grad_input_plane(k, dy, w, x_shape, p, sums=None):
@@ -708,6 +766,7 @@ _BACKWARD = {
     "pointwise-gemm": _backward_pointwise,
     "winograd-f2x2": _backward_winograd,
     "plane-fused": _backward_fused,
+    "c16-fused": _backward_c16,
     "plane": _backward_exact,
     "direct": _backward_exact,
     "generic": _backward_exact,
