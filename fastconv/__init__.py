@@ -77,6 +77,24 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, backend=None
     return module.conv2d(x, w, b, p)
 
 
+def _conv2d_reusing_weights(x, w, b, weight_cache, stride=1, padding=0, dilation=1, groups=1,
+                            backend=None):
+    """:func:`conv2d` for a weight that seldom changes (a layer in inference).
+
+    A backend that prepares the weight for its kernels (``REUSES_WEIGHTS``: numba's Winograd
+    transform and plane layout) keeps the prepared weight in ``weight_cache``, a dict the caller
+    owns, beside a copy of w's bytes, and reuses it while w is unchanged byte for byte: an
+    in-place edit of w is seen by the next call. Other backends ignore the cache.
+    """
+    x, w, b, p = _validate.conv2d_args(x, w, b, stride, padding, dilation, groups)
+    module = resolve(backend, x, w, b)
+    if _is_empty_host_batch(x):
+        return np.zeros((0, w.shape[0], *p.out_hw), x.dtype)
+    if getattr(module, "REUSES_WEIGHTS", False):
+        return module.conv2d(x, w, b, p, weight_cache=weight_cache)
+    return module.conv2d(x, w, b, p)
+
+
 def conv2d_backward(dy, x, w, stride=1, padding=0, dilation=1, groups=1,
                     needs=("input", "weight", "bias"), backend=None):
     """Gradients of :func:`conv2d` with respect to its input, weight and bias.

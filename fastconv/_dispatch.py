@@ -128,6 +128,18 @@ def use_backend(name: str):
 
 def current_backend_name(*arrays) -> str:
     """The name the selection order picks for a call on ``arrays`` (without loading it)."""
+    return _select(_on_device(arrays))
+
+
+def _on_device(arrays) -> bool:
+    """Whether any of ``arrays`` (None entries skipped) is a CUDA device array."""
+    for a in arrays:
+        if a is not None and is_device_array(a):
+            return True
+    return False
+
+
+def _select(on_device: bool) -> str:
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
@@ -136,10 +148,13 @@ def current_backend_name(*arrays) -> str:
     env = os.environ.get("FASTCONV_BACKEND")
     if env:
         return _check_name(env)
-    if any(is_device_array(a) for a in arrays if a is not None):
+    if on_device:
         return "cuda"
     for name in AUTO_ORDER:
-        module, reason = _load(name)
+        module = _modules.get(name)  # loaded already: no lock (a dict read is atomic)
+        reason = None
+        if module is None:
+            module, reason = _load(name)
         if name == "numba" and module is None:
             _warn_broken_numba(reason)
         elif module is not None and (name != "numba" or _coldstart.numba_ready()):
@@ -164,9 +179,9 @@ def _warn_broken_numba(reason: str) -> None:
 
 def resolve(backend, *arrays):
     """The backend module for a call: explicit ``backend=`` first, then the selection order."""
-    name = _check_name(backend) if backend is not None else current_backend_name(*arrays)
-    module = get_backend(name)
-    on_device = [a for a in arrays if a is not None and is_device_array(a)]
+    on_device = _on_device(arrays)
+    name = _check_name(backend) if backend is not None else _select(on_device)
+    module = _modules.get(name) or get_backend(name)  # loaded already: no lock
     if on_device and name != "cuda":
         raise TypeError(
             f"backend {name!r} runs on the host but got CUDA device arrays; "

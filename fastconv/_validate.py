@@ -86,7 +86,36 @@ class PoolParams:
 
 def is_device_array(a) -> bool:
     """True for CUDA device arrays (numba device arrays, CuPy, torch CUDA tensors, ...)."""
-    return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+    return not isinstance(a, np.ndarray) and hasattr(a, "__cuda_array_interface__")
+
+
+# ------------------------------------------------------------------------- repeated geometries
+#
+# A layer calls the same op with the same shapes, dtypes and parameters again and again: the
+# parameters normalised for one such call are kept, keyed by everything the checks read, and a
+# repeated call only re-checks what the key cannot hold (the array types; contiguity is made as
+# before). Only exact ``numpy.ndarray`` arrays and "plain" parameters (int, str, an (int, int)
+# tuple, None, bool for ``ceil_mode``) take this path: ``True == 1`` and ``hash(True) ==
+# hash(1)``, so a bool (or an int subclass) must never meet a key made from an int. Every
+# other call, and every first call, runs the full checks, which alone raise.
+
+_GEOMETRY_CACHE_MAX = 256
+_conv_cache: dict = {}
+_conv_backward_cache: dict = {}
+_pool_cache: dict = {}
+
+
+def _plain(v) -> bool:
+    t = type(v)
+    return t is int or t is str or (
+        t is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int)
+
+
+def _remember(cache: dict, key, value):
+    if len(cache) >= _GEOMETRY_CACHE_MAX:
+        cache.clear()  # many distinct geometries: start over (bounded memory)
+    cache[key] = value
+    return value
 
 
 def _check_array(name: str, a, ndim: int | None = 4):
@@ -202,6 +231,17 @@ def conv2d_args(x, w, b, stride, padding, dilation, groups):
 
     Returns ``(x, w, b, params)`` with host arrays made C-contiguous.
     """
+    key = None
+    if (type(x) is np.ndarray and type(w) is np.ndarray and _plain(stride) and _plain(padding)
+            and _plain(dilation) and type(groups) is int):
+        if b is None:
+            key = (x.shape, w.shape, x.dtype, w.dtype, stride, padding, dilation, groups)
+        elif type(b) is np.ndarray:
+            key = (x.shape, w.shape, x.dtype, w.dtype, stride, padding, dilation, groups,
+                   b.shape, b.dtype)
+        p = _conv_cache.get(key)
+        if p is not None:
+            return contiguous(x), contiguous(w), (None if b is None else contiguous(b)), p
     _check_array("x", x)
     _check_array("w", w)
     if b is not None:
@@ -211,6 +251,8 @@ def conv2d_args(x, w, b, stride, padding, dilation, groups):
     p = _conv_geometry(x.shape, w.shape, stride, padding, dilation, groups)
     if b is not None and b.shape[0] != w.shape[0]:
         raise ValueError(f"b has length {b.shape[0]} but w has {w.shape[0]} output channels")
+    if key is not None:
+        _remember(_conv_cache, key, p)
     return contiguous(x), contiguous(w), (None if b is None else contiguous(b)), p
 
 
@@ -220,6 +262,15 @@ def conv2d_backward_args(dy, x, w, stride, padding, dilation, groups, needs):
     Returns ``(dy, x, w, params, needs)`` with ``needs`` a frozenset drawn from
     ``{"input", "weight", "bias"}``.
     """
+    key = None
+    if (type(dy) is np.ndarray and type(x) is np.ndarray and type(w) is np.ndarray
+            and _plain(stride) and _plain(padding) and _plain(dilation) and type(groups) is int
+            and type(needs) is tuple and all(type(v) is str for v in needs)):
+        key = (dy.shape, x.shape, w.shape, dy.dtype, x.dtype, w.dtype, stride, padding,
+               dilation, groups, needs)
+        hit = _conv_backward_cache.get(key)
+        if hit is not None:
+            return (contiguous(dy), contiguous(x), contiguous(w)) + hit
     _check_array("dy", dy)
     _check_array("x", x)
     _check_array("w", w)
@@ -240,6 +291,8 @@ def conv2d_backward_args(dy, x, w, stride, padding, dilation, groups, needs):
         raise ValueError(
             f"needs has unknown entries {sorted(unknown, key=repr)}; expected some of {CONV_NEEDS}"
         )
+    if key is not None:
+        _remember(_conv_backward_cache, key, (p, needs_set))
     return contiguous(dy), contiguous(x), contiguous(w), p, needs_set
 
 
@@ -257,6 +310,13 @@ def pool_output_size(size, k, s, p, d, ceil_mode) -> int:
 
 def max_pool2d_args(x, kernel_size, stride, padding, dilation, ceil_mode):
     """Validate ``fastconv.max_pool2d`` arguments. Returns ``(x, params)``."""
+    key = None
+    if (type(x) is np.ndarray and _plain(kernel_size) and (stride is None or _plain(stride))
+            and _plain(padding) and _plain(dilation) and type(ceil_mode) is bool):
+        key = (x.shape, x.dtype, kernel_size, stride, padding, dilation, ceil_mode)
+        params = _pool_cache.get(key)
+        if params is not None:
+            return contiguous(x), params
     _check_array("x", x)
     k = pair("kernel_size", kernel_size, 1)
     s = k if stride is None else pair("stride", stride, 1)
@@ -288,7 +348,10 @@ def max_pool2d_args(x, kernel_size, stride, padding, dilation, ceil_mode):
                 f"window of the {(h, w_)} input lies entirely in the padding; reduce padding "
                 "or dilation"
             )
-    return contiguous(x), PoolParams(k, s, p, d, bool(ceil_mode), (h, w_), out)
+    params = PoolParams(k, s, p, d, bool(ceil_mode), (h, w_), out)
+    if key is not None:
+        _remember(_pool_cache, key, params)
+    return contiguous(x), params
 
 
 def _every_window_hits_input(size, k, s, p, d, out) -> bool:

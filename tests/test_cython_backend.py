@@ -129,6 +129,44 @@ def test_winograd_and_pointwise_partial_needs(rng):
             np.testing.assert_array_equal(part[i], full[i])
 
 
+# The fused backward vectorized over 16 output channels (float32, stride 1, groups 1, 9-16
+# output channels, 5-16 input channels): column and channel blocks shifted back or padded,
+# padding taps, dilation, uneven image chunks.
+C16 = "cython:input:c16-fused weight:c16-fused bias:c16-fused"
+C16_CASES = [
+    ((9, 6, 14, 14), (16, 6, 5, 5), {}),  # LeNet's second layer (shape D) on 9 images
+    ((2, 5, 12, 11), (10, 5, 5, 3), dict(padding=2)),
+    ((2, 5, 11, 9), (11, 5, 3, 3), dict(padding=(2, 0), dilation=(2, 1))),
+    ((2, 7, 6, 3), (9, 7, 4, 3), dict(padding="same")),  # rows narrower than a block
+    ((2, 12, 9, 17), (13, 12, 3, 7), dict(padding=(1, 3), dilation=(1, 2))),
+    ((1, 16, 5, 2), (16, 16, 2, 2), {}),
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, kw", C16_CASES)
+def test_few_output_channels_take_the_16_channel_backward(rng, x_shape, w_shape, kw):
+    check_conv("cython", rng, x_shape, w_shape, **kw)
+    assert fc.last_algorithm("conv2d_backward") == C16
+    check_conv("cython", rng, x_shape, w_shape, dtype=np.float64, **kw)
+    assert "c16" not in fc.last_algorithm("conv2d_backward")
+
+
+@pytest.mark.parametrize("needs", [("input",), ("weight",), ("bias",), ("weight", "bias")])
+def test_16_channel_backward_computes_what_is_asked(rng, needs):
+    x = rng.standard_normal((3, 6, 9, 8)).astype(np.float32)
+    w = rng.standard_normal((12, 6, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((3, 12, 9, 8)).astype(np.float32)
+    full = fc.conv2d_backward(dy, x, w, padding=1, backend="numpy")
+    got = fc.conv2d_backward(dy, x, w, padding=1, backend="cython", needs=needs)
+    assert fc.last_algorithm("conv2d_backward") == "cython:" + " ".join(
+        f"{g}:c16-fused" for g in needs)
+    for name, g, ref in zip(("input", "weight", "bias"), got, full):
+        if name in needs:
+            np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-4, err_msg=name)
+        else:
+            assert g is None
+
+
 # The fused plane backward of first layers (C_in <= 4, stride 1, groups 1, dx wanted).
 FUSED = "cython:input:plane-fused weight:plane-fused bias:plane-fused"
 FUSED_CASES = [

@@ -62,7 +62,7 @@ CONV_CASES = [
     # larger than the kernel (grad-input falls back to the generic scatter)
     ((2, 1, 12, 11), (32, 1, 3, 3), dict(), "numba:plane"),
     ((2, 1, 12, 12), (6, 1, 5, 5), dict(padding=2), "numba:plane"),
-    ((2, 6, 14, 14), (16, 6, 5, 5), dict(), "numba:plane"),
+    ((2, 6, 14, 14), (16, 6, 5, 5), dict(), ("numba:c16", "numba:plane")),
     ((2, 3, 8, 7), (5, 3, 4, 2), dict(padding="same"), "numba:plane"),
     ((2, 6, 9, 9), (40, 6, 3, 3), dict(dilation=(1, 2)), "numba:plane"),
     ((1, 2, 5, 5), (3, 2, 2, 2), dict(padding=3), "numba:plane"),
@@ -147,20 +147,84 @@ def test_matrix_products_match_numpy_in_both_vector_families(rng, m, k, n, vecto
 
 
 @pytest.mark.parametrize("x_shape, w_shape, kw", [
-    ((3, 6, 14, 14), (16, 6, 5, 5), {}),  # LeNet's second layer (shape D)
-    ((2, 5, 12, 11), (10, 5, 5, 3), dict(padding=2)),  # padded
-    ((2, 5, 11, 9), (11, 5, 3, 3), dict(padding=(2, 0), dilation=(2, 1))),  # row dilation
-    ((2, 7, 6, 3), (9, 7, 4, 3), dict(padding="same")),  # a run longer than one block
+    ((3, 17, 8, 8), (16, 17, 3, 3), {}),
+    ((2, 20, 12, 11), (10, 20, 5, 3), dict(padding=2)),  # padded
+    ((2, 18, 11, 9), (11, 18, 3, 3), dict(padding=(2, 0), dilation=(2, 1))),  # row dilation
+    ((2, 24, 6, 3), (9, 24, 4, 3), dict(padding="same")),  # a run longer than one block
 ])
 def test_few_output_channels_take_the_16_channel_grad_weight_blocks(rng, x_shape, w_shape, kw,
                                                                    vector_bits):
-    """float32, stride 1, 9-16 output channels, a run of >= 12 rows, unit column dilation: dw
-    by 16-channel register blocks (the last block's padding rows computed and dropped);
-    float64 keeps the plane kernel."""
+    """float32, stride 1, 9-16 output channels, more input channels than the kernels
+    vectorized over output channels take, a run of >= 12 rows, unit column dilation: dw by
+    16-channel register blocks (the last block's padding rows computed and dropped); float64
+    keeps the plane kernel."""
     check_conv("numba", rng, x_shape, w_shape, **kw)
     assert "weight:direct-c16" in fc.last_algorithm("conv2d_backward")
     check_conv("numba", rng, x_shape, w_shape, dtype=np.float64, **kw)
     assert "weight:plane" in fc.last_algorithm("conv2d_backward")
+
+
+C16 = "numba:input:c16-fused weight:c16-fused bias:c16-fused"
+C16_CASES = [
+    ((3, 6, 14, 14), (16, 6, 5, 5), {}),  # LeNet's second layer (shape D) on 3 images
+    ((9, 6, 14, 14), (16, 6, 5, 5), {}),  # uneven image chunks
+    ((2, 5, 12, 11), (10, 5, 5, 3), dict(padding=2)),  # padded, odd C_in, 10 channels
+    ((2, 5, 11, 9), (11, 5, 3, 3), dict(padding=(2, 0), dilation=(2, 1))),  # row dilation
+    ((2, 7, 6, 3), (9, 7, 4, 3), dict(padding="same")),  # rows narrower than a block
+    ((2, 12, 9, 17), (13, 12, 3, 7), dict(padding=(1, 3), dilation=(1, 2))),  # column dilation
+    ((1, 16, 5, 2), (16, 16, 2, 2), {}),  # one output column
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, kw", C16_CASES)
+def test_few_output_channels_take_the_kernels_vectorized_over_them(rng, x_shape, w_shape, kw,
+                                                                    vector_bits):
+    """float32, stride 1, 9-16 output channels, 5-16 input channels: the forward and the fused
+    backward vectorized over 16 output channels (blocks wider than a row shifted back,
+    padding taps and input channels computed and dropped); float64 keeps the plane kernels."""
+    check_conv("numba", rng, x_shape, w_shape, **kw)
+    assert fc.last_algorithm("conv2d") == "numba:c16"
+    assert fc.last_algorithm("conv2d_backward") == C16
+    check_conv("numba", rng, x_shape, w_shape, dtype=np.float64, **kw)
+    assert fc.last_algorithm("conv2d") == "numba:plane"
+
+
+@pytest.mark.parametrize("needs", [("input",), ("weight",), ("bias",), ("input", "bias"),
+                                   ("weight", "bias")])
+def test_c16_backward_computes_what_is_asked(rng, needs):
+    x = rng.standard_normal((3, 6, 9, 8)).astype(np.float32)
+    w = rng.standard_normal((12, 6, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((3, 12, 9, 8)).astype(np.float32)
+    full = fc.conv2d_backward(dy, x, w, padding=1, backend="numpy")
+    got = fc.conv2d_backward(dy, x, w, padding=1, backend="numba", needs=needs)
+    assert fc.last_algorithm("conv2d_backward") == "numba:" + " ".join(
+        f"{g}:c16-fused" for g in needs)
+    for name, g, ref in zip(("input", "weight", "bias"), got, full):
+        if name in needs:
+            np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-4, err_msg=name)
+        else:
+            assert g is None
+
+
+def test_c16_kernels_propagate_nan_as_torch(rng):
+    """A NaN in x reaches exactly the outputs whose windows hold it, and every weight gradient
+    whose taps meet it; dx and db stay finite (dw multiplies x by real dy only)."""
+    torch = pytest.importorskip("torch")
+    x = rng.standard_normal((2, 6, 10, 9)).astype(np.float32)
+    x[1, 2, 0, 8] = np.nan
+    w = rng.standard_normal((16, 6, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((2, 16, 8, 7)).astype(np.float32)
+    tx, tw = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    ty = torch.nn.functional.conv2d(tx, tw)
+    ty.backward(torch.from_numpy(dy))
+    y = fc.conv2d(x, w, backend="numba")
+    assert fc.last_algorithm("conv2d") == "numba:c16"
+    dx, dw, _ = fc.conv2d_backward(dy, x, w, backend="numba")
+    assert fc.last_algorithm("conv2d_backward") == C16
+    for got, ref in ((y, ty), (dx, tx.grad), (dw, tw.grad)):
+        ref = ref.detach().numpy()
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("needs", [("input", "bias"), ("weight", "bias"), ("bias",),

@@ -46,8 +46,19 @@ import numpy as np
 WEIGHT_CHUNKS = 8
 #: Input channels up to which a stride-1, groups-1 backward takes the fused plane kernel.
 FUSED_MAX_C_IN = 4
+#: Input channels below which a float32 layer with 9-16 output channels takes the numba
+#: kernels vectorized over output channels.
+SMALL_MAX_C_IN = 17
 #: The order gradients are named in.
 GRADS = ("input", "weight", "bias")
+#: Small work: a numba forward convolution of fewer multiply-adds than this, or a max-pool of
+#: fewer input elements than ``SMALL_POOL_ELEMENTS``, runs its kernels on the calling thread
+#: alone; waking the thread pool costs more than the other threads save there (measured:
+#: docs/performance.md, section smallwork).
+SMALL_CONV_MACS = 2_000_000
+SMALL_POOL_ELEMENTS = 100_000
+#: A zero-padded plane input of at most this many elements is laid out by NumPy, not a kernel.
+SMALL_PAD_ELEMENTS = 4096
 
 
 # ------------------------------------------------------------------------------ plans
@@ -202,19 +213,33 @@ def numba_c16_ok(p, dtype, c_in: int, c_out: int) -> bool:
         and p.dilation[1] == 1
 
 
+def c16_ok(p, dtype, c_in: int, c_out: int) -> bool:
+    """The kernels vectorized over 16 output channels (numba's ``_small``, cython's
+    ``conv_bwd_c16``): float32, stride 1, groups 1,
+    9 to 16 output channels, more input channels than a fused first layer and fewer than
+    ``SMALL_MAX_C_IN``, padding within the dilated kernel's reach (dx reads dy shifted)."""
+    return (dtype == np.float32 and p.groups == 1 and p.stride == (1, 1)
+            and 9 <= c_out <= 16 and FUSED_MAX_C_IN < c_in < SMALL_MAX_C_IN
+            and _flipped_padding_ok(p) and all(
+                d * (k - 1) >= pad for d, k, pad in zip(p.dilation, p.kernel_hw,
+                                                        p.pad_bottom_right())))
+
+
 @lru_cache(maxsize=1024)
 def numba_forward(p, dtype, c_in: int, c_out: int, wide: bool) -> ConvPlan:
     """The numba forward. ``wide``: Numba compiles for AVX-512 (the 4 x 64 register block),
     else the explicit 256-bit vector blocks (``-v256``)."""
     if pointwise_ok(p, dtype):
         return ConvPlan("pointwise-gemm")
-    exact = _numba_forward_exact(p, c_in, c_out, wide)
+    exact = _numba_forward_exact(p, c_in, c_out, wide, dtype)
     if winograd_ok(p, dtype, c_in, c_out):
         return ConvPlan("winograd-f2x2", exact)
     return ConvPlan(exact)
 
 
-def _numba_forward_exact(p, c_in, c_out, wide) -> str:
+def _numba_forward_exact(p, c_in, c_out, wide, dtype=None) -> str:
+    if c16_ok(p, dtype, c_in, c_out):
+        return "c16"
     if numba_plane_ok(p, c_in, c_out):
         return "plane"
     if numba_direct_ok(p, c_out):
@@ -234,6 +259,8 @@ def _numba_backward(p, x, c_out, needs, wide, exact_only) -> BackwardPlan:
         return _winograd_backward(p, x, needs)
     if not exact_only and pointwise_ok(p, x.dtype) and c_out >= 64:
         return _all("pointwise-gemm", needs, bias="sum")
+    if c16_ok(p, x.dtype, c_in, c_out):
+        return _all("c16-fused", needs)
     if numba_plane_ok(p, c_in, c_out):
         x_finite = "weight" not in needs or finite(x)
         if fused_ok(p, c_in, needs, skips_input=True) and x_finite:
@@ -337,6 +364,8 @@ def _cython_backward(p, x, c_out, needs, exact_only) -> BackwardPlan:
     if (not exact_only and fused_ok(p, x.shape[1], needs, skips_input=False)
             and ("weight" not in needs or finite(x))):
         return _all("plane-fused", needs)
+    if c16_ok(p, x.dtype, x.shape[1], c_out):
+        return _all("c16-fused", needs)
     g = p.groups
     kh, kw = p.kernel_hw
     parts = []

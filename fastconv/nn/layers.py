@@ -115,6 +115,12 @@ class Conv2D(Layer):
 
     def forward(self, x, training=True):
         self._cache = x
+        if not training:  # the prepared weight is reused while it is unchanged (inference)
+            if getattr(self, "_weight_cache", None) is None:
+                self._weight_cache = {}
+            return fc._conv2d_reusing_weights(x, self.params["weight"], self.params.get("bias"),
+                                              self._weight_cache, backend=self.backend,
+                                              **self._geometry())
         return fc.conv2d(x, self.params["weight"], self.params.get("bias"),
                          backend=self.backend, **self._geometry())
 

@@ -26,6 +26,10 @@ The kernels, by name:
   zero-padded planes held in cache, and computes from there dx (as the plane forward), dw (dot
   products over the planes, 3 kernel columns per pass) and db; dw and db as 32-lane partial
   sums per chunk, added in order over the chunks, then the lanes.
+* ``c16-fused``: float32, 9-16 output channels, 5-16 input channels, stride 1: per chunk of
+  images, each image's dy transposed once (channels innermost), then dx (7 or 5 columns x 2
+  input channels, reduced over the output channels) and dw (5 taps x 16 channels), as the
+  numba backend's ``c16`` kernels.
 * grad-weight: ``direct-blocked`` (6 run rows x 64 channels, or 24/12 x 16 for at most 16
   output channels), ``flat-blocked`` (4 channels x 4 taps x 16 lanes over the padded-pitch
   grid), else ``gemm-nhwc``; the bias: ``sum``.
@@ -94,6 +98,8 @@ _FCB = _SIZES.get("FCB")  # output channels per block of the flat grad-weight ke
 # grad-input lanes of the fused kernel per dtype; lanes of its grad-weight dot products
 _FXL = {np.dtype(np.float32): _SIZES.get("FXL32"), np.dtype(np.float64): _SIZES.get("FXL64")}
 _FVL = _SIZES.get("FVL")
+# taps, columns and input channels per register block of the 16-channel fused backward
+_C16KW, _C16P, _C16C = (getattr(_k, "C16_BLOCKS", {}).get(k) for k in ("C16KW", "C16P", "C16C"))
 _WCB = _SIZES.get("COB")  # output channels per Winograd register block (the padding unit of Cp)
 _WTB = _SIZES.get("WTB")  # tiles per Winograd register block
 _WGROUP = _SIZES.get("WGROUP")  # tiles per Winograd grad-weight group
@@ -335,6 +341,35 @@ def _backward_fused(plan, dy, x, w, p):
             "bias": sum_chunks(pdb).sum(axis=-1) if want_db else None}
 
 
+def _backward_c16(plan, dy, x, w, p):
+    """All wanted gradients of a stride-1 layer with 9-16 output channels in one region
+    (:func:`_k.conv_bwd_c16`)."""
+    n, c_in, h, w_ = x.shape
+    c_out, _, kh, kw = w.shape
+    ho, wo = p.out_hw
+    (dil_h, dil_w), (pt, pl) = p.dilation, p.padding
+    reach = dil_w * (kw - 1)
+    cip, kwp = round_up(c_in, _C16C), round_up(kw, _C16KW)
+    hp = max(ho + dil_h * (kh - 1), pt + h)
+    wx = max(wo + dil_w * (kwp - 1), pl + w_)
+    wt = max(w_, _C16P) + reach
+    wk = np.zeros((kh, kw, cip, 16), x.dtype)
+    wk[:, :, :c_in, :c_out] = w.transpose(2, 3, 1, 0)
+    rows = _scratch_rows()
+    want_dx, want_dw = bool(plan["input"]), bool(plan["weight"])
+    dx = np.empty(x.shape if want_dx else (0, c_in, h, w_), x.dtype)
+    pdw = np.empty((chunks(n), c_in, kh, kwp, 16), x.dtype)
+    pdb = np.empty((chunks(n), 16), x.dtype)
+    xs = np.zeros((rows, c_in * hp * wx if want_dw else 1), x.dtype)
+    dyt = np.zeros((rows, ho * wt * 16), x.dtype)
+    _k.conv_bwd_c16(x, dy, wk, dx, pdw, pdb, xs, dyt, pt, pl, dil_h, dil_w, hp, wx, wt, want_dx,
+                    want_dw, serial=_serial_after_fork)
+    dw = sum_chunks(pdw)[:, :, :kw, :c_out].transpose(3, 0, 1, 2) if want_dw else None
+    return {"input": dx if want_dx else None,
+            "weight": np.ascontiguousarray(dw) if want_dw else None,
+            "bias": sum_chunks(pdb)[:c_out].copy() if plan["bias"] else None}
+
+
 def _backward_exact(plan, dy, x, w, p):
     """Gradients by the kernels that sum exactly the products of the definition."""
     grads = {}
@@ -562,6 +597,7 @@ _BACKWARD = {
     "pointwise-gemm": _backward_pointwise,
     "winograd-f2x2": _backward_winograd,
     "plane-fused": _backward_fused,
+    "c16-fused": _backward_c16,
 }
 
 

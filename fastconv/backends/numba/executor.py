@@ -17,6 +17,10 @@ The kernels, by family:
   channels (float32; 128 x 2 below 8 channels; float64 64 x 4); dx the same kernel on padded
   dy with the flipped weight; dw dot products over whole padded planes; ``plane-fused`` all
   three gradients in one pass over dy; ``direct-c16`` dw by 16-run-row x 16-channel blocks.
+* ``c16`` (``_small``): float32, 9-16 output channels and 5-16 input channels, stride 1,
+  vectorized over the 16 output channels (one 16-lane vector, or two of 8 with 256-bit
+  blocks); ``c16-fused`` dx, dw and db of each image from one transposed copy of its dy, in
+  one parallel region.
 * ``direct-nhwc-c64`` (``_direct``): NHWC, a 4-column x 64-channel register block over
   the (kW, C_in) run; dx one direct forward call per stride phase (``direct-phases``); dw
   6-run-row (float64: 4) x 64-channel blocks (``direct-c64``).
@@ -97,6 +101,49 @@ def _kernels() -> Kernels:
     return Kernels(_generic, _direct, _pool, _simd, _threading)
 
 
+class _OneThread:
+    """A ``run`` that launches the kernel with numba's thread count set to 1 for the calling
+    thread (numba keeps the count per thread), then restores it: the parallel region then runs
+    inline on the caller, without waking the pool, which costs more than the threads save on
+    small work (``_plan.SMALL_CONV_MACS``). Same compiled kernels, so no extra specializations,
+    and the same results (every kernel's result is independent of the thread count)."""
+
+    def __init__(self, threading):
+        from numba.np.ufunc import parallel
+
+        self._threading = threading
+        self._parallel = parallel
+
+    def run(self, kernel, *args):
+        threading, parallel = self._threading, self._parallel
+        # Numba's raw per-thread setters (``numba.set_num_threads`` takes a lock: 3x the cost),
+        # set once its pool has started; before that, or in a Numba without them, the
+        # ordinary path.
+        setter = getattr(parallel, "_set_num_threads", None)
+        if threading.threading_layer() is None or setter is None:
+            return threading.run(kernel, *args)
+        old = parallel._get_num_threads()
+        setter(1)
+        try:
+            return threading.run(kernel, *args)
+        finally:
+            setter(old)
+
+
+@functools.lru_cache(maxsize=1)
+def _small_kernels() -> Kernels:
+    """``_kernels()`` whose ``run`` launches on one thread (:class:`_OneThread`)."""
+    k = _kernels()
+    return k._replace(threading=_OneThread(k.threading))
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name: str):
+    """The kernel module ``name`` of this package, imported on first use (a function-level
+    ``from . import`` costs about a microsecond per call: small work notices)."""
+    return importlib.import_module(f"{__package__}.{name}")
+
+
 def _wide() -> bool:
     """Whether the register-blocked kernels are the LLVM-vectorized AVX-512 ones (else the
     explicit 256-bit vectors of ``_simd``, whose 32 registers those blocks need)."""
@@ -120,10 +167,24 @@ def _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dil_h, dil_w, wrap=False
         wp = wo
     lanes = round_up(ho * wp, plane.LANES)
     hx = -(-(lanes + dil_h * (kh - 1) * wp + dil_w * (kw - 1)) // wp)
+    if sums is None and pl >= 0 and n * c * hx * wp <= _plan.SMALL_PAD_ELEMENTS:
+        return _pad_plane_host(x, np.zeros((n, c, hx, wp), x.dtype), pt, pl)
     planes = np.empty(n * c if sums is not None else 0, x.dtype)
     xp = run(plane.pad_plane, x, np.empty((n, c, hx, wp), x.dtype), pt, pl, planes)
     if sums is not None:
         sums.append(planes.reshape(n, c).sum(axis=0, dtype=np.float64).astype(x.dtype))
+    return xp
+
+
+def _pad_plane_host(x, xp, pt, pl):
+    """``_plane.pad_plane`` (without sums) by NumPy into a zeroed xp, for planes so small that a
+    kernel launch costs more than the copy: xp[n, c, pt + h, pl + w] = x[n, c, h, w] where it
+    fits (pt may be negative: rows of x above the window grid are dropped; pl >= 0)."""
+    h, w = x.shape[2:]
+    hx, wp = xp.shape[2:]
+    r0, r1, wmax = max(pt, 0), min(hx, pt + h), min(w, wp - pl)
+    if r1 > r0 and wmax > 0:
+        xp[:, :, r0:r1, pl:pl + wmax] = x[:, :, r0 - pt:r1 - pt, :wmax]
     return xp
 
 
@@ -147,18 +208,40 @@ def _plane_kernel(plane, dtype, c_out):
 
 
 def _plane_forward(plane, run, x, wt_oihw, bias, out, pt, pl, dil_h, dil_w, wrap=False,
-                   sums=None):
+                   sums=None, cache=None):
     """out = conv(x, wt_oihw) + bias with stride 1 and (top, left) padding (pt, pl) via the
     plane kernel; the bottom/right padding follows from out's size (``wrap``, ``sums``: see
-    ``_plane_input``)."""
+    ``_plane_input``; ``cache``: see :func:`_reused`)."""
     c_out, c_in, kh, kw = wt_oihw.shape
     ho, wo = out.shape[2:]
     xp = _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dil_h, dil_w, wrap, sums)
     kernel, pcb = _plane_kernel(plane, x.dtype, c_out)
     cp = round_up(c_out, pcb)
-    wt = np.zeros((c_in, kh, kw, cp), x.dtype)
-    wt[..., :c_out] = wt_oihw.transpose(1, 2, 3, 0)
+
+    def layout():
+        wt = np.zeros((c_in, kh, kw, cp), x.dtype)
+        wt[..., :c_out] = wt_oihw.transpose(1, 2, 3, 0)
+        return wt
+
+    wt = _reused(cache, ("plane", cp), wt_oihw, layout)
     return run(kernel, xp, wt, _plan.padded_vector(bias, cp, x.dtype), out, dil_h, dil_w)
+
+
+def _reused(cache, key, w, make):
+    """``make()``, a weight laid out or transformed for a kernel from ``w``. With ``cache`` (a
+    dict its caller owns: ``fastconv._conv2d_reusing_weights``), the result is kept there under
+    ``key`` beside a copy of w's bytes and reused while w is unchanged byte for byte, so an
+    in-place edit of w (an optimizer step) is always seen. Kernels only read the result."""
+    if cache is None:
+        return make()
+    raw = w.tobytes()
+    key = (key, w.shape, w.dtype)
+    hit = cache.get(key)
+    if hit is not None and hit[0] == raw:
+        return hit[1]
+    value = make()
+    cache[key] = (raw, value)
+    return value
 
 
 def _nchw_strides(y, base=0):
@@ -198,17 +281,19 @@ def _pad_split(wino, run, x, xq, pt, pl, sums=None):
     return xq
 
 
-def _winograd_forward(wino, run, x, w, b, y, pt, pl, xq=None):
+def _winograd_forward(wino, run, x, w, b, y, pt, pl, xq=None, cache=None):
     """y = conv(x, w) + b (3x3, stride 1, padding (pt, pl)) by Winograd F(2x2, 3x3), from x or
-    its ``_winograd_input`` layout ``xq``. False if an input, weight or output was not finite:
-    y is then to be recomputed exactly."""
+    its ``_winograd_input`` layout ``xq`` (``cache``: the transformed weight, see
+    :func:`_reused`). False if an input, weight or output was not finite: y is then to be
+    recomputed exactly."""
     c_out = w.shape[0]
     if xq is None:
         xq = _winograd_input(wino, run, x, y.shape[2:], pt, pl)
     vec = not _wide()
     paired = not vec and c_out <= wino.HALF and xq.shape[3] - 1 >= 2 * wino.TB
-    u = wino.transform_weight_paired(w) if paired else \
-        wino.transform_weight(w, round_up(c_out, wino.VCB if vec else wino.CB))
+    u = _reused(cache, ("winograd", paired, vec), w, lambda: (
+        wino.transform_weight_paired(w) if paired else
+        wino.transform_weight(w, round_up(c_out, wino.VCB if vec else wino.CB))))
     bias = np.zeros(c_out, x.dtype) if b is None else b
     check = np.empty(xq.shape[0] * ((xq.shape[1] - 2) // 2), x.dtype)
     run(wino.conv_forward_winograd, xq, u, bias, y, check, paired, vec)
@@ -248,11 +333,21 @@ def _bias_sums(k: Kernels, dy):
 # ------------------------------------------------------------------------------ forward
 
 
-def conv2d(x, w, b, p):
-    """y (N, C_out, H_out, W_out) = conv2d(x, w) + b; see ``fastconv.conv2d``."""
-    k = _kernels()
+#: ``conv2d`` takes ``weight_cache`` (see ``fastconv._conv2d_reusing_weights``).
+REUSES_WEIGHTS = True
+
+
+def conv2d(x, w, b, p, weight_cache=None):
+    """y (N, C_out, H_out, W_out) = conv2d(x, w) + b; see ``fastconv.conv2d``. With
+    ``weight_cache`` (a dict the caller owns), the Winograd and plane forwards keep their
+    transformed weight there and reuse it while w is unchanged (:func:`_reused`)."""
+    small = p.macs(x.shape[0], x.shape[1], w.shape[0]) < _plan.SMALL_CONV_MACS
+    k = _small_kernels() if small else _kernels()
     plan = _plan.numba_forward(p, x.dtype, w.shape[1], w.shape[0], _wide())
-    y = _FORWARD[plan.algorithm](k, x, w, b, p)
+    if weight_cache is not None and plan.algorithm in _REUSING:
+        y = _FORWARD[plan.algorithm](k, x, w, b, p, weight_cache)
+    else:
+        y = _FORWARD[plan.algorithm](k, x, w, b, p)
     name = plan.algorithm
     if y is None:  # a non-finite value inside the Winograd transforms
         y = _FORWARD[plan.fallback](k, x, w, b, p)
@@ -267,18 +362,16 @@ def _forward_pointwise(k, x, w, b, p):
     return y.reshape(n, c_out, *p.out_hw)
 
 
-def _forward_winograd(k, x, w, b, p):
-    from . import _winograd as wino
-
+def _forward_winograd(k, x, w, b, p, cache=None):
+    wino = _module("_winograd")
     y = np.empty((x.shape[0], w.shape[0], *p.out_hw), x.dtype)
-    return y if _winograd_forward(wino, k.run, x, w, b, y, *p.padding) else None
+    return y if _winograd_forward(wino, k.run, x, w, b, y, *p.padding, cache=cache) else None
 
 
-def _forward_plane(k, x, w, b, p):
-    from . import _plane as plane
-
+def _forward_plane(k, x, w, b, p, cache=None):
+    plane = _module("_plane")
     y = np.empty((x.shape[0], w.shape[0], *p.out_hw), x.dtype)
-    return _plane_forward(plane, k.run, x, w, b, y, *p.padding, *p.dilation)
+    return _plane_forward(plane, k.run, x, w, b, y, *p.padding, *p.dilation, cache=cache)
 
 
 def _forward_direct(k, x, w, b, p):
@@ -302,14 +395,44 @@ def _forward_generic(k, x, w, b, p):
     return y
 
 
+def _c16_scratch(x_shape, w_shape, p, p_cols, kwb):
+    """(Hp, WX, WT): the scratch planes of ``_small`` (its module docstring)."""
+    h, w_ = x_shape[2:]
+    kh, kw = w_shape[2:]
+    ho, wo = p.out_hw
+    (dil_h, dil_w), (pt, pl) = p.dilation, p.padding
+    hp = max(ho + dil_h * (kh - 1), pt + h)
+    reach = dil_w * (kw - 1)
+    wx = max(max(wo, p_cols) + reach, wo + dil_w * (round_up(kw, kwb) - 1), pl + w_)
+    wt = max(w_, p_cols) + reach
+    return hp, wx, wt
+
+
+def _forward_c16(k, x, w, b, p):
+    from . import _small as small
+
+    c_out, c_in, kh, kw = w.shape
+    y = np.empty((x.shape[0], c_out, *p.out_hw), x.dtype)
+    wf = np.zeros((c_in, kh, kw, small.C16), x.dtype)
+    wf[..., :c_out] = w.transpose(1, 2, 3, 0)
+    vw = 16 if _wide() else 8
+    fwd_cols, _, _, taps = small.BLOCKS[vw]
+    hp, wx, _ = _c16_scratch(x.shape, w.shape, p, fwd_cols, taps)
+    return k.run(small.KERNELS[vw][0], x, wf, _plan.padded_vector(b, small.C16, x.dtype), y,
+                 *p.padding, *p.dilation, hp, wx)
+
+
 _FORWARD = {
     "pointwise-gemm": _forward_pointwise,
     "winograd-f2x2": _forward_winograd,
     "plane": _forward_plane,
+    "c16": _forward_c16,
     "direct-nhwc-c64": _forward_direct,
     "direct-nhwc-v256": _forward_direct,
     "generic": _forward_generic,
 }
+#: The forwards that take a ``cache`` for their prepared weight.
+_REUSING = frozenset({"winograd-f2x2", "plane"})
 
 
 # ------------------------------------------------------------------------------ backward
@@ -418,6 +541,32 @@ def _backward_fused(k, plan, dy, x, w, p):
     return {"input": dx if want[0] else None,
             "weight": sum_chunks(pdw) if want[1] else None,
             "bias": sum_chunks(pdb) if want[2] else None}
+
+
+def _backward_c16(k, plan, dy, x, w, p):
+    """All wanted gradients of a stride-1 layer with 9-16 output channels in one region
+    (``_small.conv_backward_c16``)."""
+    from . import _small as small
+
+    n, c_in = x.shape[:2]
+    c_out, _, kh, kw = w.shape
+    vw = 16 if _wide() else 8
+    _, dx_cols, dx_channels, taps = small.BLOCKS[vw]
+    cip = round_up(c_in, dx_channels)
+    kwp = round_up(kw, taps)
+    wx = np.zeros((kh, kw, cip, small.C16), x.dtype)
+    wx[:, :, :c_in, :c_out] = w.transpose(2, 3, 1, 0)
+    hp, wxs, wt = _c16_scratch(x.shape, w.shape, p, dx_cols, taps)
+    want = np.array([bool(plan[g]) for g in _plan.GRADS])
+    dx = np.empty(x.shape if want[0] else (0, 0, 0, 0), x.dtype)
+    pdw = np.empty((chunks(n), c_in, kh, kwp, small.C16), x.dtype)
+    pdb = np.empty((chunks(n), small.C16), x.dtype)
+    k.run(small.KERNELS[vw][1], x, dy, wx, dx, pdw, pdb, *p.padding, *p.dilation, hp, wxs,
+          wt, want)
+    dw = sum_chunks(pdw)[:, :, :kw, :c_out].transpose(3, 0, 1, 2) if want[1] else None
+    return {"input": dx if want[0] else None,
+            "weight": np.ascontiguousarray(dw) if want[1] else None,
+            "bias": sum_chunks(pdb)[:c_out].copy() if want[2] else None}
 
 
 def _grad_input_plane(k, dy, w, x_shape, p, sums=None):
@@ -617,6 +766,7 @@ _BACKWARD = {
     "pointwise-gemm": _backward_pointwise,
     "winograd-f2x2": _backward_winograd,
     "plane-fused": _backward_fused,
+    "c16-fused": _backward_c16,
     "plane": _backward_exact,
     "direct": _backward_exact,
     "generic": _backward_exact,
@@ -628,7 +778,7 @@ _BACKWARD = {
 
 def max_pool2d(x, p):
     """(y, idx) of max_pool2d with PyTorch's indices; see ``fastconv.max_pool2d``."""
-    k = _kernels()
+    k = _small_kernels() if x.size < _plan.SMALL_POOL_ELEMENTS else _kernels()
     pool = k.pool
     n, c, h, w = x.shape
     ho, wo = p.out_hw
