@@ -356,30 +356,30 @@ def _gather_rows(x, n, ih0, dh, pw, xl, wl, rows):
 
 
 @njit(**PARALLEL)
-def conv_forward_direct_nchw(x, wk, bias, y, sh, sw, dh, ph, pw):
-    """y (N, C_out, H_out, W_out) = conv(x, wk) + bias[:C_out], x NCHW (N, C_in, H, W)
-    unpadded, padding (ph, pw), unit column dilation; ``wk`` (kH, kW*C_in, Cp) as for
-    :func:`conv_forward_direct`, whose register block and result this is. Each task lays out
-    the kH input rows its output row reads (zero-padded NHWC, in cache) itself, so there is no
-    separate pass over x."""
+def conv_forward_direct_nchw(x, wk, bias, y1, ys, co_, ho, wo, sh, sw, dh, ph, pw):
+    """y = conv(x, wk) + bias[:C_out] (C_out = ``co_``, output ho x wo), x NCHW (N, C_in, H, W)
+    unpadded, padding (ph, pw) at the top and left (zeros past the bottom and right), unit
+    column dilation; ``wk`` (kH, kW*C_in, Cp) as for :func:`conv_forward_direct`, whose
+    register block, output addressing (``y1``, ``ys``: NCHW, or one stride phase of dx) and
+    result this is. Each task lays out the kH input rows its output row reads (zero-padded
+    NHWC, in cache) itself, so there is no separate pass over x."""
     # Loop order: one task per output row (n, oh): gather its input rows, then as
     # conv_forward_direct (channel block, column block of OB, kernel row, run, OB x CB block).
     n_, c_in = x.shape[:2]
-    co_, ho, wo = y.shape[1:]
     kh_, r_, cp = wk.shape
+    y0, ysn, ysc, ysh, ysw = ys[0], ys[1], ys[2], ys[3], ys[4]
     wl = (wo - 1) * sw + r_ // c_in  # columns the windows of one output row read
     xw = wl * c_in
     w1 = wk.ravel()
-    y1 = y.ravel()
     nblk = (wo + OB - 1) // OB if wo >= OB else 0
     nsingle = wo if wo < OB else 0
     for t in prange(n_ * ho):
         n = t // ho
         oh = t % ho
-        xl = np.empty(kh_ * xw, dtype=y.dtype)
+        xl = np.empty(kh_ * xw, dtype=y1.dtype)
         _gather_rows(x, n, oh * sh - ph, dh, pw, xl, wl, kh_)
-        row = np.empty(wo * cp, dtype=y.dtype)
-        acc = stack_array(ACC, y.dtype)
+        row = np.empty(wo * cp, dtype=y1.dtype)
+        acc = stack_array(ACC, y1.dtype)
         for cb in range(0, cp, CB):
             for ob in range(nblk + nsingle):
                 if ob < nblk:
@@ -411,10 +411,10 @@ def conv_forward_direct_nchw(x, wk, bias, y, sh, sw, dh, ph, pw):
                     for o in range(CB):
                         row[U(ow0 * cp + cb + o)] = acc[U(o)] + bias[U(cb + o)]
         for co in range(co_):
-            dst = ((n * co_ + co) * ho + oh) * wo
+            dst = y0 + n * ysn + co * ysc + oh * ysh
             for ow in range(wo):
-                y1[U(dst + ow)] = row[U(ow * cp + co)]
-    return y
+                y1[U(dst + ow * ysw)] = row[U(ow * cp + co)]
+    return y1
 
 
 def _make_forward_vec_nchw(lanes):
@@ -424,26 +424,25 @@ def _make_forward_vec_nchw(lanes):
     nacc = VOB * vc
 
     @njit(**PARALLEL)
-    def conv_forward_direct_vec_nchw(x, wk, bias, y, sh, sw, dh, ph, pw):
+    def conv_forward_direct_vec_nchw(x, wk, bias, y1, ys, co_, ho, wo, sh, sw, dh, ph, pw):
         """The contract of :func:`conv_forward_direct_nchw` (Cp a multiple of VNV*lanes)."""
         # Loop order: one task per output row: gather its input rows, then as
         # conv_forward_direct_vec.
         n_, c_in = x.shape[:2]
-        co_, ho, wo = y.shape[1:]
         kh_, r_, cp = wk.shape
+        y0, ysn, ysc, ysh, ysw = ys[0], ys[1], ys[2], ys[3], ys[4]
         wl = (wo - 1) * sw + r_ // c_in
         xw = wl * c_in
         w1 = wk.ravel()
-        y1 = y.ravel()
         nblk = (wo + VOB - 1) // VOB if wo >= VOB else 1
         step = sw * c_in
         for t in prange(n_ * ho):
             n = t // ho
             oh = t % ho
-            xl = np.empty(kh_ * xw, dtype=y.dtype)
+            xl = np.empty(kh_ * xw, dtype=y1.dtype)
             _gather_rows(x, n, oh * sh - ph, dh, pw, xl, wl, kh_)
-            row = np.empty(max(wo, VOB) * cp, dtype=y.dtype)
-            acc = stack_array(nacc, y.dtype)
+            row = np.empty(max(wo, VOB) * cp, dtype=y1.dtype)
+            acc = stack_array(nacc, y1.dtype)
             for cb in range(0, cp, vc):
                 for ob in range(nblk):
                     ow0 = min(ob * VOB, wo - VOB) if wo >= VOB else 0
@@ -465,10 +464,10 @@ def _make_forward_vec_nchw(lanes):
                         for o in range(vc):
                             row[U((ow0 + c) * cp + cb + o)] = acc[U(c * vc + o)] + bias[U(cb + o)]
             for co in range(co_):
-                dst = ((n * co_ + co) * ho + oh) * wo
+                dst = y0 + n * ysn + co * ysc + oh * ysh
                 for ow in range(wo):
-                    y1[U(dst + ow)] = row[U(ow * cp + co)]
-        return y
+                    y1[U(dst + ow * ysw)] = row[U(ow * cp + co)]
+        return y1
 
     return conv_forward_direct_vec_nchw
 

@@ -282,15 +282,26 @@ def _forward_direct(k, x, w, b, p):
     c_out = w.shape[0]
     y = np.empty((x.shape[0], c_out, *p.out_hw), x.dtype)
     _, unit = _direct_forward_kernel(direct, x.dtype)
-    if _wide():
-        kernel = direct.conv_forward_direct_nchw
-    else:
-        kernel = direct.conv_forward_direct_vec32_nchw if x.dtype == np.float32 else \
-            direct.conv_forward_direct_vec64_nchw
+    kernel = _direct_nchw_kernel(direct, x.dtype)
     cp = round_up(c_out, unit)
     bias = _plan.padded_vector(b, cp, x.dtype)
-    return k.run(kernel, x, _plan.weight_krc(w, cp), bias, y, *p.stride, p.dilation[0],
-                 *p.padding)
+    k.run(kernel, x, _plan.weight_krc(w, cp), bias, y.reshape(-1), _nchw_strides(y), c_out,
+          *p.out_hw, *p.stride, p.dilation[0], *p.padding)
+    return y
+
+
+def _direct_nchw_kernel(direct, dtype):
+    """The direct forward from NCHW input (``conv_forward_direct*_nchw``) for this CPU."""
+    if _wide():
+        return direct.conv_forward_direct_nchw
+    return direct.conv_forward_direct_vec32_nchw if dtype == np.float32 else \
+        direct.conv_forward_direct_vec64_nchw
+
+
+def _nchw_strides(y, base=0):
+    """(offset, N, C, H, W) element strides of a C-contiguous NCHW array, for the direct kernel."""
+    n, c, h, w = y.shape
+    return np.array([base, c * h * w, h * w, w, 1], np.int64)
 
 
 def _forward_generic(k, x, w, b, p):
@@ -444,28 +455,25 @@ def _grad_input_generic(k, dy, w, x, p):
 
 
 def _grad_input_phases(k, dy, w, x_shape, p):
-    """dx through the direct forward kernel, one call per stride phase of
-    ``_plan.grad_input_phases``, each writing straight into its rows and columns of dx."""
+    """dx through the direct forward kernel from NCHW dy, one call per stride phase of
+    ``_plan.grad_input_phases``, each writing straight into its rows and columns of dx (each
+    task pads its own dy rows: no pass over dy beforehand)."""
     n, c_in, h, w_ = x_shape
-    c_out = w.shape[0]
     split = _plan.grad_input_phases(x_shape, w.shape, p)
     dx = (np.empty if split.covered else np.zeros)(x_shape, dy.dtype)
     if not split.live:
         return dx  # no tap reaches any row and column: dx is zeros
-    kernel, unit = _direct_forward_kernel(k.direct, dy.dtype)
+    _, unit = _direct_forward_kernel(k.direct, dy.dtype)
+    kernel = _direct_nchw_kernel(k.direct, dy.dtype)
     cp = round_up(c_in, unit)
     zeros = np.zeros(cp, dy.dtype)
     (sh, sw), (ph, pw) = p.stride, p.padding
-    dyp = k.run(k.conv.pad_nhwc, dy, np.empty((n, split.hp, split.wp, c_out), dy.dtype),
-                split.top, split.left)
-    dyp2 = dyp.reshape(n, split.hp, -1)
     for a, b in split.live:
         wk = _plan.weight_krc(_plan.phase_weight(w, a, b).transpose(1, 0, 2, 3), cp)
         base = (sh * a.first + a.residue - ph) * w_ + (sw * b.first + b.residue - pw)
         ys = np.array([base, c_in * h * w_, h * w_, sh * w_, sw], np.int64)
-        x0 = ((split.top - a.top) * split.wp + (split.left - b.top)) * c_out
-        k.run(kernel, dyp2, wk, zeros, dx.reshape(-1), ys, c_in, a.count, b.count, c_out, 1, 1,
-              a.step, x0)
+        k.run(kernel, dy, wk, zeros, dx.reshape(-1), ys, c_in, a.count, b.count, 1, 1, a.step,
+              a.top, b.top)
     return dx
 
 
