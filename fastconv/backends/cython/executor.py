@@ -231,11 +231,22 @@ def _direct_nchw(d):
     return y
 
 
+def _gather_scratch(c, kh, dil_h, wl, dtype):
+    """Per-thread scratch of :func:`_k.conv_fwd_direct_gather`: (kH-1)*dh + 1 rows of Wl*C."""
+    return np.empty((_scratch_rows(), (kh - 1) * dil_h + 1, wl * c), dtype)
+
+
 def _direct_blocked(d):
-    c_out, c_in_g = d.w.shape[:2]
+    c_out, c_in_g, kh, kw = d.w.shape
     y = np.empty(d.y_shape, d.x.dtype)
-    xp = _padded_nhwc(d.x, d.top, d.left, d.up, d.hp, d.wp)
     cw = round_up(c_out, 16)
+    if d.up == (1, 1):  # straight from NCHW x: each task pads its own rows
+        buf = _gather_scratch(c_in_g, kh, d.dilation[0], d.wp, d.x.dtype)
+        _k.conv_fwd_direct_gather(d.x, _plan.weight_krc(d.w, cw), padded_vector(d.bias, cw), y,
+                                  *d.stride, d.dilation[0], d.top, d.left, buf,
+                                  serial=_serial_after_fork)
+        return y
+    xp = _padded_nhwc(d.x, d.top, d.left, d.up, d.hp, d.wp)
     _k.conv_fwd_direct(xp.reshape(d.x.shape[0], d.hp, d.wp * c_in_g), _plan.weight_krc(d.w, cw),
                        padded_vector(d.bias, cw), y, c_in_g, *d.stride, d.dilation[0],
                        serial=_serial_after_fork)
@@ -392,17 +403,15 @@ def _grad_weight_gemm(dy, x, w, p):
 
 
 def _grad_input_phases(dy, w, p):
-    """dx of a strided convolution (groups 1) as one :func:`_k.conv_fwd_direct` call per
+    """dx of a strided convolution (groups 1) as one :func:`_k.conv_fwd_direct_gather` call per
     stride phase of ``_plan.grad_input_phases``, each writing straight into its rows and
-    columns of dx (a strided view), all reading one padded copy of dy."""
+    columns of dx (a strided view), reading dy as it is (NCHW)."""
     n, c_out = dy.shape[:2]
     c_in = w.shape[1]
     split = _plan.grad_input_phases((n, c_in, *p.in_hw), w.shape, p)
     dx = (np.empty if split.covered else np.zeros)((n, c_in, *p.in_hw), dy.dtype)
     if not split.live:
         return dx
-    dyp = _padded_nhwc(dy, split.top, split.left, (1, 1), split.hp, split.wp)
-    dyp = dyp.reshape(n, split.hp, split.wp * c_out)
     cw = round_up(c_in, 16)
     zeros = np.zeros(cw, dy.dtype)
     (sh, sw), (ph, pw) = p.stride, p.padding
@@ -410,8 +419,10 @@ def _grad_input_phases(dy, w, p):
         i0, j0 = sh * a.first + a.residue - ph, sw * b.first + b.residue - pw
         view = dx[:, :, i0: i0 + sh * (a.count - 1) + 1: sh, j0: j0 + sw * (b.count - 1) + 1: sw]
         wk = _plan.weight_krc(_plan.phase_weight(w, a, b).transpose(1, 0, 2, 3), cw)
-        _k.conv_fwd_direct(dyp, wk, zeros, view, c_out, 1, 1, a.step, split.top - a.top,
-                           (split.left - b.top) * c_out, serial=_serial_after_fork)
+        # straight from NCHW dy, padded by (a.top, b.top): each task pads its own rows
+        buf = _gather_scratch(c_out, len(a.taps), a.step, b.count + len(b.taps) - 1, dy.dtype)
+        _k.conv_fwd_direct_gather(dy, wk, zeros, view, 1, 1, a.step, a.top, b.top, buf,
+                                  serial=_serial_after_fork)
     return dx
 
 

@@ -335,7 +335,7 @@ def _gather_rows(x, n, ih0, dh, pw, xl, wl, rows):
     # Loop order: rows, channels, then columns: contiguous reads of one input row, writes
     # strided by C within the task's buffer (in L1/L2).
     _, c_, h_, w_ = x.shape
-    lo = min(pw, wl)
+    lo = max(0, min(pw, wl))  # (negative padding: the rows start inside x)
     hi = max(lo, min(wl, pw + w_))
     for i in range(rows):
         ih = ih0 + i * dh
