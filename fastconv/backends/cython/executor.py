@@ -17,7 +17,8 @@ The kernels, by name:
 * ``plane``: blocks of consecutive positions of the padded-pitch grid x 8 or 2 output
   channels, vectorized over positions; ``direct-nchw``: 16/10/8 columns x 16 channels read
   from NCHW, no layout copy; ``direct-blocked``: NHWC, 4 x 64 / 8 x 32 / 16 x 16 register
-  blocks over the contiguous (kW, C_in) run; ``direct-nhwc``, ``direct-nchw-flat``,
+  blocks over the contiguous (kW, C_in) run, each task laying out its own input rows from
+  NCHW (also for the stride phases of dx); ``direct-nhwc``, ``direct-nchw-flat``,
   ``direct-nchw-rows``: the generic kernels (groups, column dilation).
 * grad-input: the forward kernels on ``dy`` padded by ``dilation*(k-1) - padding`` with the
   flipped, transposed weights; strided (groups 1): one direct forward per stride phase

@@ -11,6 +11,12 @@ Block sizes are module constants, so they are compile-time constants: one compil
 dtype, whatever the shape. Without AVX-512 that block spills (32 accumulators in 16 ymm
 registers); ``conv_forward_direct_vec*`` and ``conv_grad_weight_direct_vec*`` below are the
 same kernels with an explicit VOB x (VNV vectors) block of 256-bit vectors (``_simd``).
+
+The ``*_nchw`` kernels at the end are what the executor runs: the same register blocks, but
+reading the unpadded NCHW input (and dy) as they are. Each task lays out the few input rows it
+reads (zero-padded NHWC) in a buffer of its own, in cache, so no separate NCHW -> padded NHWC
+pass streams the whole input through memory first (the forward, each stride phase of dx, and
+dw in sub-chunks of about MCHUNK pixels).
 """
 
 from __future__ import annotations

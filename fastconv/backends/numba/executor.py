@@ -18,8 +18,10 @@ The kernels, by family:
   dy with the flipped weight; dw dot products over whole padded planes; ``plane-fused`` all
   three gradients in one pass over dy; ``direct-c16`` dw by 16-run-row x 16-channel blocks.
 * ``direct-nhwc-c64`` (``_direct``): NHWC, a 4-column x 64-channel register block over
-  the (kW, C_in) run; dx one direct forward call per stride phase (``direct-phases``); dw
-  6-run-row (float64: 4) x 64-channel blocks (``direct-c64``).
+  the (kW, C_in) run, each task laying out its own input rows from NCHW x; dx one direct
+  forward call per stride phase (``direct-phases``), from NCHW dy the same way; dw 6-run-row x
+  64-channel blocks of zmm vectors (``direct-c64``; float64: the 256-bit blocks), from NCHW x
+  and dy in sub-chunks of rows.
 * ``generic`` (``_generic``): NHWC loops vectorized over the group's output channels.
 * Max-pool: ``k2s2`` (2x2, stride 2, no padding), ``parity-s2`` (column stride 2, vectorized
   over output columns), else ``generic`` (tap tables); backward ``scatter``. All follow
