@@ -18,7 +18,7 @@ The kernels, by name:
   channels, vectorized over positions; ``direct-nchw``: 16/10/8 columns x 16 channels read
   from NCHW, no layout copy; ``direct-blocked``: NHWC, 4 x 64 / 8 x 32 / 16 x 16 register
   blocks over the contiguous (kW, C_in) run, each task laying out its own input rows from
-  NCHW (also for the stride phases of dx); ``direct-nhwc``, ``direct-nchw-flat``,
+  NCHW; ``direct-nhwc``, ``direct-nchw-flat``,
   ``direct-nchw-rows``: the generic kernels (groups, column dilation).
 * grad-input: the forward kernels on ``dy`` padded by ``dilation*(k-1) - padding`` with the
   flipped, transposed weights; strided (groups 1): one direct forward per stride phase
@@ -404,15 +404,17 @@ def _grad_weight_gemm(dy, x, w, p):
 
 
 def _grad_input_phases(dy, w, p):
-    """dx of a strided convolution (groups 1) as one :func:`_k.conv_fwd_direct_gather` call per
+    """dx of a strided convolution (groups 1) as one :func:`_k.conv_fwd_direct` call per
     stride phase of ``_plan.grad_input_phases``, each writing straight into its rows and
-    columns of dx (a strided view), reading dy as it is (NCHW)."""
+    columns of dx (a strided view), all reading one padded copy of dy."""
     n, c_out = dy.shape[:2]
     c_in = w.shape[1]
     split = _plan.grad_input_phases((n, c_in, *p.in_hw), w.shape, p)
     dx = (np.empty if split.covered else np.zeros)((n, c_in, *p.in_hw), dy.dtype)
     if not split.live:
         return dx
+    dyp = _padded_nhwc(dy, split.top, split.left, (1, 1), split.hp, split.wp)
+    dyp = dyp.reshape(n, split.hp, split.wp * c_out)
     cw = round_up(c_in, 16)
     zeros = np.zeros(cw, dy.dtype)
     (sh, sw), (ph, pw) = p.stride, p.padding
@@ -420,10 +422,8 @@ def _grad_input_phases(dy, w, p):
         i0, j0 = sh * a.first + a.residue - ph, sw * b.first + b.residue - pw
         view = dx[:, :, i0: i0 + sh * (a.count - 1) + 1: sh, j0: j0 + sw * (b.count - 1) + 1: sw]
         wk = _plan.weight_krc(_plan.phase_weight(w, a, b).transpose(1, 0, 2, 3), cw)
-        # straight from NCHW dy, padded by (a.top, b.top): each task pads its own rows
-        buf = _gather_scratch(c_out, len(a.taps), a.step, b.count + len(b.taps) - 1, dy.dtype)
-        _k.conv_fwd_direct_gather(dy, wk, zeros, view, 1, 1, a.step, a.top, b.top, buf,
-                                  serial=_serial_after_fork)
+        _k.conv_fwd_direct(dyp, wk, zeros, view, c_out, 1, 1, a.step, split.top - a.top,
+                           (split.left - b.top) * c_out, serial=_serial_after_fork)
     return dx
 
 

@@ -15,8 +15,9 @@ same kernels with an explicit VOB x (VNV vectors) block of 256-bit vectors (``_s
 The ``*_nchw`` kernels at the end are what the executor runs: the same register blocks, but
 reading the unpadded NCHW input (and dy) as they are. Each task lays out the few input rows it
 reads (zero-padded NHWC) in a buffer of its own, in cache, so no separate NCHW -> padded NHWC
-pass streams the whole input through memory first (the forward, each stride phase of dx, and
-dw in sub-chunks of about MCHUNK pixels).
+pass streams the whole input through memory first (the forward, and dw in sub-chunks of about
+MCHUNK pixels). The stride phases of dx keep one padded NHWC copy of dy: gathering dy's 128
+channel rows per task and phase was slower than that one tiled pass.
 """
 
 from __future__ import annotations

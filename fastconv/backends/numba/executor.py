@@ -19,7 +19,7 @@ The kernels, by family:
   three gradients in one pass over dy; ``direct-c16`` dw by 16-run-row x 16-channel blocks.
 * ``direct-nhwc-c64`` (``_direct``): NHWC, a 4-column x 64-channel register block over
   the (kW, C_in) run, each task laying out its own input rows from NCHW x; dx one direct
-  forward call per stride phase (``direct-phases``), from NCHW dy the same way; dw 6-run-row x
+  forward call per stride phase (``direct-phases``) on one padded NHWC copy of dy; dw 6-run-row x
   64-channel blocks of zmm vectors (``direct-c64``; float64: the 256-bit blocks), from NCHW x
   and dy in sub-chunks of rows.
 * ``generic`` (``_generic``): NHWC loops vectorized over the group's output channels.
@@ -457,25 +457,28 @@ def _grad_input_generic(k, dy, w, x, p):
 
 
 def _grad_input_phases(k, dy, w, x_shape, p):
-    """dx through the direct forward kernel from NCHW dy, one call per stride phase of
-    ``_plan.grad_input_phases``, each writing straight into its rows and columns of dx (each
-    task pads its own dy rows: no pass over dy beforehand)."""
+    """dx through the direct forward kernel, one call per stride phase of
+    ``_plan.grad_input_phases``, each writing straight into its rows and columns of dx."""
     n, c_in, h, w_ = x_shape
+    c_out = w.shape[0]
     split = _plan.grad_input_phases(x_shape, w.shape, p)
     dx = (np.empty if split.covered else np.zeros)(x_shape, dy.dtype)
     if not split.live:
         return dx  # no tap reaches any row and column: dx is zeros
-    _, unit = _direct_forward_kernel(k.direct, dy.dtype)
-    kernel = _direct_nchw_kernel(k.direct, dy.dtype)
+    kernel, unit = _direct_forward_kernel(k.direct, dy.dtype)
     cp = round_up(c_in, unit)
     zeros = np.zeros(cp, dy.dtype)
     (sh, sw), (ph, pw) = p.stride, p.padding
+    dyp = k.run(k.conv.pad_nhwc, dy, np.empty((n, split.hp, split.wp, c_out), dy.dtype),
+                split.top, split.left)
+    dyp2 = dyp.reshape(n, split.hp, -1)
     for a, b in split.live:
         wk = _plan.weight_krc(_plan.phase_weight(w, a, b).transpose(1, 0, 2, 3), cp)
         base = (sh * a.first + a.residue - ph) * w_ + (sw * b.first + b.residue - pw)
         ys = np.array([base, c_in * h * w_, h * w_, sh * w_, sw], np.int64)
-        k.run(kernel, dy, wk, zeros, dx.reshape(-1), ys, c_in, a.count, b.count, 1, 1, a.step,
-              a.top, b.top)
+        x0 = ((split.top - a.top) * split.wp + (split.left - b.top)) * c_out
+        k.run(kernel, dyp2, wk, zeros, dx.reshape(-1), ys, c_in, a.count, b.count, c_out, 1, 1,
+              a.step, x0)
     return dx
 
 
