@@ -163,6 +163,12 @@ def _plane_forward(plane, run, x, wt_oihw, bias, out, pt, pl, dil_h, dil_w, wrap
     return run(kernel, xp, wt, _plan.padded_vector(bias, cp, x.dtype), out, dil_h, dil_w)
 
 
+def _nchw_strides(y, base=0):
+    """(offset, N, C, H, W) element strides of a C-contiguous NCHW array, for the direct kernel."""
+    n, c, h, w = y.shape
+    return np.array([base, c * h * w, h * w, w, 1], np.int64)
+
+
 def _direct_forward_kernel(direct, dtype):
     """(kernel, channel unit) of the register-blocked direct forward for this CPU: the
     LLVM-vectorized 4 x 64 block where Numba compiles for AVX-512, else the explicit 6-column
@@ -298,12 +304,6 @@ def _direct_nchw_kernel(direct, dtype):
         return direct.conv_forward_direct_nchw
     return direct.conv_forward_direct_vec32_nchw if dtype == np.float32 else \
         direct.conv_forward_direct_vec64_nchw
-
-
-def _nchw_strides(y, base=0):
-    """(offset, N, C, H, W) element strides of a C-contiguous NCHW array, for the direct kernel."""
-    n, c, h, w = y.shape
-    return np.array([base, c * h * w, h * w, w, 1], np.int64)
 
 
 def _forward_generic(k, x, w, b, p):
