@@ -573,9 +573,9 @@ def max_pool2d(x, p):
     n, c = x.shape[:2]
     y = np.empty((n, c, *p.out_hw), x.dtype)
     idx = np.empty((n, c, *p.out_hw), np.int64)
-    _k.max_pool_fwd(x, y, idx, *p.kernel_hw, *p.stride, *p.padding, *p.dilation,
-                    serial=_serial_after_fork)
-    record_algorithm("max_pool2d", "cython:direct")
+    path = _k.max_pool_fwd(x, y, idx, *p.kernel_hw, *p.stride, *p.padding, *p.dilation,
+                           serial=_serial_after_fork)
+    record_algorithm("max_pool2d", "cython:" + path)
     return y, idx
 
 
@@ -586,8 +586,10 @@ def max_pool2d_backward(dy, idx, input_shape):
     n, c, h, w = input_shape
     dx = np.empty((n * c, h * w), dy.dtype)
     bad = np.zeros(n * c, np.uint8)
-    _k.max_pool_bwd(dy, idx, dx, bad, serial=_serial_after_fork)
-    if bad.any():
+    _k.max_pool_bwd(dy, idx, dx, bad, h, w, serial=_serial_after_fork)
+    if (bad & 1).any():
         raise pool_index_error(idx, input_shape)
-    record_algorithm("max_pool2d_backward", "cython:scatter")
+    gathered = 2 * dy.shape[2] <= h and 2 * dy.shape[3] <= w and dy.shape[3] >= _k.POOL_BLOCK
+    gathered = gathered and not (bad & 2).any()
+    record_algorithm("max_pool2d_backward", "cython:gather-k2s2" if gathered else "cython:scatter")
     return dx.reshape(input_shape)
