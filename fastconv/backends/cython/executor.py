@@ -586,10 +586,8 @@ def max_pool2d_backward(dy, idx, input_shape):
     n, c, h, w = input_shape
     dx = np.empty((n * c, h * w), dy.dtype)
     bad = np.zeros(n * c, np.uint8)
-    _k.max_pool_bwd(dy, idx, dx, bad, h, w, serial=_serial_after_fork)
-    if (bad & 1).any():
+    _k.max_pool_bwd(dy, idx, dx, bad, serial=_serial_after_fork)
+    if bad.any():
         raise pool_index_error(idx, input_shape)
-    gathered = 2 * dy.shape[2] <= h and 2 * dy.shape[3] <= w and dy.shape[3] >= _k.POOL_BLOCK
-    gathered = gathered and not (bad & 2).any()
-    record_algorithm("max_pool2d_backward", "cython:gather-k2s2" if gathered else "cython:scatter")
+    record_algorithm("max_pool2d_backward", "cython:scatter")
     return dx.reshape(input_shape)

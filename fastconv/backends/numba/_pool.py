@@ -166,7 +166,8 @@ def _splat(ty, lanes, value):
 def _broadcast(builder, value, lanes):
     """A runtime scalar in every lane."""
     vt = ir.VectorType(value.type, lanes)
-    one = builder.insert_element(ir.Constant(vt, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    one = builder.insert_element(ir.Constant(vt, ir.Undefined), value,
+                                 ir.Constant(ir.IntType(32), 0))
     return builder.shuffle_vector(one, ir.Constant(vt, ir.Undefined),
                                   ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
@@ -189,7 +190,7 @@ def k2s2_block(typingctx, x1, a, w, y1, i1, o, base):
         return None
 
     def codegen(context, builder, sig, args):
-        xa, a_, w_, ya, ia, o_, base_ = args
+        xa, ya, ia = args[0], args[3], args[4]
         i64 = ir.IntType(64)
         a_, w_, o_, base_ = (context.cast(builder, args[k], sig.args[k], types.int64)
                              for k in (1, 2, 5, 6))
@@ -201,7 +202,8 @@ def k2s2_block(typingctx, x1, a, w, y1, i1, o, base):
         iv_t = ir.VectorType(i64, KB)
 
         def pair(at, off):  # (winner, its offset in the window) of one window row
-            row = builder.load(_flat_pointer(context, builder, sig.args[0], xa, at, row_t), align=1)
+            row = builder.load(_flat_pointer(context, builder, sig.args[0], xa, at, row_t),
+                               align=1)
             left = builder.shuffle_vector(row, undef, even)
             right = builder.shuffle_vector(row, undef, odd)
             take = _takes(builder, right, left)
@@ -265,110 +267,6 @@ def max_pool_forward_k2s2(x, y, idx):
                 y1[U(dst + oh * wo + ow)] = best
                 i1[U(dst + oh * wo + ow)] = 2 * oh * w_ + 2 * ow + arg
     return y, idx
-
-
-@intrinsic
-def k2s2_unpool_block(typingctx, d1, i1, o, x1, a, w, base):
-    """The gradient of the KB 2x2/2 windows of :func:`k2s2_block`, if their indices lie in them:
-    x1[a + 2l + {0, 1, w, w + 1}] (the window of output ``o + l``) = dy at its index, 0 at the
-    others, for l < KB, where i1[o + l] - (base + 2l) is the index's offset in the window.
-
-    Returns whether every index is in its window; if not, the written values are meaningless
-    (the caller redoes the plane by scatter). A -0.0 gradient is written as +0.0, as
-    PyTorch's ``0 + dy`` gives. Unchecked: the caller guarantees the
-    ranges."""
-    ok = (isinstance(d1, types.Array) and d1.ndim == 1 and d1.layout == "C"
-          and isinstance(x1, types.Array) and x1.dtype == d1.dtype and x1.layout == "C"
-          and isinstance(i1, types.Array) and i1.dtype == types.int64 and i1.layout == "C"
-          and d1.dtype in (types.float32, types.float64))
-    if not ok:
-        return None
-
-    def codegen(context, builder, sig, args):
-        i64 = ir.IntType(64)
-        o_, a_, w_, base_ = (context.cast(builder, args[k], sig.args[k], types.int64)
-                             for k in (2, 4, 5, 6))
-        ft = context.get_value_type(sig.args[0].dtype)
-        v_t = ir.VectorType(ft, KB)
-        iv_t = ir.VectorType(i64, KB)
-        dy = builder.load(_flat_pointer(context, builder, sig.args[0], args[0], o_, v_t), align=1)
-        at = builder.load(_flat_pointer(context, builder, sig.args[1], args[1], o_, iv_t), align=1)
-        rel = builder.sub(at, builder.add(_broadcast(builder, base_, KB),
-                                          ir.Constant(iv_t, list(range(0, 2 * KB, 2)))))
-        # -0.0 is written as +0.0, compared as bits: Numba's fast-math function attributes
-        # would let LLVM fold ``dy + 0.0`` or a float compare away
-        nbits = 32 if sig.args[0].dtype == types.float32 else 64
-        bits_t = ir.VectorType(ir.IntType(nbits), KB)
-        negzero = builder.icmp_unsigned("==", builder.bitcast(dy, bits_t),
-                                        ir.Constant(bits_t, [1 << (nbits - 1)] * KB))
-        zero = ir.Constant(v_t, [0.0] * KB)
-        dy = builder.select(negzero, zero, dy)
-        wv = _broadcast(builder, w_, KB)
-        hits = [builder.icmp_signed("==", rel, off) for off in
-                (ir.Constant(iv_t, [0] * KB), ir.Constant(iv_t, [1] * KB), wv,
-                 builder.add(wv, ir.Constant(iv_t, [1] * KB)))]
-        tl, tr, bl, br = (builder.select(h, dy, zero) for h in hits)
-        mix = ir.Constant(ir.VectorType(ir.IntType(32), 2 * KB),
-                          [k // 2 + (k % 2) * KB for k in range(2 * KB)])  # l0 r0 l1 r1 ...
-        row_t = ir.VectorType(ft, 2 * KB)
-        builder.store(builder.shuffle_vector(tl, tr, mix),
-                      _flat_pointer(context, builder, sig.args[3], args[3], a_, row_t), align=1)
-        builder.store(builder.shuffle_vector(bl, br, mix),
-                      _flat_pointer(context, builder, sig.args[3], args[3],
-                                    builder.add(a_, w_), row_t), align=1)
-        inside = builder.or_(builder.or_(hits[0], hits[1]), builder.or_(hits[2], hits[3]))
-        mask = builder.bitcast(inside, ir.IntType(KB))
-        return builder.icmp_unsigned("==", mask, ir.Constant(ir.IntType(KB), (1 << KB) - 1))
-
-    return types.boolean(d1, i1, o, x1, a, w, base), codegen
-
-
-@njit(**PARALLEL)
-def max_pool_backward_k2s2(dy, idx, dx, bad):
-    """:func:`max_pool_backward` (same results, not streamed) where the pool may have been
-    2x2/2: the planes whose indices all lie in their 2x2/2 windows are gathered, each dx element
-    written once, the others scattered. ``bad[n*C + c]`` |= 1 for an index outside its plane,
-    |= 2 for a plane scattered."""
-    # Loop order: one task per (n, c) plane, owning its dx plane; output rows in blocks of KB
-    # columns (k2s2_unpool_block), the last block shifted left to end at W_out, then the
-    # columns and rows no window covers (zeros). The first block with an index outside its
-    # window stops the gather, and the plane is zeroed and scattered instead.
-    n_, c_, h_, w_ = dx.shape
-    ho, wo = dy.shape[2], dy.shape[3]
-    d1 = dy.ravel()
-    i1 = idx.ravel()
-    x1 = dx.ravel()
-    for t in prange(n_ * c_):
-        src = t * ho * wo
-        dst = t * h_ * w_
-        gathered = wo >= KB
-        for oh in range(ho if gathered else 0):
-            r0 = dst + 2 * oh * w_
-            for ob in range(0, wo, KB):
-                s = min(ob, wo - KB)
-                if not k2s2_unpool_block(d1, i1, src + oh * wo + s, x1, r0 + 2 * s, w_,
-                                         2 * oh * w_ + 2 * s):
-                    gathered = False
-                    break
-            if not gathered:
-                break
-            for j in range(2 * wo, w_):
-                x1[U(r0 + j)] = 0
-                x1[U(r0 + w_ + j)] = 0
-        if gathered:
-            for j in range(2 * ho * w_, h_ * w_):
-                x1[U(dst + j)] = 0
-            continue
-        bad[t] |= 2
-        for j in range(h_ * w_):
-            x1[U(dst + j)] = 0
-        for j in range(ho * wo):
-            at = i1[U(src + j)]
-            if U(at) >= U(h_ * w_):  # as unsigned, a negative index is huge too
-                bad[t] |= 1
-            else:
-                x1[U(dst + at)] += d1[U(src + j)]
-    return dx
 
 
 @njit(**PARALLEL)

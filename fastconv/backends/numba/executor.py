@@ -672,17 +672,8 @@ def max_pool2d_backward(dy, idx, input_shape):
     pool = k.pool
     dx = np.empty(input_shape, dy.dtype)
     bad = np.zeros(dy.shape[0] * dy.shape[1], np.uint8)
-    h, w = input_shape[2:]
-    ho, wo = dy.shape[2:]
-    algorithm = "numba:scatter"
-    if dx.nbytes < pool.STREAM_MIN_BYTES and 2 * ho <= h and 2 * wo <= w and wo >= pool.KB:
-        # the indices may come from a 2x2/2 pool: gathered where they do (bad & 2 where not)
-        k.run(pool.max_pool_backward_k2s2, dy, idx, dx, bad)
-        if not (bad & 2).any():
-            algorithm = "numba:gather-k2s2"
-    else:
-        k.run(pool.max_pool_backward, dy, idx, dx, dx.nbytes >= pool.STREAM_MIN_BYTES, bad)
-    if (bad & 1).any():
+    k.run(pool.max_pool_backward, dy, idx, dx, dx.nbytes >= pool.STREAM_MIN_BYTES, bad)
+    if bad.any():
         raise pool_index_error(idx, input_shape)
-    record_algorithm("max_pool2d_backward", algorithm)
+    record_algorithm("max_pool2d_backward", "numba:scatter")
     return dx
