@@ -621,9 +621,9 @@ def max_pool2d(x, p):
     n, c = x.shape[:2]
     y = np.empty((n, c, *p.out_hw), x.dtype)
     idx = np.empty((n, c, *p.out_hw), np.int64)
-    _k.max_pool_fwd(x, y, idx, *p.kernel_hw, *p.stride, *p.padding, *p.dilation,
-                    serial=_serial_after_fork)
-    record_algorithm("max_pool2d", "cython:direct")
+    path = _k.max_pool_fwd(x, y, idx, *p.kernel_hw, *p.stride, *p.padding, *p.dilation,
+                           serial=_serial_after_fork)
+    record_algorithm("max_pool2d", "cython:" + path)
     return y, idx
 
 
