@@ -146,6 +146,60 @@ def test_repeated_values_first_maximum_wins(backend, rng, kernel, kw, dtype):
     check_pool(backend, rng, x.shape, kernel, x=x, dtype=dtype, **kw)
 
 
+def _ties_nan_inf(rng, shape, dtype):
+    """Small integers (ties in every window), NaN at every block position of some rows and twice
+    in some windows, and a plane of -inf."""
+    x = rng.integers(-2, 3, shape).astype(dtype)
+    x[0, 0, 0, ::5] = np.nan
+    x[0, 0, 1, 1::7] = np.nan  # with row 0's: two NaNs in some 2x2 windows
+    x[-1, -1, 3, 2::3] = np.nan
+    x[0, -1] = -np.inf
+    return x
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("width", [6, 7, 8, 9, 16, 17, 26, 27, 34])
+def test_2x2_stride_2_rows_of_every_width(backend, rng, width, dtype):
+    """The 2x2 stride-2 kernels compute rows in vector blocks of 8 outputs, the last one shifted
+    back to end at W_out (numba, Cython), and rows narrower than a block one output at a time:
+    ties, NaN and -inf at every block position; odd widths drop a column."""
+    x = _ties_nan_inf(rng, (2, 3, 7, width), dtype)
+    check_pool(backend, rng, None, 2, x=x, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("width, kernel, kw", [
+    (37, 3, dict(stride=2, padding=1)),  # W_out 19: two vector blocks of 16, the second partial
+    (112, 3, dict(stride=2, padding=1)),  # P3's rows
+    (40, (3, 4), dict(stride=(1, 2), padding=(1, 2), dilation=(2, 3), ceil_mode=True)),
+    (35, 2, dict(stride=2, ceil_mode=True)),  # a last window clipped by the input's end
+    (33, 1, dict(stride=2)),  # most input columns never read
+])
+def test_column_stride_2_rows(backend, rng, width, kernel, kw, dtype):
+    """Column stride 2 (numba's and Cython's parity-split kernels) on wide rows, with ties, NaN
+    and -inf in and around every window."""
+    x = _ties_nan_inf(rng, (2, 3, 9, width), dtype)
+    check_pool(backend, rng, None, kernel, x=x, dtype=dtype, **kw)
+
+
+@pytest.mark.parametrize("x_shape, kernel, kw, paths", [
+    ((2, 3, 8, 26), 2, {}, dict(numba="numba:k2s2", cython="cython:k2s2")),
+    ((2, 3, 15, 15), 3, dict(stride=2, padding=1),
+     dict(numba="numba:parity-s2", cython="cython:parity-s2")),
+    ((2, 3, 15, 15), 3, dict(stride=1, padding=1),
+     dict(numba="numba:generic", cython="cython:direct")),
+    ((1, 2, 8, 600), 3, dict(stride=2, padding=1),  # W_out 300: over the Cython row buffers
+     dict(numba="numba:parity-s2", cython="cython:direct")),
+])
+def test_forward_paths(backend, rng, x_shape, kernel, kw, paths):
+    """Each CPU path gives torch's results, and the compiled backends record which ran."""
+    x = _ties_nan_inf(rng, x_shape, F32)
+    check_pool(backend, rng, None, kernel, x=x, **kw)
+    fc.max_pool2d(x, kernel, backend=backend, **kw)
+    if backend in paths:
+        assert fc.last_algorithm("max_pool2d") == paths[backend]
+
+
 def test_first_maximum_in_row_major_order(backend):
     # window 0 (rows 0-1, cols 0-1) holds 5 at (0, 1) and (1, 0): row-major order picks (0, 1)
     x = np.array([[1, 5, 2, 2], [5, 0, 2, 2]], np.float64).reshape(1, 1, 2, 4)

@@ -17,7 +17,8 @@ The kernels, by name:
 * ``plane``: blocks of consecutive positions of the padded-pitch grid x 8 or 2 output
   channels, vectorized over positions; ``direct-nchw``: 16/10/8 columns x 16 channels read
   from NCHW, no layout copy; ``direct-blocked``: NHWC, 4 x 64 / 8 x 32 / 16 x 16 register
-  blocks over the contiguous (kW, C_in) run; ``direct-nhwc``, ``direct-nchw-flat``,
+  blocks over the contiguous (kW, C_in) run, each task laying out its own input rows from
+  NCHW; ``direct-nhwc``, ``direct-nchw-flat``,
   ``direct-nchw-rows``: the generic kernels (groups, column dilation).
 * grad-input: the forward kernels on ``dy`` padded by ``dilation*(k-1) - padding`` with the
   flipped, transposed weights; strided (groups 1): one direct forward per stride phase
@@ -237,11 +238,22 @@ def _direct_nchw(d):
     return y
 
 
+def _gather_scratch(c, kh, dil_h, wl, dtype):
+    """Per-thread scratch of :func:`_k.conv_fwd_direct_gather`: (kH-1)*dh + 1 rows of Wl*C."""
+    return np.empty((_scratch_rows(), (kh - 1) * dil_h + 1, wl * c), dtype)
+
+
 def _direct_blocked(d):
-    c_out, c_in_g = d.w.shape[:2]
+    c_out, c_in_g, kh, kw = d.w.shape
     y = np.empty(d.y_shape, d.x.dtype)
-    xp = _padded_nhwc(d.x, d.top, d.left, d.up, d.hp, d.wp)
     cw = round_up(c_out, 16)
+    if d.up == (1, 1):  # straight from NCHW x: each task pads its own rows
+        buf = _gather_scratch(c_in_g, kh, d.dilation[0], d.wp, d.x.dtype)
+        _k.conv_fwd_direct_gather(d.x, _plan.weight_krc(d.w, cw), padded_vector(d.bias, cw), y,
+                                  *d.stride, d.dilation[0], d.top, d.left, buf,
+                                  serial=_serial_after_fork)
+        return y
+    xp = _padded_nhwc(d.x, d.top, d.left, d.up, d.hp, d.wp)
     _k.conv_fwd_direct(xp.reshape(d.x.shape[0], d.hp, d.wp * c_in_g), _plan.weight_krc(d.w, cw),
                        padded_vector(d.bias, cw), y, c_in_g, *d.stride, d.dilation[0],
                        serial=_serial_after_fork)
@@ -609,9 +621,9 @@ def max_pool2d(x, p):
     n, c = x.shape[:2]
     y = np.empty((n, c, *p.out_hw), x.dtype)
     idx = np.empty((n, c, *p.out_hw), np.int64)
-    _k.max_pool_fwd(x, y, idx, *p.kernel_hw, *p.stride, *p.padding, *p.dilation,
-                    serial=_serial_after_fork)
-    record_algorithm("max_pool2d", "cython:direct")
+    path = _k.max_pool_fwd(x, y, idx, *p.kernel_hw, *p.stride, *p.padding, *p.dilation,
+                           serial=_serial_after_fork)
+    record_algorithm("max_pool2d", "cython:" + path)
     return y, idx
 
 

@@ -11,6 +11,13 @@ Block sizes are module constants, so they are compile-time constants: one compil
 dtype, whatever the shape. Without AVX-512 that block spills (32 accumulators in 16 ymm
 registers); ``conv_forward_direct_vec*`` and ``conv_grad_weight_direct_vec*`` below are the
 same kernels with an explicit VOB x (VNV vectors) block of 256-bit vectors (``_simd``).
+
+The ``*_nchw`` kernels at the end are what the executor runs: the same register blocks, but
+reading the unpadded NCHW input (and dy) as they are. Each task lays out the few input rows it
+reads (zero-padded NHWC) in a buffer of its own, in cache, so no separate NCHW -> padded NHWC
+pass streams the whole input through memory first (the forward, and dw in sub-chunks of about
+MCHUNK pixels). The stride phases of dx keep one padded NHWC copy of dy: gathering dy's 128
+channel rows per task and phase was slower than that one tiled pass.
 """
 
 from __future__ import annotations
@@ -21,12 +28,12 @@ from numba import njit, prange
 from ._options import PARALLEL, U
 from ._simd import vfma, vload, vsplat, vstore, vzero
 from ._stack import stack_array
+from ._zmm import vload16, vsplat16, vstore16
 
 CB = 64  # output channels per register block (the padding unit of Cp)
 OB = 4  # output columns per register block
 ACC = OB * CB
 RB = 6  # rows of the (kW*C_in) run per float32 grad-weight register block
-RB64 = 4  # ... per float64 block
 MCHUNK = 256  # output pixels per grad-weight pass (keeps that dy slab, 64 KiB, in L2)
 
 
@@ -92,103 +99,6 @@ def conv_forward_direct(xp2, wk, bias, y1, ys, co_, ho, wo, c_in, sh, sw, dh, x0
             for ow in range(wo):
                 y1[U(dst + ow * ysw)] = row[U(ow * cp + co)]
     return y1
-
-
-def _make_grad_weight(rbk):
-    """The direct grad-weight kernel with an ``rbk`` run-row x CB channel register block (a
-    closure constant: each variant is compiled, and cached, once per dtype)."""
-    gacc = rbk * CB
-
-    @njit(**PARALLEL)
-    def conv_grad_weight_direct(xp2, dyt, xbase, part, c_in, dh):
-        """part[t] (kH, R, Cp) = sum over the output pixels m of chunk t of
-        x-run(m, kh)[r] * dyt[m].
-
-        ``dyt`` (M, Cp) is dy in NHWC with channels zero-padded to Cp, M = N*H_out*W_out;
-        ``xbase[m]`` is the offset in ``xp2`` of pixel m's run in kernel row 0. Chunk t covers
-        pixels [t*M//T, (t+1)*M//T); the caller sums part over t in order, so the result does
-        not depend on the thread count.
-        """
-        # Loop order: one task per (pixel chunk, kernel row, channel block), owning
-        # part[t, kh, :, cb:cb+CB]. Inside: sub-chunks of MCHUNK pixels (that dy slab stays in
-        # L2 while every run-row block uses it), the rbk-row blocks of the whole run, then the
-        # pixels: rbk broadcasts x CB contiguous dy values, FMAs into rbk x CB register
-        # accumulators, added to part once per sub-chunk. (Splitting the run across tasks
-        # instead made every task stream all of dy and x again: much slower.)
-        n_, hp_, xw = xp2.shape
-        t_, kh_, r_, cp = part.shape
-        m_ = dyt.shape[0]
-        x1 = xp2.ravel()
-        d1 = dyt.ravel()
-        p1 = part.ravel()
-        ncb = cp // CB
-        nrb = (r_ + rbk - 1) // rbk
-        for task in prange(t_ * kh_ * ncb):
-            t = task // (kh_ * ncb)
-            kh = (task // ncb) % kh_
-            cb = task % ncb * CB
-            pb = (t * kh_ + kh) * r_ * cp + cb
-            acc = stack_array(gacc, part.dtype)
-            for r in range(r_):
-                for o in range(CB):
-                    p1[U(pb + r * cp + o)] = 0
-            koff = kh * dh * xw
-            for m0 in range(t * m_ // t_, (t + 1) * m_ // t_, MCHUNK):
-                m1 = min(m0 + MCHUNK, (t + 1) * m_ // t_)
-                for rb in range(nrb):
-                    r0 = rb * rbk
-                    if r0 + rbk <= r_:
-                        for i in range(gacc):
-                            acc[i] = 0
-                        for m in range(m0, m1):
-                            xb = xbase[U(m)] + koff + r0
-                            db = m * cp + cb
-                            for c in range(rbk):
-                                xv = x1[U(xb + c)]
-                                for o in range(CB):
-                                    acc[U(c * CB + o)] += xv * d1[U(db + o)]
-                        for c in range(rbk):
-                            wb = pb + (r0 + c) * cp
-                            for o in range(CB):
-                                p1[U(wb + o)] += acc[U(c * CB + o)]
-                    else:  # the last, partial block of run rows: one row at a time
-                        for r in range(r0, r_):
-                            for i in range(CB):
-                                acc[i] = 0
-                            for m in range(m0, m1):
-                                xv = x1[U(xbase[U(m)] + koff + r)]
-                                db = m * cp + cb
-                                for o in range(CB):
-                                    acc[U(o)] += xv * d1[U(db + o)]
-                            wb = pb + r * cp
-                            for o in range(CB):
-                                p1[U(wb + o)] += acc[U(o)]
-        return part
-
-    return conv_grad_weight_direct
-
-
-# float32: 6 run rows x 64 channels (24 zmm accumulators; 4 rows took 1.3x longer).
-conv_grad_weight_direct = _make_grad_weight(RB)
-# float64: 4 run rows (32 zmm); 6 rows spill there.
-conv_grad_weight_direct64 = _make_grad_weight(RB64)
-
-
-@njit(**PARALLEL)
-def column_sums(a, part):
-    """part[t] = sum of rows [t*M//T, (t+1)*M//T) of a (M, C); the caller sums part serially."""
-    # Loop order: one task per row chunk, owning part[t]; rows, then contiguous columns.
-    m_, c_ = a.shape
-    t_ = part.shape[0]
-    a1 = a.ravel()
-    for t in prange(t_):
-        p = part[t]
-        for i in range(c_):
-            p[i] = 0
-        for m in range(t * m_ // t_, (t + 1) * m_ // t_):
-            for i in range(c_):
-                p[U(i)] += a1[U(m * c_ + i)]
-    return part
 
 
 @njit(**PARALLEL)
@@ -420,3 +330,366 @@ def nchw_to_channel_blocks(a, out):
                     o1[U(dst + w * vb + o)] = a1[U(((n * c_ + c) * h_ + h) * w_ + w)] \
                         if c < c_ else 0
     return out
+
+
+# ----------------------------------------------------- forward straight from NCHW (no pad pass)
+
+
+@njit(inline="always")
+def _gather_rows(x, n, ih0, dh, pw, xl, wl, rows):
+    """xl[i, j, c] = x[n, c, ih0 + i*dh, j - pw] for i < rows, j < wl, 0 outside x: input rows
+    zero-padded and laid out NHWC (xl flat, at least rows*wl*C long)."""
+    # Loop order: rows, channels, then columns: contiguous reads of one input row, writes
+    # strided by C within the task's buffer (in L1/L2).
+    _, c_, h_, w_ = x.shape
+    lo = max(0, min(pw, wl))  # (negative padding: the rows start inside x)
+    hi = max(lo, min(wl, pw + w_))
+    for i in range(rows):
+        ih = ih0 + i * dh
+        base = i * wl * c_
+        if ih < 0 or ih >= h_:
+            for j in range(wl * c_):
+                xl[U(base + j)] = 0
+            continue
+        for j in range(lo):
+            for c in range(c_):
+                xl[U(base + j * c_ + c)] = 0
+        for j in range(hi, wl):
+            for c in range(c_):
+                xl[U(base + j * c_ + c)] = 0
+        for c in range(c_):
+            for j in range(lo, hi):
+                xl[U(base + j * c_ + c)] = x[n, c, ih, j - pw]
+
+
+@njit(**PARALLEL)
+def conv_forward_direct_nchw(x, wk, bias, y1, ys, co_, ho, wo, sh, sw, dh, ph, pw):
+    """y = conv(x, wk) + bias[:C_out] (C_out = ``co_``, output ho x wo), x NCHW (N, C_in, H, W)
+    unpadded, padding (ph, pw) at the top and left (zeros past the bottom and right), unit
+    column dilation; ``wk`` (kH, kW*C_in, Cp) as for :func:`conv_forward_direct`, whose
+    register block, output addressing (``y1``, ``ys``: NCHW, or one stride phase of dx) and
+    result this is. Each task lays out the kH input rows its output row reads (zero-padded
+    NHWC, in cache) itself, so there is no separate pass over x."""
+    # Loop order: one task per output row (n, oh): gather its input rows, then as
+    # conv_forward_direct (channel block, column block of OB, kernel row, run, OB x CB block).
+    n_, c_in = x.shape[:2]
+    kh_, r_, cp = wk.shape
+    y0, ysn, ysc, ysh, ysw = ys[0], ys[1], ys[2], ys[3], ys[4]
+    wl = (wo - 1) * sw + r_ // c_in  # columns the windows of one output row read
+    xw = wl * c_in
+    w1 = wk.ravel()
+    nblk = (wo + OB - 1) // OB if wo >= OB else 0
+    nsingle = wo if wo < OB else 0
+    for t in prange(n_ * ho):
+        n = t // ho
+        oh = t % ho
+        xl = np.empty(kh_ * xw, dtype=y1.dtype)
+        _gather_rows(x, n, oh * sh - ph, dh, pw, xl, wl, kh_)
+        row = np.empty(wo * cp, dtype=y1.dtype)
+        acc = stack_array(ACC, y1.dtype)
+        for cb in range(0, cp, CB):
+            for ob in range(nblk + nsingle):
+                if ob < nblk:
+                    ow0 = min(ob * OB, wo - OB)
+                    for i in range(ACC):
+                        acc[i] = 0
+                    for kh in range(kh_):
+                        xb = kh * xw + ow0 * sw * c_in
+                        wb = kh * r_ * cp + cb
+                        for r in range(r_):
+                            for c in range(OB):
+                                xv = xl[U(xb + c * sw * c_in + r)]
+                                for o in range(CB):
+                                    acc[U(c * CB + o)] += xv * w1[U(wb + r * cp + o)]
+                    for c in range(OB):
+                        for o in range(CB):
+                            row[U((ow0 + c) * cp + cb + o)] = acc[U(c * CB + o)] + bias[U(cb + o)]
+                else:  # a single column of a row narrower than OB
+                    ow0 = ob
+                    for i in range(CB):
+                        acc[i] = 0
+                    for kh in range(kh_):
+                        xb = kh * xw + ow0 * sw * c_in
+                        wb = kh * r_ * cp + cb
+                        for r in range(r_):
+                            xv = xl[U(xb + r)]
+                            for o in range(CB):
+                                acc[U(o)] += xv * w1[U(wb + r * cp + o)]
+                    for o in range(CB):
+                        row[U(ow0 * cp + cb + o)] = acc[U(o)] + bias[U(cb + o)]
+        for co in range(co_):
+            dst = y0 + n * ysn + co * ysc + oh * ysh
+            for ow in range(wo):
+                y1[U(dst + ow * ysw)] = row[U(ow * cp + co)]
+    return y1
+
+
+def _make_forward_vec_nchw(lanes):
+    """:func:`conv_forward_direct_nchw` with the explicit VOB x (VNV*lanes) block of
+    ``conv_forward_direct_vec*`` (CPUs without AVX-512)."""
+    vc = VNV * lanes
+    nacc = VOB * vc
+
+    @njit(**PARALLEL)
+    def conv_forward_direct_vec_nchw(x, wk, bias, y1, ys, co_, ho, wo, sh, sw, dh, ph, pw):
+        """The contract of :func:`conv_forward_direct_nchw` (Cp a multiple of VNV*lanes)."""
+        # Loop order: one task per output row: gather its input rows, then as
+        # conv_forward_direct_vec.
+        n_, c_in = x.shape[:2]
+        kh_, r_, cp = wk.shape
+        y0, ysn, ysc, ysh, ysw = ys[0], ys[1], ys[2], ys[3], ys[4]
+        wl = (wo - 1) * sw + r_ // c_in
+        xw = wl * c_in
+        w1 = wk.ravel()
+        nblk = (wo + VOB - 1) // VOB if wo >= VOB else 1
+        step = sw * c_in
+        for t in prange(n_ * ho):
+            n = t // ho
+            oh = t % ho
+            xl = np.empty(kh_ * xw, dtype=y1.dtype)
+            _gather_rows(x, n, oh * sh - ph, dh, pw, xl, wl, kh_)
+            row = np.empty(max(wo, VOB) * cp, dtype=y1.dtype)
+            acc = stack_array(nacc, y1.dtype)
+            for cb in range(0, cp, vc):
+                for ob in range(nblk):
+                    ow0 = min(ob * VOB, wo - VOB) if wo >= VOB else 0
+                    for i in range(VOB * VNV):
+                        vstore(acc, i * lanes, vzero(acc))
+                    for kh in range(kh_):
+                        xb = kh * xw + ow0 * step
+                        wb = kh * r_ * cp + cb
+                        for r in range(r_):
+                            wa = vload(w1, U(wb + r * cp))
+                            wz = vload(w1, U(wb + r * cp + lanes))
+                            for c in range(VOB):
+                                cc = c if wo >= VOB or c < wo else 0
+                                xv = vsplat(xl[U(xb + cc * step + r)])
+                                k = 2 * c * lanes
+                                vstore(acc, k, vfma(xv, wa, vload(acc, k)))
+                                vstore(acc, k + lanes, vfma(xv, wz, vload(acc, k + lanes)))
+                    for c in range(VOB):
+                        for o in range(vc):
+                            row[U((ow0 + c) * cp + cb + o)] = acc[U(c * vc + o)] + bias[U(cb + o)]
+            for co in range(co_):
+                dst = y0 + n * ysn + co * ysc + oh * ysh
+                for ow in range(wo):
+                    y1[U(dst + ow * ysw)] = row[U(ow * cp + co)]
+        return y1
+
+    return conv_forward_direct_vec_nchw
+
+
+conv_forward_direct_vec32_nchw = _make_forward_vec_nchw(8)
+conv_forward_direct_vec64_nchw = _make_forward_vec_nchw(4)
+
+
+# ------------------------------------------------ grad-weight straight from NCHW (no pad passes)
+
+
+@njit(inline="always")
+def _gather_dy(dy, n, oh0, rows, dl, blk):
+    """dl[b, p, o] = dy[n, b*blk + o, oh0 + p // W_out, p % W_out] for the rows*W_out pixels p
+    of ``rows`` output rows (0 past C_out): dy laid out in blocks of ``blk`` channels, each
+    block contiguous over the pixels (dl flat, at least ceil(C_out/blk)*rows*W_out*blk long)."""
+    # Loop order: channels, then pixels: contiguous reads, writes strided by blk (in cache).
+    co_, _, wo = dy.shape[1:]
+    npix = rows * wo
+    cp = (co_ + blk - 1) // blk * blk
+    for co in range(cp):
+        dst = (co // blk) * npix * blk + co % blk
+        if co < co_:
+            for r in range(rows):
+                for ow in range(wo):
+                    dl[U(dst + (r * wo + ow) * blk)] = dy[n, co, oh0 + r, ow]
+        else:
+            for q in range(npix):
+                dl[U(dst + q * blk)] = 0
+
+
+def _weight_sub_rows(wo):
+    """Output rows per grad-weight sub-chunk: about MCHUNK pixels (that dy slab and its input
+    rows stay in L2)."""
+    return max(1, MCHUNK // wo)
+
+
+def _make_grad_weight_nchw(rbk):
+    """The grad-weight kernel from NCHW x and dy: register blocks of ``rbk`` run rows x CB
+    channels as explicit 512-bit vectors (``_zmm``; written as a 64-lane loop, LLVM unrolled
+    it into scalar FMAs here), for AVX-512; ``_make_grad_weight_vec_nchw``: 256-bit vectors."""
+    blk = CB
+    zl = blk // 4  # lanes per zmm vector: CB is four of them
+    gacc = rbk * blk
+
+    @njit(**PARALLEL)
+    def conv_grad_weight_direct_nchw(x, dy, part, kw_, sh, sw, dh, ph, pw, sub):
+        """part[t] (kH, Rp, Cp) = sum over the output pixels m of chunk t of
+        x-run(m, kh)[r] * dy[m, :] for r < R = kW*C_in; Rp is R rounded up to rbk (rows past R
+        are unspecified), Cp C_out rounded up to the channel block.
+
+        x (N, C_in, H, W) and dy (N, C_out, H_out, W_out) NCHW; padding (ph, pw), unit column
+        dilation. Chunk t covers output rows [t*NR//T, (t+1)*NR//T) of the NR = N*H_out rows;
+        the caller sums part over t in order (the result does not depend on the thread
+        count). Each task lays out its own input rows and dy (zero-padded NHWC, in cache) in
+        sub-chunks of ``sub`` output rows, so there is no separate pass over x or dy.
+        """
+        # Loop order: one task per chunk, owning part[t]. Per sub-chunk (rows of one image):
+        # gather its input rows and dy, then kernel row, channel block, blocks of rbk run
+        # rows, then the sub-chunk's pixels: rbk broadcasts of x x one dy channel block,
+        # accumulated in registers and added to part once per sub-chunk.
+        n_, c_in, _, _ = x.shape
+        co_, ho, wo = dy.shape[1:]
+        t_, kh_, rp, cp = part.shape
+        wl = (wo - 1) * sw + kw_
+        xw = wl * c_in
+        nr = n_ * ho
+        ncb = cp // blk
+        nrb = rp // rbk
+        p1 = part.ravel()
+        for t in prange(t_):
+            pb = t * kh_ * rp * cp
+            for i in range(kh_ * rp * cp):
+                p1[U(pb + i)] = 0
+            # rbk spare zeros at the end: the last run block of the last pixel reads past R
+            xn = ((sub - 1) * sh + (kh_ - 1) * dh + 1) * xw
+            xl = np.zeros(xn + rbk, dtype=x.dtype)
+            dl = np.empty(ncb * sub * wo * blk, dtype=x.dtype)
+            xo = np.empty(sub * wo, dtype=np.int64)
+            acc = stack_array(gacc, part.dtype)
+            g_lo = t * nr // t_
+            g_hi = (t + 1) * nr // t_
+            for g in range(g_lo, g_hi):
+                n = g // ho
+                oh0 = g % ho
+                if (g - max(g_lo, g - oh0)) % sub:
+                    continue  # sub-chunks start every ``sub`` rows, and at each image
+                rows = min(sub, g_hi - g, ho - oh0)
+                npix = rows * wo
+                _gather_rows(x, n, oh0 * sh - ph, 1, pw, xl, wl,
+                             (rows - 1) * sh + (kh_ - 1) * dh + 1)
+                _gather_dy(dy, n, oh0, rows, dl, blk)
+                for q in range(npix):  # pixel q's run in kernel row 0 of xl
+                    xo[q] = (q // wo * sh * wl + q % wo * sw) * c_in
+                for kh in range(kh_):
+                    for cbi in range(ncb):
+                        cb = cbi * blk
+                        dbb = cbi * npix * blk
+                        for rb in range(nrb):
+                            r0 = rb * rbk
+                            for i in range(gacc):
+                                acc[i] = 0
+                            xr = kh * dh * xw + r0
+                            for q in range(npix):  # one flat loop: its accumulators stay
+                                xb = xr + xo[U(q)]  # in registers
+                                db = dbb + q * blk
+                                d0 = vload16(dl, U(db))
+                                d1 = vload16(dl, U(db + zl))
+                                d2 = vload16(dl, U(db + 2 * zl))
+                                d3 = vload16(dl, U(db + 3 * zl))
+                                for c in range(rbk):
+                                    xv = vsplat16(xl[U(xb + c)])
+                                    k = c * blk
+                                    vstore16(acc, k, vfma(xv, d0, vload16(acc, k)))
+                                    vstore16(acc, k + zl, vfma(xv, d1, vload16(acc, k + zl)))
+                                    vstore16(acc, k + 2 * zl,
+                                             vfma(xv, d2, vload16(acc, k + 2 * zl)))
+                                    vstore16(acc, k + 3 * zl,
+                                             vfma(xv, d3, vload16(acc, k + 3 * zl)))
+                            for c in range(rbk):  # constant bounds: acc stays in registers
+                                wb = pb + (kh * rp + r0 + c) * cp + cb
+                                for o in range(blk):
+                                    p1[U(wb + o)] += acc[U(c * blk + o)]
+        return part
+
+    conv_grad_weight_direct_nchw.rbk = rbk  # run rows per block: part's Rp is a multiple
+    return conv_grad_weight_direct_nchw
+
+
+def _make_grad_weight_vec_nchw(lanes):
+    """:func:`_make_grad_weight_nchw`'s kernel with VOB run rows x VNV vectors of ``lanes``
+    (``_simd``), for CPUs without AVX-512."""
+    rbk = VOB
+    ln = lanes
+    blk = VNV * ln
+    gacc = rbk * blk
+
+    @njit(**PARALLEL)
+    def conv_grad_weight_direct_vec_nchw(x, dy, part, kw_, sh, sw, dh, ph, pw, sub):
+        """The contract of the AVX-512 kernel. part[t] (kH, Rp, Cp) = sum over the output pixels m of chunk t of
+        x-run(m, kh)[r] * dy[m, :] for r < R = kW*C_in; Rp is R rounded up to rbk (rows past R
+        are unspecified), Cp C_out rounded up to the channel block.
+
+        x (N, C_in, H, W) and dy (N, C_out, H_out, W_out) NCHW; padding (ph, pw), unit column
+        dilation. Chunk t covers output rows [t*NR//T, (t+1)*NR//T) of the NR = N*H_out rows;
+        the caller sums part over t in order (the result does not depend on the thread
+        count). Each task lays out its own input rows and dy (zero-padded NHWC, in cache) in
+        sub-chunks of ``sub`` output rows, so there is no separate pass over x or dy.
+        """
+        # Loop order: one task per chunk, owning part[t]. Per sub-chunk (rows of one image):
+        # gather its input rows and dy, then kernel row, channel block, blocks of rbk run
+        # rows, then the sub-chunk's pixels: rbk broadcasts of x x one dy channel block,
+        # accumulated in registers and added to part once per sub-chunk.
+        n_, c_in, _, _ = x.shape
+        co_, ho, wo = dy.shape[1:]
+        t_, kh_, rp, cp = part.shape
+        wl = (wo - 1) * sw + kw_
+        xw = wl * c_in
+        nr = n_ * ho
+        ncb = cp // blk
+        nrb = rp // rbk
+        p1 = part.ravel()
+        for t in prange(t_):
+            pb = t * kh_ * rp * cp
+            for i in range(kh_ * rp * cp):
+                p1[U(pb + i)] = 0
+            # rbk spare zeros at the end: the last run block of the last pixel reads past R
+            xn = ((sub - 1) * sh + (kh_ - 1) * dh + 1) * xw
+            xl = np.zeros(xn + rbk, dtype=x.dtype)
+            dl = np.empty(ncb * sub * wo * blk, dtype=x.dtype)
+            xo = np.empty(sub * wo, dtype=np.int64)
+            acc = stack_array(gacc, part.dtype)
+            g_lo = t * nr // t_
+            g_hi = (t + 1) * nr // t_
+            for g in range(g_lo, g_hi):
+                n = g // ho
+                oh0 = g % ho
+                if (g - max(g_lo, g - oh0)) % sub:
+                    continue  # sub-chunks start every ``sub`` rows, and at each image
+                rows = min(sub, g_hi - g, ho - oh0)
+                npix = rows * wo
+                _gather_rows(x, n, oh0 * sh - ph, 1, pw, xl, wl,
+                             (rows - 1) * sh + (kh_ - 1) * dh + 1)
+                _gather_dy(dy, n, oh0, rows, dl, blk)
+                for q in range(npix):  # pixel q's run in kernel row 0 of xl
+                    xo[q] = (q // wo * sh * wl + q % wo * sw) * c_in
+                for kh in range(kh_):
+                    for cbi in range(ncb):
+                        cb = cbi * blk
+                        dbb = cbi * npix * blk
+                        for rb in range(nrb):
+                            r0 = rb * rbk
+                            for i in range(gacc):
+                                acc[i] = 0
+                            xr = kh * dh * xw + r0
+                            for q in range(npix):  # one flat loop: its accumulators stay
+                                xb = xr + xo[U(q)]  # in registers
+                                db = dbb + q * blk
+                                da = vload(dl, U(db))
+                                dz = vload(dl, U(db + ln))
+                                for c in range(rbk):
+                                    xv = vsplat(xl[U(xb + c)])
+                                    k = 2 * c * ln
+                                    vstore(acc, k, vfma(xv, da, vload(acc, k)))
+                                    vstore(acc, k + ln, vfma(xv, dz, vload(acc, k + ln)))
+                            for c in range(rbk):  # constant bounds: acc stays in registers
+                                wb = pb + (kh * rp + r0 + c) * cp + cb
+                                for o in range(blk):
+                                    p1[U(wb + o)] += acc[U(c * blk + o)]
+        return part
+
+    conv_grad_weight_direct_vec_nchw.rbk = rbk  # run rows per block: part's Rp is a multiple
+    return conv_grad_weight_direct_vec_nchw
+
+
+conv_grad_weight_direct_nchw = _make_grad_weight_nchw(RB)  # float32 only: 6 x 64
+conv_grad_weight_direct_vec32_nchw = _make_grad_weight_vec_nchw(8)  # 6 x 16, 256-bit
+conv_grad_weight_direct_vec64_nchw = _make_grad_weight_vec_nchw(4)  # 6 x 8

@@ -23,6 +23,7 @@ from . import _simd as simd
 from ._options import PARALLEL, U
 from ._simd import vfma, vload, vsplat, vstore, vzero
 from ._stack import prefer_wide_vectors, stack_array
+from ._zmm import vload16, vsplat16, vstore16, vzero16
 
 RB = 4  # rows of a per register block
 CB = 64  # columns of b per register block (N must be at least this)
@@ -36,25 +37,30 @@ def matmul_chunks(a, b, bias, part):
     matrix b[i] of the batch b (B, K, N) and the chunks K_t = [t*K//T, (t+1)*K//T) of the inner
     dimension, T = part.shape[0]. ``a`` (M, K) any strides; ``b`` C-contiguous, N >= CB."""
     # Loop order: one task per (chunk, matrix, block of CB columns), owning part[t, i, :,
-    # columns]. The last column block is shifted left to end at N (it recomputes some columns
-    # and writes only its own). Inside: blocks of RB rows of a, then k (the CB-column strip of
-    # b, K_t x CB, stays in L1/L2 for every row block), then the RB x CB accumulators. Rows past
-    # the last full block go one at a time.
+    # columns]. Inside: blocks of RB rows of a, then k (the CB-column strip of b, K_t x CB,
+    # stays in L1/L2 for every row block), then the RB x CB accumulators. Rows past the last
+    # full block go one at a time. The N % CB columns past the last full block are a task of
+    # their own, in strips of one 512-bit vector (``_matmul_tail``), so a 196-column matrix
+    # computes 208 columns, not 256.
     m_, k_ = a.shape
     nb, _, n_ = b.shape
     t_ = part.shape[0]
-    nblk = (n_ + CB - 1) // CB
+    nfull = n_ // CB
+    nblk = nfull + (1 if n_ % CB else 0)
     b1 = b.ravel()
     p1 = part.ravel()
     for task in prange(t_ * nb * nblk):
         t = task // (nb * nblk)
         i_b = task // nblk % nb
-        own = (task % nblk) * CB  # first column this task writes
-        j0 = min(own, n_ - CB)  # first column it computes
         k0 = t * k_ // t_
         k1 = (t + 1) * k_ // t_
         bb = i_b * k_ * n_
         pb = (t * nb + i_b) * m_ * n_
+        if task % nblk == nfull:
+            _matmul_tail(a, b1, bias, p1, nfull * CB, n_, m_, k0, k1, bb, pb, t)
+            continue
+        own = (task % nblk) * CB  # first column this task writes
+        j0 = own
         acc = stack_array(ACC, part.dtype)
         for i0 in range(0, m_ - RB + 1, RB):
             for r in range(RB):
@@ -80,6 +86,37 @@ def matmul_chunks(a, b, bias, part):
             for o in range(own - j0, CB):
                 p1[U(pb + i * n_ + j0 + o)] = acc[U(o)]
     return part
+
+
+TR = 16  # rows of a per tail block: 16 accumulators of one 512-bit vector each
+TACC = TR * 16
+
+
+@njit(inline="always")
+def _matmul_tail(a, b1, bias, p1, own, n_, m_, k0, k1, bb, pb, t):
+    """Columns [own, N) of one matmul_chunks product (fewer than CB), in strips of one
+    512-bit vector, the last strip shifted left to end at N (it recomputes some columns and
+    writes only its own); blocks of TR rows (the last shifted up to end at M, fewer than TR
+    rows as one block whose unused rows read row 0)."""
+    vl = 64 // p1.itemsize  # lanes of one 512-bit vector (acc keeps a stride of 16: constant)
+    acc = stack_array(TACC, p1.dtype)
+    nrb = (m_ + TR - 1) // TR
+    for j in range(own, n_, vl):
+        j0 = min(j, n_ - vl)
+        for rb in range(nrb):
+            i0 = min(rb * TR, m_ - TR) if m_ >= TR else 0
+            for r in range(TR):
+                row = i0 + r if i0 + r < m_ else 0
+                vstore16(acc, r * 16, vsplat16(bias[U(row)]) if t == 0 else vzero16(p1))
+            for k in range(k0, k1):
+                bv = vload16(b1, U(bb + k * n_ + j0))
+                for r in range(TR):
+                    row = i0 + r if i0 + r < m_ else 0
+                    av = vsplat16(a[U(row), U(k)])
+                    vstore16(acc, r * 16, vfma(av, bv, vload16(acc, r * 16)))
+            for r in range(max(rb * TR - i0, 0), min(TR, m_)):
+                for o in range(max(j - j0, 0), vl):
+                    p1[U(pb + (i0 + r) * n_ + j0 + o)] = acc[U(r * 16 + o)]
 
 
 @njit(**PARALLEL)

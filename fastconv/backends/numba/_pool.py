@@ -8,7 +8,9 @@ separate single-threaded pass over idx.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from ._options import PARALLEL, U
 from ._stack import prefer_wide_vectors
@@ -144,11 +146,93 @@ def max_pool_forward_s2(x, y, idx, h0, hn, w0, kw_, pw, dil_h, dil_w, hp):
     return y, idx
 
 
+KB = 8  # outputs per block of the 2x2 stride-2 kernels (8 = P1's and P2's rows take 2 blocks)
+
+
+def _flat_pointer(context, builder, arrty, arr, index, lty):
+    ary = context.make_array(arrty)(context, builder, arr)
+    return builder.bitcast(builder.gep(ary.data, [index]), ir.PointerType(lty))
+
+
+def _takes(builder, new, old):
+    """PyTorch's rule as a lane mask: the later tap ``new`` replaces ``old`` if greater or NaN."""
+    return builder.or_(builder.fcmp_ordered(">", new, old), builder.fcmp_unordered("uno", new, new))
+
+
+def _splat(ty, lanes, value):
+    return ir.Constant(ir.VectorType(ty, lanes), [value] * lanes)
+
+
+def _broadcast(builder, value, lanes):
+    """A runtime scalar in every lane."""
+    vt = ir.VectorType(value.type, lanes)
+    one = builder.insert_element(ir.Constant(vt, ir.Undefined), value,
+                                 ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(vt, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+
+
+@intrinsic
+def k2s2_block(typingctx, x1, a, w, y1, i1, o, base):
+    """KB outputs of 2x2/2 windows: y1[o + l], i1[o + l] for l < KB, of the windows whose top
+    left elements are x1[a + 2l] (rows ``w`` apart), with flat index ``base + 2l`` in the plane.
+
+    Two loads of 2*KB elements per window row, split into even and odd columns by shuffles,
+    then the row-major taps as a tree of selects: (top left, top right), (bottom left, bottom
+    right), then the bottom winner against the top one -- the same result as the sequential
+    rule (the first maximum; the last NaN, since a NaN pair winner replaces an earlier one).
+    Unchecked: the caller guarantees the ranges."""
+    ok = (isinstance(x1, types.Array) and x1.ndim == 1 and x1.layout == "C"
+          and isinstance(y1, types.Array) and y1.dtype == x1.dtype and y1.layout == "C"
+          and isinstance(i1, types.Array) and i1.dtype == types.int64 and i1.layout == "C"
+          and x1.dtype in (types.float32, types.float64))
+    if not ok:
+        return None
+
+    def codegen(context, builder, sig, args):
+        xa, ya, ia = args[0], args[3], args[4]
+        i64 = ir.IntType(64)
+        a_, w_, o_, base_ = (context.cast(builder, args[k], sig.args[k], types.int64)
+                             for k in (1, 2, 5, 6))
+        ft = context.get_value_type(sig.args[0].dtype)
+        row_t = ir.VectorType(ft, 2 * KB)
+        even = ir.Constant(ir.VectorType(ir.IntType(32), KB), list(range(0, 2 * KB, 2)))
+        odd = ir.Constant(ir.VectorType(ir.IntType(32), KB), list(range(1, 2 * KB, 2)))
+        undef = ir.Constant(row_t, ir.Undefined)
+        iv_t = ir.VectorType(i64, KB)
+
+        def pair(at, off):  # (winner, its offset in the window) of one window row
+            row = builder.load(_flat_pointer(context, builder, sig.args[0], xa, at, row_t),
+                               align=1)
+            left = builder.shuffle_vector(row, undef, even)
+            right = builder.shuffle_vector(row, undef, odd)
+            take = _takes(builder, right, left)
+            offl = _broadcast(builder, off, KB)
+            offr = builder.add(offl, _splat(i64, KB, 1))
+            return builder.select(take, right, left), builder.select(take, offr, offl)
+
+        tv, ti = pair(a_, ir.Constant(i64, 0))
+        bv, bi = pair(builder.add(a_, w_), w_)
+        take = _takes(builder, bv, tv)
+        yv = builder.select(take, bv, tv)
+        iv = builder.select(take, bi, ti)
+        lane = ir.Constant(iv_t, list(range(0, 2 * KB, 2)))
+        iv = builder.add(iv, builder.add(_broadcast(builder, base_, KB), lane))
+        builder.store(yv, _flat_pointer(context, builder, sig.args[3], ya, o_,
+                                        ir.VectorType(ft, KB)), align=1)
+        builder.store(iv, _flat_pointer(context, builder, sig.args[4], ia, o_, iv_t), align=1)
+        return context.get_dummy_value()
+
+    return types.none(x1, a, w, y1, i1, o, base), codegen
+
+
 @njit(**PARALLEL)
 def max_pool_forward_k2s2(x, y, idx):
     """The 2x2, stride 2, no padding/dilation case of :func:`max_pool_forward` (same rule)."""
-    # Loop order: one task per (n, c) plane; output row, then output column; the four window
-    # elements in row-major order.
+    # Loop order: one task per (n, c) plane; output rows; blocks of KB output columns
+    # (k2s2_block), the last block shifted left to end at W_out (it recomputes a few outputs,
+    # with the same values), so no row has a scalar remainder. Rows narrower than KB: the same
+    # selects one output at a time.
     n_, c_, h_, w_ = x.shape
     ho, wo = y.shape[2], y.shape[3]
     x1 = x.ravel()
@@ -159,22 +243,27 @@ def max_pool_forward_k2s2(x, y, idx):
         dst = t * ho * wo
         for oh in range(ho):
             r0 = src + 2 * oh * w_
+            if wo >= KB:
+                for ob in range(0, wo, KB):
+                    s = min(ob, wo - KB)
+                    k2s2_block(x1, r0 + 2 * s, w_, y1, i1, dst + oh * wo + s, 2 * oh * w_ + 2 * s)
+                continue
             for ow in range(wo):
                 a = r0 + 2 * ow
                 best = x1[U(a)]
                 arg = 0
                 v = x1[U(a + 1)]
-                if v > best or np.isnan(v):
-                    best = v
-                    arg = 1
+                take = (v > best) | (v != v)
+                best = v if take else best
+                arg = 1 if take else arg
                 v = x1[U(a + w_)]
-                if v > best or np.isnan(v):
-                    best = v
-                    arg = w_
+                take = (v > best) | (v != v)
+                best = v if take else best
+                arg = w_ if take else arg
                 v = x1[U(a + w_ + 1)]
-                if v > best or np.isnan(v):
-                    best = v
-                    arg = w_ + 1
+                take = (v > best) | (v != v)
+                best = v if take else best
+                arg = w_ + 1 if take else arg
                 y1[U(dst + oh * wo + ow)] = best
                 i1[U(dst + oh * wo + ow)] = 2 * oh * w_ + 2 * ow + arg
     return y, idx

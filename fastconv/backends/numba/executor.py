@@ -22,8 +22,10 @@ The kernels, by family:
   blocks); ``c16-fused`` dx, dw and db of each image from one transposed copy of its dy, in
   one parallel region.
 * ``direct-nhwc-c64`` (``_direct``): NHWC, a 4-column x 64-channel register block over
-  the (kW, C_in) run; dx one direct forward call per stride phase (``direct-phases``); dw
-  6-run-row (float64: 4) x 64-channel blocks (``direct-c64``).
+  the (kW, C_in) run, each task laying out its own input rows from NCHW x; dx one direct
+  forward call per stride phase (``direct-phases``) on one padded NHWC copy of dy; dw 6-run-row x
+  64-channel blocks of zmm vectors (``direct-c64``; float64: the 256-bit blocks), from NCHW x
+  and dy in sub-chunks of rows.
 * ``generic`` (``_generic``): NHWC loops vectorized over the group's output channels.
 * Max-pool: ``k2s2`` (2x2, stride 2, no padding), ``parity-s2`` (column stride 2, vectorized
   over output columns), else ``generic`` (tap tables); backward ``scatter``. All follow
@@ -375,16 +377,26 @@ def _forward_plane(k, x, w, b, p, cache=None):
 
 
 def _forward_direct(k, x, w, b, p):
-    c_out, c_in = w.shape[:2]
+    """The direct forward straight from NCHW x: each task pads its own input rows (no pass
+    over x beforehand)."""
+    direct = k.direct
+    c_out = w.shape[0]
     y = np.empty((x.shape[0], c_out, *p.out_hw), x.dtype)
-    xp = _padded_input(k, x, p)
-    kernel, unit = _direct_forward_kernel(k.direct, x.dtype)
+    _, unit = _direct_forward_kernel(direct, x.dtype)
+    kernel = _direct_nchw_kernel(direct, x.dtype)
     cp = round_up(c_out, unit)
     bias = _plan.padded_vector(b, cp, x.dtype)
-    k.run(kernel, xp.reshape(xp.shape[0], xp.shape[1], -1), _plan.weight_krc(w, cp), bias,
-          y.reshape(-1), _nchw_strides(y), c_out, *p.out_hw, c_in, p.stride[0], p.stride[1],
-          p.dilation[0], 0)
+    k.run(kernel, x, _plan.weight_krc(w, cp), bias, y.reshape(-1), _nchw_strides(y), c_out,
+          *p.out_hw, *p.stride, p.dilation[0], *p.padding)
     return y
+
+
+def _direct_nchw_kernel(direct, dtype):
+    """The direct forward from NCHW input (``conv_forward_direct*_nchw``) for this CPU."""
+    if _wide():
+        return direct.conv_forward_direct_nchw
+    return direct.conv_forward_direct_vec32_nchw if dtype == np.float32 else \
+        direct.conv_forward_direct_vec64_nchw
 
 
 def _forward_generic(k, x, w, b, p):
@@ -697,31 +709,28 @@ def _grad_weight_direct_vec(k, dy, x, w, p):
     return np.ascontiguousarray(dwk.reshape(kh, kw, c_in, cp)[..., :c_out].transpose(3, 2, 0, 1))
 
 
-def _grad_weight_direct(k, dy, x, p, want_dw, want_db):
-    """(dw or None, db or None) by the 6-run-row (float64: 4) x 64-channel register blocks, dy
-    in NHWC padded to 64 channels; db from the same layout."""
+def _grad_weight_nchw(k, dy, x, p):
+    """dw (groups 1, unit column dilation) by the register blocks of
+    ``conv_grad_weight_direct_*nchw`` (AVX-512 float32: 6 x 64; else 256-bit vectors: 6 x 16,
+    float64 6 x 8),
+    straight from NCHW x and dy: partial sums over fixed chunks of output rows, added in order."""
     direct = k.direct
     n, c_in = x.shape[:2]
-    c_out, (kh, kw) = dy.shape[1], p.kernel_hw
-    ho, wo = p.out_hw
-    kernel = (direct.conv_grad_weight_direct if x.dtype == np.float32
-              else direct.conv_grad_weight_direct64)
-    cp = round_up(c_out, direct.CB)
-    dyt = k.run(direct.nchw_to_nhwc_padded, dy, np.empty((n, ho, wo, cp), dy.dtype), cp)
-    dyt = dyt.reshape(n * ho * wo, cp)
-    dw = db = None
-    if want_dw:
-        xp = _padded_input(k, x, p)
-        hp, wp = xp.shape[1], xp.shape[2]
-        xbase = _plan.run_offsets(n, ho, wo, hp, wp, c_in, *p.stride)
-        part = np.empty((chunks(dyt.shape[0]), kh, kw * c_in, cp), x.dtype)
-        k.run(kernel, xp.reshape(n, hp, -1), dyt, xbase, part, c_in, p.dilation[0])
-        dw = np.ascontiguousarray(
-            sum_chunks(part).reshape(kh, kw, c_in, cp)[..., :c_out].transpose(3, 2, 0, 1))
-    if want_db:
-        part = np.empty((chunks(dyt.shape[0]), cp), dy.dtype)
-        db = sum_chunks(k.run(direct.column_sums, dyt, part))[:c_out].copy()
-    return dw, db
+    c_out, (kh, kw), (ho, wo) = dy.shape[1], p.kernel_hw, p.out_hw
+    f32 = x.dtype == np.float32
+    if _wide() and f32:
+        kernel, unit = direct.conv_grad_weight_direct_nchw, direct.CB
+    else:  # float64 takes the 256-bit blocks on every CPU
+        kernel = direct.conv_grad_weight_direct_vec32_nchw if f32 else \
+            direct.conv_grad_weight_direct_vec64_nchw
+        unit = direct.VNV * k.simd.LANES[x.dtype]
+    cp = round_up(c_out, unit)
+    r = kw * c_in
+    part = np.empty((chunks(n * ho), kh, round_up(r, kernel.rbk), cp), x.dtype)
+    k.run(kernel, x, dy, part, kw, *p.stride, p.dilation[0], *p.padding,
+          direct._weight_sub_rows(wo))
+    dwk = sum_chunks(part[:, :, :r])
+    return np.ascontiguousarray(dwk.reshape(kh, kw, c_in, cp)[..., :c_out].transpose(3, 2, 0, 1))
 
 
 def _backward_exact(k, plan, dy, x, w, p):
@@ -744,17 +753,13 @@ def _backward_exact(k, plan, dy, x, w, p):
     elif algo == "generic":
         grads["input"] = _grad_input_generic(k, dy, w, x, p)
     algo = plan["weight"]
-    if algo == "direct-c64":
-        grads["weight"], grads["bias"] = _grad_weight_direct(k, dy, x, p, True, bool(plan["bias"]))
-    elif algo == "direct-v256":
-        grads["weight"] = _grad_weight_direct_vec(k, dy, x, w, p)
+    if algo in ("direct-c64", "direct-v256"):
+        grads["weight"] = _grad_weight_nchw(k, dy, x, p)
     elif algo:
         grads["weight"] = _WEIGHT[algo](k, dy, x, w, p)
     if plan["bias"] and grads.get("bias") is None:
         if db_sums:
             grads["bias"] = db_sums[0]
-        elif plan.family == "direct" and _wide():
-            grads["bias"] = _grad_weight_direct(k, dy, x, p, False, True)[1]
         else:
             grads["bias"] = _bias_sums(k, dy)
     return grads
