@@ -24,7 +24,7 @@ def _compiled(*arrays) -> bool:
 #: Element-wise ops on fewer elements run as the serial builds, on the calling thread: waking
 #: the other threads costs about as much as the pass, and on a loaded machine a sleeping thread
 #: can take milliseconds to get a core (docs/performance.md).
-SERIAL_BELOW = 1 << 17
+SERIAL_BELOW = 1 << 14
 #: The same for Adam's pass over one parameter (about 4x the work per element).
 ADAM_SERIAL_BELOW = 1 << 20
 
