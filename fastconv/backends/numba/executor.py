@@ -113,10 +113,20 @@ class _OneThread:
     def __init__(self, threading):
         from numba.np.ufunc import parallel
 
+        from . import _serial
+
         self._threading = threading
         self._parallel = parallel
+        self._serial = _serial.build
+        self._builds = {}  # kernel -> its serial build, or None (has none)
 
     def run(self, kernel, *args):
+        # A kernel with a serial build (``_serial``) runs it: no parallel region at all.
+        build = self._builds.get(kernel, False)
+        if build is False:
+            build = self._builds[kernel] = self._serial(kernel)
+        if build is not None:
+            return self._threading._call(build, args)
         threading, parallel = self._threading, self._parallel
         # Numba's raw per-thread setters (``numba.set_num_threads`` takes a lock: 3x the cost),
         # set once its pool has started; before that, or in a Numba without them, the
