@@ -179,7 +179,9 @@ def _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dil_h, dil_w, wrap=False
         wp = wo
     lanes = round_up(ho * wp, plane.LANES)
     hx = -(-(lanes + dil_h * (kh - 1) * wp + dil_w * (kw - 1)) // wp)
-    if sums is None and pl >= 0 and n * c * hx * wp <= _plan.SMALL_PAD_ELEMENTS:
+    if (sums is None and pl >= 0 and n * c * hx * wp <= _plan.SMALL_PAD_ELEMENTS
+            and not isinstance(getattr(run, "__self__", None), _OneThread)):
+        # (on one thread, pad_plane's serial build costs less than NumPy's zeros and copy)
         return _pad_plane_host(x, np.zeros((n, c, hx, wp), x.dtype), pt, pl)
     planes = np.empty(n * c if sums is not None else 0, x.dtype)
     xp = run(plane.pad_plane, x, np.empty((n, c, hx, wp), x.dtype), pt, pl, planes)
@@ -235,8 +237,35 @@ def _plane_forward(plane, run, x, wt_oihw, bias, out, pt, pl, dil_h, dil_w, wrap
         wt[..., :c_out] = wt_oihw.transpose(1, 2, 3, 0)
         return wt
 
-    wt = _reused(cache, ("plane", cp), wt_oihw, layout)
-    return run(kernel, xp, wt, _plan.padded_vector(bias, cp, x.dtype), out, dil_h, dil_w)
+    if cache is None and wt_oihw.size <= _SMALL_WEIGHT:
+        wt = _small_reused(("plane", cp), wt_oihw, layout)
+        bias = _small_reused(("bias", cp), bias, lambda: _plan.padded_vector(bias, cp, x.dtype),
+                             x.dtype)
+    else:
+        wt = _reused(cache, ("plane", cp), wt_oihw, layout)
+        bias = _plan.padded_vector(bias, cp, x.dtype)
+    return run(kernel, xp, wt, bias, out, dil_h, dil_w)
+
+
+#: Weights of at most this many elements have their plane layout kept (:func:`_small_reused`).
+_SMALL_WEIGHT = 4096
+_SMALL_REUSED_MAX = 64
+_small_layouts: dict = {}
+
+
+def _small_reused(key, w, make, dtype=None):
+    """``make()`` for a small array ``w`` (or None, then of ``dtype``), kept in a bounded
+    module-wide dict keyed by w's shape, dtype and bytes: a repeated tiny call (the same weight,
+    or a copy of it) skips laying it out again, and any change of w's values is a new key.
+    Copying a weight this small costs less than laying it out. Kernels only read the result."""
+    key = (key, dtype) if w is None else (key, w.shape, w.dtype, w.tobytes())
+    value = _small_layouts.get(key)
+    if value is None:
+        value = make()
+        if len(_small_layouts) >= _SMALL_REUSED_MAX:
+            _small_layouts.clear()
+        _small_layouts[key] = value
+    return value
 
 
 def _reused(cache, key, w, make):
