@@ -126,7 +126,10 @@ class _OneThread:
         if build is False:
             build = self._builds[kernel] = self._serial(kernel)
         if build is not None:
-            return self._threading._call(build, args)
+            try:
+                return build(*args)
+            except Exception:  # a damaged cache file: the policy's retry (or the error again)
+                return self._threading._call(build, args)
         threading, parallel = self._threading, self._parallel
         # Numba's raw per-thread setters (``numba.set_num_threads`` takes a lock: 3x the cost),
         # set once its pool has started; before that, or in a Numba without them, the
