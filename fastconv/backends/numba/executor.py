@@ -107,8 +107,11 @@ class _OneThread:
     """A ``run`` that launches the kernel with numba's thread count set to 1 for the calling
     thread (numba keeps the count per thread), then restores it: the parallel region then runs
     inline on the caller, without waking the pool, which costs more than the threads save on
-    small work (``_plan.SMALL_CONV_MACS``). Same compiled kernels, so no extra specializations,
-    and the same results (every kernel's result is independent of the thread count)."""
+    small work (``_plan.SMALL_CONV_MACS``). Same compiled kernels, and the same results (every
+    kernel's result is independent of the thread count). The plane forwards and the plane
+    padding run their serial builds instead (``_serial``: no parallel region at all; one more
+    cached specialization per such kernel that small work uses, compiled by ``fastconv
+    warmup``)."""
 
     def __init__(self, threading):
         from numba.np.ufunc import parallel
