@@ -144,7 +144,9 @@ def compile_stats() -> tuple:
     for mod_name, module in list(sys.modules.items()):
         if not mod_name.startswith("fastconv.") or module is None:
             continue
-        for value in list(vars(module).values()):
+        values = list(vars(module).values())
+        values += list(getattr(module, "_builds", {}).values())  # ``_serial``'s builds
+        for value in values:
             if isinstance(value, Dispatcher) and id(value) not in seen:
                 seen.add(id(value))
                 hits += sum(value.stats.cache_hits.values())
