@@ -124,11 +124,12 @@ class _OneThread:
         self._builds = {}  # kernel -> its serial build, or None (has none)
 
     def run(self, kernel, *args):
-        # A kernel with a serial build (``_serial``) runs it: no parallel region at all.
+        # A kernel with a serial build (``_serial``) runs it: no parallel region at all (once
+        # the pool has started: the first call starts it, as every other numba call).
         build = self._builds.get(kernel, False)
         if build is False:
             build = self._builds[kernel] = self._serial(kernel)
-        if build is not None:
+        if build is not None and self._threading._layer is not None:
             try:
                 return build(*args)
             except Exception:  # a damaged cache file: the policy's retry (or the error again)
