@@ -32,6 +32,8 @@ import os
 import threading
 import warnings
 
+import numpy as np
+
 from . import _coldstart
 from ._validate import is_device_array
 
@@ -134,9 +136,22 @@ def current_backend_name(*arrays) -> str:
 def _on_device(arrays) -> bool:
     """Whether any of ``arrays`` (None entries skipped) is a CUDA device array."""
     for a in arrays:
-        if a is not None and is_device_array(a):
+        if a is not None and type(a) is not np.ndarray and is_device_array(a):
             return True
     return False
+
+
+# ``os.environ.get`` costs more than the rest of a small call's dispatch (it encodes the key
+# and raises KeyError inside when unset): on POSIX, read its bytes dict directly.
+_ENVIRON_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def _env_backend() -> str | None:
+    """``FASTCONV_BACKEND`` as set now (``os.environ``), or None."""
+    if _ENVIRON_BYTES is not None and type(_ENVIRON_BYTES) is dict:
+        value = _ENVIRON_BYTES.get(b"FASTCONV_BACKEND")
+        return None if value is None else os.fsdecode(value)
+    return os.environ.get("FASTCONV_BACKEND")
 
 
 def _select(on_device: bool) -> str:
@@ -145,7 +160,7 @@ def _select(on_device: bool) -> str:
         return stack[-1]
     if _global_backend is not None:
         return _global_backend
-    env = os.environ.get("FASTCONV_BACKEND")
+    env = _env_backend()
     if env:
         return _check_name(env)
     if on_device:
@@ -179,6 +194,12 @@ def _warn_broken_numba(reason: str) -> None:
 
 def resolve(backend, *arrays):
     """The backend module for a call: explicit ``backend=`` first, then the selection order."""
+    if backend is None and not _local.__dict__.get("stack") and _global_backend is None:
+        # The common case, in few attribute reads: host arrays, numba loaded and ready.
+        module = _modules.get("numba")
+        if (module is not None and AUTO_ORDER[0] == "numba" and _coldstart._state in ("warm", "off")
+                and not _env_backend() and not _on_device(arrays)):
+            return module
     on_device = _on_device(arrays)
     name = _check_name(backend) if backend is not None else _select(on_device)
     module = _modules.get(name) or get_backend(name)  # loaded already: no lock

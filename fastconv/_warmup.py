@@ -75,13 +75,28 @@ def _net_tasks(name: str) -> list:
 
     def infer():
         model.predict(rng.standard_normal((272, 1, 28, 28)).astype(np.float32))
+        model.predict(rng.standard_normal((1, 1, 28, 28)).astype(np.float32))  # small work
 
     out = [(f"{name}: {type(layer).__name__} {i} forward", forward(layer))
            for i, layer in enumerate(layers)]
     out += [(f"{name}: {type(layers[i]).__name__} {i} backward", backward(i))
             for i in range(len(layers) - 1, -1, -1)]
     return out + [(f"{name}: Adam step, batch 32", finish),
-                  (f"{name}: inference, batch 256 and 16", infer)]
+                  (f"{name}: inference, batch 256, 16 and 1", infer)]
+
+
+def _tiny_task():
+    """A tiny conv and max-pool (float32): the serial builds small work runs (``_serial``)."""
+    def run():
+        import fastconv as fc
+
+        x = np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32)
+        for c_out in (1, 4, 6, 8):
+            w = np.ones((c_out, 1, 3, 3), np.float32)
+            fc.conv2d(x, w, backend="numba")
+            fc.conv2d(x, w, padding=1, backend="numba")
+        fc.max_pool2d(x, 2, backend="numba")
+    return "small work: tiny conv and max-pool", run
 
 
 def _conv_task(label, shape, dtype, extra=None):
@@ -111,7 +126,7 @@ def _pool_task(label, spec, dtype):
 
 def tasks(nets, everything: bool = False) -> list:
     """The compile tasks for ``nets`` (and every kernel family with ``everything``)."""
-    out = [t for name in nets for t in _net_tasks(name)]
+    out = [t for name in nets for t in _net_tasks(name)] + [_tiny_task()]
     if everything:
         for dtype in (np.float32, np.float64):
             out += [_conv_task(k, s, dtype) for k, s in _SHAPES.items()]
@@ -129,7 +144,9 @@ def compile_stats() -> tuple:
     for mod_name, module in list(sys.modules.items()):
         if not mod_name.startswith("fastconv.") or module is None:
             continue
-        for value in list(vars(module).values()):
+        values = list(vars(module).values())
+        values += list(getattr(module, "_builds", {}).values())  # ``_serial``'s builds
+        for value in values:
             if isinstance(value, Dispatcher) and id(value) not in seen:
                 seen.add(id(value))
                 hits += sum(value.stats.cache_hits.values())

@@ -139,6 +139,70 @@ def test_small_conv_with_a_nan_matches_torch():
     assert_close(y, _torch_conv(x, w), np.float32, "nan")
 
 
+@pytest.fixture(params=[512, 256], ids=["avx512-blocks", "v256-blocks"])
+def vectors(request, monkeypatch):
+    """Both register-block families of the plane forward (each correct on any CPU)."""
+    from fastconv.backends.numba import _simd
+
+    monkeypatch.setattr(_simd, "WIDE_VECTORS", request.param == 512)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c_out, padding", [(1, 1), (4, 0), (6, 2), (8, 1), (12, 0)])
+def test_small_plane_forward_runs_serial_builds_equal_to_parallel(vectors, dtype, c_out,
+                                                                   padding):
+    """The serial builds (``_serial``) give the parallel kernels' results bit for bit, and
+    PyTorch's within tolerance; the caller's numba thread count is left as it was."""
+    from fastconv.backends.numba import _plane, _serial
+    from fastconv.backends.numba import executor as ex
+
+    rng = np.random.default_rng(c_out)
+    x = rng.standard_normal((1, 2, 9, 8)).astype(dtype)
+    w = rng.standard_normal((c_out, 2, 3, 3)).astype(dtype)
+    b = rng.standard_normal(c_out).astype(dtype)
+    p = _validate.conv2d_args(x, w, b, 1, padding, 1, 1)[3]
+    threads = numba.get_num_threads()
+    y = fc.conv2d(x, w, b, padding=padding, backend="numba")
+    assert fc.last_algorithm() == "numba:plane"
+    assert numba.get_num_threads() == threads
+    kernel = ex._plane_kernel(_plane, np.dtype(dtype), c_out)[0]
+    built = _serial._builds.get(kernel)
+    assert built is not None and built.py_func.__qualname__.endswith("__serial")
+    parallel = ex._forward_plane(ex._kernels(), x, w, b, p)  # the parallel builds
+    np.testing.assert_array_equal(y, parallel)
+    assert_close(y, _torch_conv(x, w, b, padding=padding), dtype, f"{vectors} {c_out}")
+
+
+def test_tiny_conv_propagates_nan_like_torch():
+    x = np.arange(64, dtype=np.float32).reshape(1, 1, 8, 8) / 64
+    w = np.linspace(-1, 1, 36, dtype=np.float32).reshape(4, 1, 3, 3)
+    x[0, 0, 3, 4] = np.nan
+    w[2, 0, 1, 1] = np.nan
+    for padding in (0, 1):
+        y = fc.conv2d(x, w, padding=padding, backend="numba")
+        t = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=padding).numpy()
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(t))
+        np.testing.assert_allclose(y, t, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_conv_sees_in_place_weight_and_bias_edits():
+    """Small weights' plane layouts are kept keyed by their bytes: an edit is a new layout."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 1, 8, 8)).astype(np.float32)
+    w = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    for step in range(3):
+        for bias in (None, b):
+            y = fc.conv2d(x, w, bias, backend="numba")
+            assert_close(y, _torch_conv(x, w, bias), np.float32, f"step {step}")
+        w[step, 0, step, 1] += 1.0
+        b[step] -= 2.0
+    w2 = w.copy()
+    w2[0] = -0.0 * w2[0]  # -0.0 and 0.0 are different bytes, the same values
+    assert_close(fc.conv2d(x, w2, backend="numba"), _torch_conv(x, w2), np.float32, "-0.0")
+
+
 def test_small_pool_on_one_thread_matches_torch():
     rng = np.random.default_rng(8)
     for shape, k, s, pad in [((1, 1, 8, 8), 2, 2, 0), ((1, 3, 9, 9), 3, 2, 1),

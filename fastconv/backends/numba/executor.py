@@ -107,16 +107,33 @@ class _OneThread:
     """A ``run`` that launches the kernel with numba's thread count set to 1 for the calling
     thread (numba keeps the count per thread), then restores it: the parallel region then runs
     inline on the caller, without waking the pool, which costs more than the threads save on
-    small work (``_plan.SMALL_CONV_MACS``). Same compiled kernels, so no extra specializations,
-    and the same results (every kernel's result is independent of the thread count)."""
+    small work (``_plan.SMALL_CONV_MACS``). Same compiled kernels, and the same results (every
+    kernel's result is independent of the thread count). The plane forwards and the plane
+    padding run their serial builds instead (``_serial``: no parallel region at all; one more
+    cached specialization per such kernel that small work uses, compiled by ``fastconv
+    warmup``)."""
 
     def __init__(self, threading):
         from numba.np.ufunc import parallel
 
+        from . import _serial
+
         self._threading = threading
         self._parallel = parallel
+        self._serial = _serial.build
+        self._builds = {}  # kernel -> its serial build, or None (has none)
 
     def run(self, kernel, *args):
+        # A kernel with a serial build (``_serial``) runs it: no parallel region at all (once
+        # the pool has started: the first call starts it, as every other numba call).
+        build = self._builds.get(kernel, False)
+        if build is False:
+            build = self._builds[kernel] = self._serial(kernel)
+        if build is not None and self._threading._layer is not None:
+            try:
+                return build(*args)
+            except Exception:  # a damaged cache file: the policy's retry (or the error again)
+                return self._threading._call(build, args)
         threading, parallel = self._threading, self._parallel
         # Numba's raw per-thread setters (``numba.set_num_threads`` takes a lock: 3x the cost),
         # set once its pool has started; before that, or in a Numba without them, the
@@ -169,7 +186,9 @@ def _plane_input(plane, run, x, pt, pl, ho, wo, kh, kw, dil_h, dil_w, wrap=False
         wp = wo
     lanes = round_up(ho * wp, plane.LANES)
     hx = -(-(lanes + dil_h * (kh - 1) * wp + dil_w * (kw - 1)) // wp)
-    if sums is None and pl >= 0 and n * c * hx * wp <= _plan.SMALL_PAD_ELEMENTS:
+    if (sums is None and pl >= 0 and n * c * hx * wp <= _plan.SMALL_PAD_ELEMENTS
+            and not isinstance(getattr(run, "__self__", None), _OneThread)):
+        # (on one thread, pad_plane's serial build costs less than NumPy's zeros and copy)
         return _pad_plane_host(x, np.zeros((n, c, hx, wp), x.dtype), pt, pl)
     planes = np.empty(n * c if sums is not None else 0, x.dtype)
     xp = run(plane.pad_plane, x, np.empty((n, c, hx, wp), x.dtype), pt, pl, planes)
@@ -225,8 +244,35 @@ def _plane_forward(plane, run, x, wt_oihw, bias, out, pt, pl, dil_h, dil_w, wrap
         wt[..., :c_out] = wt_oihw.transpose(1, 2, 3, 0)
         return wt
 
-    wt = _reused(cache, ("plane", cp), wt_oihw, layout)
-    return run(kernel, xp, wt, _plan.padded_vector(bias, cp, x.dtype), out, dil_h, dil_w)
+    if cache is None and wt_oihw.size <= _SMALL_WEIGHT:
+        wt = _small_reused(("plane", cp), wt_oihw, layout)
+        bias = _small_reused(("bias", cp), bias, lambda: _plan.padded_vector(bias, cp, x.dtype),
+                             x.dtype)
+    else:
+        wt = _reused(cache, ("plane", cp), wt_oihw, layout)
+        bias = _plan.padded_vector(bias, cp, x.dtype)
+    return run(kernel, xp, wt, bias, out, dil_h, dil_w)
+
+
+#: Weights of at most this many elements have their plane layout kept (:func:`_small_reused`).
+_SMALL_WEIGHT = 4096
+_SMALL_REUSED_MAX = 64
+_small_layouts: dict = {}
+
+
+def _small_reused(key, w, make, dtype=None):
+    """``make()`` for a small array ``w`` (or None, then of ``dtype``), kept in a bounded
+    module-wide dict keyed by w's shape, dtype and bytes: a repeated tiny call (the same weight,
+    or a copy of it) skips laying it out again, and any change of w's values is a new key.
+    Copying a weight this small costs less than laying it out. Kernels only read the result."""
+    key = (key, dtype) if w is None else (key, w.shape, w.dtype, w.tobytes())
+    value = _small_layouts.get(key)
+    if value is None:
+        value = make()
+        if len(_small_layouts) >= _SMALL_REUSED_MAX:
+            _small_layouts.clear()
+        _small_layouts[key] = value
+    return value
 
 
 def _reused(cache, key, w, make):
