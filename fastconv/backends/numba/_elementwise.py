@@ -17,11 +17,11 @@ import numpy as np
 from numba import njit, prange
 
 from ..._splitmix import GOLDEN, MIX1, MIX2
-from ._options import CACHE, PARALLEL, U
+from ._options import PARALLEL, SERIAL_CACHED, U
 
 TASKS = 16  # slices per call: enough to balance 2-16 threads, few enough to amortize
 # The serial builds: the same options without threads (cached: they are distinct functions).
-SERIAL = dict(PARALLEL, parallel=False, cache=CACHE)
+SERIAL = SERIAL_CACHED
 # Adam's update: no fast-math, so the same IEEE operations in the same order as written.
 EXACT = dict(PARALLEL, fastmath=False)
 EXACT_SERIAL = dict(SERIAL, fastmath=False)

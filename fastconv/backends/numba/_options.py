@@ -69,7 +69,7 @@ PARALLEL = dict(
 # parent already started GNU OpenMP threads (see ``_threading``). Never cached: these are
 # rare, and the cache index does not tell parallel and serial builds of one function apart.
 SERIAL = dict(PARALLEL, parallel=False, cache=False)
-# Serial builds of a few kernels for small work (``_serial``): cached, each under a qualified
+# Serial builds for small work (``_serial``, ``_elementwise``): cached, each under a qualified
 # name of its own (Numba's cache index would mix them up with the parallel builds otherwise).
 SERIAL_CACHED = dict(PARALLEL, parallel=False)
 
