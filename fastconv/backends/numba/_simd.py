@@ -64,62 +64,69 @@ def _is_flat_array(arr):
     return isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"
 
 
-@intrinsic
-def vzero(typingctx, arr):
-    vt = _vector_of(getattr(arr, "dtype", None))
-    if vt is None:
-        return None
+def vector_ops(vector_of):
+    """(vzero, vload, vstore, vsplat) intrinsics for the vectors ``vector_of(dtype)`` gives
+    (a :class:`Vector` for a float type, else None): this module's 256-bit ones, and
+    ``_zmm``'s 512-bit ones. ``vstore`` takes any :class:`Vector` of the array's dtype."""
 
-    def codegen(context, builder, sig, args):
-        return ir.Constant(context.get_value_type(vt), None)
+    @intrinsic
+    def vzero(typingctx, arr):
+        vt = vector_of(getattr(arr, "dtype", None))
+        if vt is None:
+            return None
 
-    return vt(arr), codegen
+        def codegen(context, builder, sig, args):
+            return ir.Constant(context.get_value_type(vt), None)
+
+        return vt(arr), codegen
+
+    @intrinsic
+    def vload(typingctx, arr, index):
+        if not _is_flat_array(arr) or not isinstance(index, types.Integer):
+            return None
+        vt = vector_of(arr.dtype)
+        if vt is None:
+            return None
+
+        def codegen(context, builder, sig, args):
+            ptr = _lane_pointer(context, builder, sig.args[0], args[0], args[1],
+                                context.get_value_type(vt))
+            return builder.load(ptr, align=1)
+
+        return vt(arr, index), codegen
+
+    @intrinsic
+    def vstore(typingctx, arr, index, value):
+        if not _is_flat_array(arr) or not isinstance(value, Vector) or value.dtype != arr.dtype:
+            return None
+
+        def codegen(context, builder, sig, args):
+            ptr = _lane_pointer(context, builder, sig.args[0], args[0], args[1],
+                                context.get_value_type(sig.args[2]))
+            builder.store(args[2], ptr, align=1)
+            return context.get_dummy_value()
+
+        return types.none(arr, index, value), codegen
+
+    @intrinsic
+    def vsplat(typingctx, x):
+        vt = vector_of(x)
+        if vt is None:
+            return None
+
+        def codegen(context, builder, sig, args):
+            lty = context.get_value_type(vt)
+            one = builder.insert_element(ir.Constant(lty, ir.Undefined), args[0],
+                                         ir.Constant(ir.IntType(32), 0))
+            mask = ir.Constant(ir.VectorType(ir.IntType(32), vt.lanes), [0] * vt.lanes)
+            return builder.shuffle_vector(one, ir.Constant(lty, ir.Undefined), mask)
+
+        return vt(x), codegen
+
+    return vzero, vload, vstore, vsplat
 
 
-@intrinsic
-def vload(typingctx, arr, index):
-    if not _is_flat_array(arr) or not isinstance(index, types.Integer):
-        return None
-    vt = _vector_of(arr.dtype)
-    if vt is None:
-        return None
-
-    def codegen(context, builder, sig, args):
-        ptr = _lane_pointer(context, builder, sig.args[0], args[0], args[1],
-                            context.get_value_type(vt))
-        return builder.load(ptr, align=1)
-
-    return vt(arr, index), codegen
-
-
-@intrinsic
-def vstore(typingctx, arr, index, value):
-    if not _is_flat_array(arr) or not isinstance(value, Vector) or value.dtype != arr.dtype:
-        return None
-
-    def codegen(context, builder, sig, args):
-        ptr = _lane_pointer(context, builder, sig.args[0], args[0], args[1],
-                            context.get_value_type(sig.args[2]))
-        builder.store(args[2], ptr, align=1)
-        return context.get_dummy_value()
-
-    return types.none(arr, index, value), codegen
-
-
-@intrinsic
-def vsplat(typingctx, x):
-    vt = _vector_of(x)
-    if vt is None:
-        return None
-
-    def codegen(context, builder, sig, args):
-        lty = context.get_value_type(vt)
-        one = builder.insert_element(ir.Constant(lty, ir.Undefined), args[0],
-                                     ir.Constant(ir.IntType(32), 0))
-        mask = ir.Constant(ir.VectorType(ir.IntType(32), vt.lanes), [0] * vt.lanes)
-        return builder.shuffle_vector(one, ir.Constant(lty, ir.Undefined), mask)
-
-    return vt(x), codegen
+vzero, vload, vstore, vsplat = vector_ops(_vector_of)
 
 
 @intrinsic

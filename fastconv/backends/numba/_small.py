@@ -22,49 +22,15 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, prange
 from numba.extending import intrinsic
 
 from ._options import PARALLEL, U
 from ._simd import Vector, vfma, vload, vsplat, vstore
 from ._stack import stack_array
+from ._zmm import vload16, vsplat16
 
 C16 = 16  # output channels per lane group (two 8-lane vectors)
-
-
-V16 = Vector(types.float32, 16)  # one AVX-512 register of float32
-
-
-@intrinsic
-def vload16(typingctx, arr, index):
-    """lanes arr[index : index + 16] of a C-contiguous 1-D float32 array (``_simd.vload``)."""
-    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"
-            and arr.dtype == types.float32 and isinstance(index, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]),
-                              ir.PointerType(context.get_value_type(V16)))
-        return builder.load(ptr, align=1)
-
-    return V16(arr, index), codegen
-
-
-@intrinsic
-def vsplat16(typingctx, x):
-    """x (float32) in all 16 lanes."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        lty = context.get_value_type(V16)
-        one = builder.insert_element(ir.Constant(lty, ir.Undefined), args[0],
-                                     ir.Constant(ir.IntType(32), 0))
-        mask = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
-        return builder.shuffle_vector(one, ir.Constant(lty, ir.Undefined), mask)
-
-    return V16(x), codegen
 
 
 @intrinsic
